@@ -1,0 +1,3 @@
+from tokensvc.cli import app
+
+app(prog_name="tokensvc")

@@ -1,0 +1,86 @@
+"""The service API (Bearer): thin routers that parse, call one service method, and shape the response."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from tokensvc.api.deps import TokenServiceDep, UserId, require_api_key
+from tokensvc.api.problems import responses
+from tokensvc.errors import ValidationFailed
+from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
+from tokensvc.service.status import Status
+
+router = APIRouter(prefix="/v1", tags=["tokens"], dependencies=[Depends(require_api_key)], responses=responses(401))
+
+_NO_STORE = {"Cache-Control": "no-store"}
+_STORED_STATUSES: list[Status] = [s for s in Status if s is not Status.MISSING]
+
+
+@router.put("/users/{user_id}/tokens", response_model=TokenStatus, responses=responses(413, 422, 503))
+async def put_tokens(user_id: UserId, body: TokenImport, service: TokenServiceDep) -> TokenStatus:
+    """Import or replace a user's tokens (clears `needs_reauth`)."""
+    return await service.import_tokens(user_id, body)
+
+
+@router.get("/users/{user_id}/token-status", response_model=TokenStatus, responses=responses(422, 503))
+async def token_status(user_id: UserId, service: TokenServiceDep) -> TokenStatus:
+    """A user's token status, `missing` included. Never calls Strava."""
+    return await service.status(user_id)
+
+
+@router.post("/users/{user_id}/refresh", response_model=RefreshResult, responses=responses(409, 422, 503))
+async def refresh(
+    user_id: UserId,
+    service: TokenServiceDep,
+    force: Annotated[bool, Query(description="Refresh even a valid token")] = False,
+) -> RefreshResult:
+    """Refresh now if `expiring_soon` or `expired` (or `force`); a valid token is left alone."""
+    return await service.refresh(user_id, force=force, trigger="api")
+
+
+@router.get(
+    "/users/{user_id}/access-token",
+    response_model=AccessToken,
+    responses=responses(409, 422, 503),
+)
+async def access_token(
+    user_id: UserId,
+    service: TokenServiceDep,
+    min_ttl: Annotated[
+        int, Query(ge=0, le=3600, description="Seconds the token must still live (Strava mints at <= 3600 s left)")
+    ] = 300,
+) -> Response:
+    """A usable access token with `expires_in >= min_ttl`, refreshed first when needed."""
+    token = await service.access_token(user_id, min_ttl=min_ttl)
+    return Response(token.model_dump_json(), media_type="application/json", headers=_NO_STORE)
+
+
+@router.delete("/users/{user_id}/tokens", status_code=204, responses=responses(422, 503))
+async def delete_tokens(user_id: UserId, service: TokenServiceDep) -> Response:
+    """Deauthorize at Strava (best effort) and delete the user's tokens. Idempotent."""
+    await service.delete(user_id)
+    return Response(status_code=204)
+
+
+@router.get("/tokens", response_model=TokenPage, responses=responses(422, 503))
+async def list_tokens(
+    service: TokenServiceDep,
+    status: Annotated[
+        str | None, Query(description="Comma-separated statuses; default all stored", max_length=200)
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> TokenPage:
+    """Users by status, oldest expiry first, with cursor pagination."""
+    return await service.list_tokens(_parse_statuses(status), limit=limit, cursor=cursor)
+
+
+def _parse_statuses(raw: str | None) -> list[Status]:
+    if raw is None or not raw.strip():
+        return _STORED_STATUSES
+    try:
+        return [Status(part.strip()) for part in raw.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ValidationFailed(f"`status` takes a comma-separated list of {', '.join(Status)}") from exc

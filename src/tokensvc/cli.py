@@ -1,0 +1,175 @@
+"""The `tokensvc` command line (Typer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from pydantic import SecretStr, ValidationError
+
+from tokensvc import logging as tokensvc_logging
+from tokensvc.config import ConfigError, Settings, encryption_keys, prepare
+from tokensvc.crypto import generate_key
+
+app = typer.Typer(
+    name="tokensvc",
+    help="Keeps Strava OAuth tokens fresh for every user of an application.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"tokensvc: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"TOKENSVC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise _fail(f"invalid settings: {problems}") from exc
+
+
+def _storage_settings() -> Settings:
+    """Settings for commands that touch only the database (migrate, import): no Strava credentials needed."""
+    settings = _load_settings()
+    try:
+        keys = encryption_keys(settings)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    return settings.model_copy(update={"encryption_keys": [SecretStr(k) for k in keys]})
+
+
+async def _migrate(database_url: str) -> None:
+    from tokensvc.db import make_engine, migrate
+
+    engine = make_engine(database_url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    sandbox: Annotated[
+        bool, typer.Option("--sandbox", help="Mount the built-in Strava emulator and use it instead of Strava")
+    ] = False,
+    migrate: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Migrate the database first")] = True,
+) -> None:
+    """Run the HTTP service."""
+    settings = _load_settings()
+    tokensvc_logging.configure(settings.log_level)
+    try:
+        prepared = prepare(settings, sandbox=sandbox, host=host, port=port)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    if migrate:
+        asyncio.run(_migrate(prepared.database_url))
+    from tokensvc.app import create_app
+
+    if sandbox:
+        _print_sandbox_tour(prepared)
+    uvicorn.run(
+        create_app(prepared, sandbox=sandbox),
+        host=host,
+        port=port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _print_sandbox_tour(settings: Settings) -> None:
+    base = settings.public_url
+    key = settings.api_keys[0].get_secret_value() if settings.api_keys else "<key>"
+    typer.echo(
+        f"""
+tokensvc is starting on {base} with the built-in Strava sandbox ({settings.database_url}).
+Try it:
+  curl -s -X POST {base}/sandbox/strava/_control/athletes -H 'content-type: application/json' -d '{{"expires_in": 600}}'
+  # put the pair it prints into tokensvc for user 42:
+  curl -s -X PUT {base}/v1/users/42/tokens -H 'authorization: Bearer {key}' -H 'content-type: application/json' \\
+       -d '{{"access_token": "...", "refresh_token": "...", "expires_at": ..., "athlete_id": ...}}'
+  curl -s {base}/v1/users/42/token-status -H 'authorization: Bearer {key}'
+  curl -s {base}/v1/users/42/access-token -H 'authorization: Bearer {key}'
+API docs: {base}/docs
+""",
+        err=True,
+    )
+
+
+@app.command("migrate")
+def migrate_command() -> None:
+    """Migrate the database to the newest schema (for a prestart step); safe to run from several replicas."""
+    settings = _load_settings()
+    tokensvc_logging.configure(settings.log_level)
+    asyncio.run(_migrate(settings.database_url))
+    typer.echo("database is at the newest schema")
+
+
+@app.command("gen-key")
+def gen_key() -> None:
+    """Print a fresh encryption key for TOKENSVC_ENCRYPTION_KEYS."""
+    typer.echo(generate_key())
+
+
+@app.command("import")
+def import_tokens(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A file of JSON lines")
+    ],
+) -> None:
+    """Import tokens from JSON lines: user_id, access_token, refresh_token, expires_at, athlete_id?, scopes?.
+
+    Good lines are imported, each bad line is reported by number; exits 1 when any line was bad.
+    """
+    settings = _storage_settings()
+    tokensvc_logging.configure(settings.log_level)
+    imported, failures = asyncio.run(_import_lines(settings, file.read_text(encoding="utf-8").splitlines()))
+    for failure in failures:
+        typer.echo(failure, err=True)
+    typer.echo(f"imported {imported}, failed {len(failures)}")
+    if failures:
+        raise typer.Exit(code=1)
+
+
+async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list[str]]:
+    from tokensvc.app import open_resources
+    from tokensvc.schemas import USER_ID_RE, TokenImport
+
+    imported, failures = 0, []
+    async with open_resources(settings) as res:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record: Any = json.loads(line)
+            except json.JSONDecodeError as exc:
+                failures.append(f"line {number}: not JSON ({exc.msg})")
+                continue
+            if not isinstance(record, dict):
+                failures.append(f"line {number}: not a JSON object")
+                continue
+            user_id = record.pop("user_id", None)
+            if not isinstance(user_id, str) or not USER_ID_RE.match(user_id):
+                failures.append(f"line {number}: user_id must be 1..64 characters of [A-Za-z0-9._-]")
+                continue
+            try:
+                body = TokenImport.model_validate(record)
+            except ValidationError as exc:
+                reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                failures.append(f"line {number}: {reasons}")
+                continue
+            await res.service.import_tokens(user_id, body)
+            imported += 1
+    return imported, failures

@@ -1,0 +1,167 @@
+"""Settings: one pydantic-settings class, read once at start-up and passed into factories."""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+from tokensvc.crypto import generate_key, load_or_create_key_file
+
+DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./tokensvc.db"
+SANDBOX_API_KEY = "sandbox-key"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told, from `TOKENSVC_*` environment variables or a `.env` file."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENSVC_", env_file=".env", extra="ignore")
+
+    database_url: str = DEFAULT_SQLITE_URL
+    strava_client_id: str | None = None
+    strava_client_secret: SecretStr | None = None
+    strava_base_url: str = "https://www.strava.com"
+    strava_scopes: str = "read,activity:read_all"
+    strava_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    public_url: str | None = None
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    refresh_buffer_seconds: int = 1800
+    sweep_interval_seconds: int = Field(default=300, ge=0)
+    session_secret: SecretStr | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redirect_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    strava_webhook_verify_token: SecretStr | None = None
+    notify_url: str | None = None
+    notify_secret: SecretStr | None = None
+    log_level: str = "INFO"
+    db_pool_size: int = Field(default=20, ge=1, le=500)
+    # Row-lock wait for a refresh: longer than one Strava call, so a waiter outlives the holder's HTTP timeout.
+    lock_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    _split = field_validator("api_keys", "encryption_keys", "cors_origins", "redirect_allowlist", mode="before")(
+        _split_csv
+    )
+
+    @field_validator("refresh_buffer_seconds")
+    @classmethod
+    def _buffer_in_range(cls, value: int) -> int:
+        if not 60 <= value <= 3600:
+            raise ValueError(f"TOKENSVC_REFRESH_BUFFER_SECONDS must be between 60 and 3600 seconds, got {value}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @model_validator(mode="after")
+    def _lock_outlives_http(self) -> Settings:
+        if self.lock_timeout_seconds <= self.strava_timeout_seconds:
+            raise ValueError(
+                "TOKENSVC_LOCK_TIMEOUT_SECONDS must be longer than TOKENSVC_STRAVA_TIMEOUT_SECONDS, "
+                "so that a caller waiting for a refresh outlives the refresh's own HTTP call"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @cached_property
+    def scopes(self) -> list[str]:
+        return [s.strip() for s in self.strava_scopes.split(",") if s.strip()]
+
+
+def normalize_database_url(url: str) -> str:
+    """Map the URLs people paste (`postgres://`, `postgresql://`, `sqlite://`) to their async drivers."""
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://", "postgresql+psycopg://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    if url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    return url
+
+
+class ConfigError(Exception):
+    """The settings cannot work; the message says what to set."""
+
+
+SANDBOX_CLIENT_ID = "sandbox-client"
+# The built-in emulator's fixed credentials: public on purpose, useless against the real Strava.
+SANDBOX_CLIENT_SECRET = "sandbox-secret"
+
+
+def prepare(settings: Settings, *, sandbox: bool, host: str = "127.0.0.1", port: int = 8000) -> Settings:
+    """Fill in what depends on how the service is run, and refuse settings that cannot work.
+
+    Raises ConfigError with a sentence naming what to set.
+    """
+    update: dict[str, object] = {}
+    public_url = (settings.public_url or f"http://{host}:{port}").rstrip("/")
+    update["public_url"] = public_url
+    if sandbox:
+        update["strava_base_url"] = f"{public_url}/sandbox/strava"
+        update["strava_client_id"] = settings.strava_client_id or SANDBOX_CLIENT_ID
+        update["strava_client_secret"] = settings.strava_client_secret or SecretStr(SANDBOX_CLIENT_SECRET)
+        if not settings.api_keys:
+            update["api_keys"] = [SecretStr(SANDBOX_API_KEY)]
+        if settings.session_secret is None:
+            update["session_secret"] = SecretStr(secrets.token_urlsafe(32))
+    else:
+        if not settings.strava_client_id or settings.strava_client_secret is None:
+            raise ConfigError(
+                "Set TOKENSVC_STRAVA_CLIENT_ID and TOKENSVC_STRAVA_CLIENT_SECRET (your Strava app's credentials), "
+                "or run `tokensvc serve --sandbox` to try tokensvc offline against the built-in Strava emulator."
+            )
+        if not settings.api_keys:
+            raise ConfigError(
+                "Set TOKENSVC_API_KEYS (comma-separated bearer keys for the service API); without one no caller "
+                "could use the service."
+            )
+    update["encryption_keys"] = [SecretStr(k) for k in encryption_keys(settings)]
+    return settings.model_copy(update=update)
+
+
+def encryption_keys(settings: Settings) -> list[str]:
+    """The configured keys; for SQLite with none set, a generated key kept in a 0600 file beside the database.
+
+    Raises ConfigError for any other database without keys.
+    """
+    if settings.encryption_keys:
+        return [k.get_secret_value() for k in settings.encryption_keys]
+    if not settings.is_sqlite:
+        raise ConfigError(
+            "Set TOKENSVC_ENCRYPTION_KEYS (comma-separated, newest first; make one with `tokensvc gen-key`): "
+            "tokens are stored encrypted, and only the SQLite default may generate its own key."
+        )
+    path = sqlite_key_path(settings.database_url)
+    if path is None:  # an in-memory database dies with the process, and so may its key
+        return [generate_key()]
+    key, created = load_or_create_key_file(path)
+    log = structlog.get_logger(__name__)
+    if created:
+        log.warning("encryption.key_generated", path=str(path), note="back this file up with the database")
+    else:
+        log.info("encryption.key_loaded", path=str(path))
+    return [key]
+
+
+def sqlite_key_path(database_url: str) -> Path | None:
+    """`./tokensvc.db` → `./tokensvc.db.key`; None for an in-memory database."""
+    location = make_url(database_url).database
+    if not location or location == ":memory:" or location.startswith("file::memory:"):
+        return None
+    return Path(location).with_name(Path(location).name + ".key")

@@ -1,0 +1,111 @@
+"""Tokens at rest: AES-256-GCM with a key id per ciphertext, bound to the user id and the field.
+
+A ciphertext reads `v1.<key_id>.<base64url(nonce || ciphertext+tag)>`. The associated data is
+`<user_id>\\x00<field>`, so a ciphertext moved into another user's row, or from the access to the refresh column,
+fails authentication instead of being served. Keys come newest first: the first one encrypts, all of them decrypt,
+which is what lets `rotate-keys` retire an old key later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+Field = Literal["access", "refresh"]
+_VERSION = "v1"
+
+
+class KeyConfigError(ValueError):
+    """An encryption key in the settings is not a 32-byte url-safe base64 string."""
+
+
+class DecryptionError(Exception):
+    """A stored ciphertext cannot be read: unknown key, tampered, or moved from another row."""
+
+
+def generate_key() -> str:
+    """A fresh 256-bit key, url-safe base64, as `TOKENSVC_ENCRYPTION_KEYS` takes it."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+
+
+def _decode_key(text: str) -> bytes:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise KeyConfigError("an encryption key is not url-safe base64 (make one with `tokensvc gen-key`)") from exc
+    if len(raw) != 32:
+        raise KeyConfigError(
+            f"an encryption key decodes to {len(raw)} bytes, not 32 (make one with `tokensvc gen-key`)"
+        )
+    return raw
+
+
+def key_id(raw: bytes) -> str:
+    """A short public name for a key: enough to pick the right one, nothing about the key itself."""
+    return hashlib.sha256(b"tokensvc-key-id" + raw).hexdigest()[:8]
+
+
+class TokenCipher:
+    """Encrypts and decrypts token fields with the configured keys (newest first)."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        if not keys:
+            raise KeyConfigError("no encryption key configured")
+        raws = [_decode_key(k) for k in keys]
+        self._keys = {key_id(raw): AESGCM(raw) for raw in raws}
+        self.current_key_id = key_id(raws[0])
+
+    @property
+    def key_ids(self) -> list[str]:
+        return list(self._keys)
+
+    def encrypt(self, plaintext: str, *, user_id: str, field: Field) -> str:
+        nonce = os.urandom(12)
+        sealed = self._keys[self.current_key_id].encrypt(nonce, plaintext.encode(), _aad(user_id, field))
+        body = base64.urlsafe_b64encode(nonce + sealed).decode()
+        return f"{_VERSION}.{self.current_key_id}.{body}"
+
+    def decrypt(self, token: str, *, user_id: str, field: Field) -> str:
+        """Raises DecryptionError when the key is unknown or the ciphertext does not belong to this user and field."""
+        try:
+            version, kid, body = token.split(".", 2)
+            blob = base64.urlsafe_b64decode(body)
+        except (ValueError, binascii.Error) as exc:
+            raise DecryptionError("ciphertext is not in the v1.<key>.<data> form") from exc
+        if version != _VERSION:
+            raise DecryptionError(f"unknown ciphertext version {version!r}")
+        aead = self._keys.get(kid)
+        if aead is None:
+            raise DecryptionError(f"ciphertext was made with key {kid}, which is not configured")
+        try:
+            return aead.decrypt(blob[:12], blob[12:], _aad(user_id, field)).decode()
+        except InvalidTag as exc:
+            raise DecryptionError("ciphertext failed authentication (tampered, or moved from another row)") from exc
+
+    @staticmethod
+    def key_id_of(token: str) -> str:
+        return token.split(".", 2)[1]
+
+
+def _aad(user_id: str, field: Field) -> bytes:
+    return f"{user_id}\x00{field}".encode()
+
+
+def load_or_create_key_file(path: Path) -> tuple[str, bool]:
+    """The SQLite zero-setup key: read it from `path`, or create it there with mode 0600. Returns (key, created)."""
+    if path.exists():
+        return path.read_text().strip(), False
+    key = generate_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key, True

@@ -1,0 +1,77 @@
+"""Engines and migrations. The lifespan owns the engine; migrations run under a Postgres advisory lock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+# Any constant shared by every replica; two replicas starting at once take turns on this lock.
+MIGRATION_LOCK_KEY = 0x746F6B656E737663  # "tokensvc"
+
+
+def make_engine(url: str, *, pool_size: int = 20, lock_timeout_seconds: float = 30.0) -> AsyncEngine:
+    """An async engine tuned per dialect (SQLite: WAL and a busy timeout; Postgres: a sized pool)."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": lock_timeout_seconds})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        connect_args={"server_settings": {"application_name": "tokensvc"}},
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers go on while a refresh holds the write lock.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def alembic_dir() -> Path:
+    """The migration scripts: inside the installed wheel, or at the repository root in a checkout."""
+    packaged = Path(__file__).parent / "_alembic"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "alembic"
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(alembic_dir()))
+    cfg.attributes["url"] = url
+    return cfg
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Upgrade the schema to `revision` in one transaction; on Postgres, one replica at a time."""
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        await conn.run_sync(_upgrade, alembic_config(engine.url.render_as_string(hide_password=False)), revision)
+
+
+def _upgrade(connection: Connection, cfg: Config, revision: str) -> None:
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, revision)
+
+
+async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(_downgrade, alembic_config(engine.url.render_as_string(hide_password=False)), revision)
+
+
+def _downgrade(connection: Connection, cfg: Config, revision: str) -> None:
+    cfg.attributes["connection"] = connection
+    command.downgrade(cfg, revision)

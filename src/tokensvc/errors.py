@@ -1,0 +1,95 @@
+"""One error root. Every failure a caller can see is a TokenServiceError with a contract `code` and status."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TokenServiceError(Exception):
+    """Root of every error the service reports; rendered as problem+json by one handler in `api/problems.py`."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class Unauthorized(TokenServiceError):
+    code, status, title = "unauthorized", 401, "Unauthorized"
+
+
+class NotFound(TokenServiceError):
+    code, status, title = "not_found", 404, "Not found"
+
+
+class ValidationFailed(TokenServiceError):
+    code, status, title = "validation_error", 422, "Validation error"
+
+
+class PayloadTooLarge(TokenServiceError):
+    code, status, title = "payload_too_large", 413, "Payload too large"
+
+
+class InvalidState(TokenServiceError):
+    code, status, title = "invalid_state", 400, "Invalid OAuth state"
+
+
+class NeedsReconnect(TokenServiceError):
+    """The user must go through Strava's consent again; 409s say so with `needs_reauth` and an authorize URL."""
+
+    status = 409
+
+    def __init__(self, detail: str, *, authorize_url: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, needs_reauth=True, authorize_url=authorize_url, **extra)
+
+
+class TokensMissing(NeedsReconnect):
+    code, title = "tokens_missing", "No Strava tokens stored"
+
+
+class ReauthRequired(NeedsReconnect):
+    code, title = "reauth_required", "Strava re-authorization required"
+
+
+class ProviderUnavailable(TokenServiceError):
+    """Strava could not be reached or answered badly; nothing stored changed. Carries Retry-After."""
+
+    code, status, title = "provider_unavailable", 503, "Strava unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 30, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
+class ProviderRateLimited(ProviderUnavailable):
+    code, title = "provider_rate_limited", "Strava rate limit reached"
+
+
+class ProviderMisconfigured(ProviderUnavailable):
+    """Strava rejected *our application* (client id or secret): an operator problem, never the user's."""
+
+    title = "Strava rejected the service's application credentials"
+
+
+class TokenUnreadable(TokenServiceError):
+    """A stored ciphertext does not decrypt with the configured keys: our configuration, never the user's fault."""
+
+    code, status, title = "token_unreadable", 503, "Stored token cannot be decrypted"
+
+    def __init__(self, detail: str, *, retry_after: int = 300, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
+class DatabaseUnavailable(TokenServiceError):
+    """The database did not answer; nothing was changed. Carries Retry-After."""
+
+    code, status, title = "database_unavailable", 503, "Database unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 5, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after

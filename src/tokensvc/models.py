@@ -1,0 +1,66 @@
+"""Tables. One row per user of the application; token material is stored only as ciphertext."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """`timestamptz` on Postgres; on SQLite (which has no time zones) values are stored in UTC and read back aware."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class UserToken(SQLModel, table=True):
+    """A user's Strava connection. `reauth_reason` set means `needs_reauth`; no row means `missing`."""
+
+    __tablename__ = "user_tokens"
+
+    user_id: str = Field(primary_key=True, max_length=64)
+    # v1.<key id>.<data>; the key id is also kept in its own column so rotation can find old rows by index.
+    access_token_enc: str | None = Field(default=None)
+    refresh_token_enc: str | None = Field(default=None)
+    key_id: str | None = Field(default=None, max_length=16, index=True)
+    expires_at: int = Field(sa_type=sa.BigInteger)
+    athlete_id: int | None = Field(default=None, sa_type=sa.BigInteger, index=True)
+    scopes: str = Field(default="", max_length=512)
+    reauth_reason: str | None = Field(default=None, max_length=32)
+    last_refreshed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+    # Bumped by every write: a refresh writes only if the row is still the version it read.
+    version: int = Field(default=1)
+
+
+# "Who is due" is a range scan on expiry over the users that can still be refreshed.
+sa.Index(
+    "ix_user_tokens_due",
+    UserToken.__table__.c.expires_at,  # type: ignore[attr-defined]
+    postgresql_where=sa.text("reauth_reason IS NULL"),
+    sqlite_where=sa.text("reauth_reason IS NULL"),
+)
+
+user_tokens: sa.Table = UserToken.__table__  # type: ignore[attr-defined]

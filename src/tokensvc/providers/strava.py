@@ -1,0 +1,306 @@
+"""All HTTP to Strava. Every failure is classified here, at the boundary, into one of three typed errors.
+
+- `ProviderRejectedError`: Strava said no about *this user's* credential (refresh token, code, access token).
+- `ProviderConfigError`: Strava rejected *our application* (client id or secret): an operator problem.
+- `ProviderTransientError`: 429, 5xx, timeouts, connection errors, a 200 that is not a token response.
+
+Only requests that provably never reached Strava (connect refused, connect timeout, no pool slot) are retried.
+A refresh whose answer was lost is never retried: Strava may already have rotated the refresh token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlencode
+
+import httpx
+import stamina
+import structlog
+
+log = structlog.get_logger(__name__)
+
+RejectedReason = Literal[
+    "refresh_token_invalid", "code_invalid", "code_expired", "access_token_invalid", "scope_missing"
+]
+
+# Requests that never left this machine; retrying them cannot make Strava rotate twice.
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class ProviderError(Exception):
+    """Root of the provider's errors; keeps Strava's status code and error triples (never a token)."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, errors: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.errors = errors
+
+
+class ProviderTransientError(ProviderError):
+    """Try again later; nothing about the user's credential is known to be wrong."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        errors: tuple[str, ...] = (),
+        rate_limited: bool = False,
+        retry_after: int | None = None,
+        answer_lost: bool = False,
+    ) -> None:
+        super().__init__(message, status_code=status_code, errors=errors)
+        self.rate_limited = rate_limited
+        self.retry_after = retry_after
+        self.answer_lost = answer_lost
+
+
+class ProviderRejectedError(ProviderError):
+    """Strava rejected the user's credential for good; `reason` says which."""
+
+    def __init__(self, reason: RejectedReason, *, status_code: int, errors: tuple[str, ...]) -> None:
+        super().__init__(f"Strava rejected the credential: {reason}", status_code=status_code, errors=errors)
+        self.reason: RejectedReason = reason
+
+
+class ProviderConfigError(ProviderError):
+    """Strava rejected the application's client id or secret."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """A token response. `refresh_token` is None when Strava sent none (then the stored one stays)."""
+
+    access_token: str
+    refresh_token: str | None
+    expires_at: int
+    athlete_id: int | None = None
+
+    def __repr__(self) -> str:  # never let a token reach a log line through a repr
+        return f"TokenGrant(expires_at={self.expires_at}, athlete_id={self.athlete_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitUsage:
+    """Strava's `X-RateLimit-*` headers: (15-minute, daily) limit and usage."""
+
+    limit_15min: int
+    limit_daily: int
+    usage_15min: int
+    usage_daily: int
+
+    @classmethod
+    def from_headers(cls, headers: httpx.Headers) -> RateLimitUsage | None:
+        limit, usage = headers.get("x-ratelimit-limit"), headers.get("x-ratelimit-usage")
+        if not limit or not usage:
+            return None
+        try:
+            l15, lday = (int(part) for part in limit.split(","))
+            u15, uday = (int(part) for part in usage.split(","))
+        except ValueError:
+            return None
+        return cls(l15, lday, u15, uday)
+
+
+def seconds_to_next_window(now: float) -> int:
+    """Strava's 15-minute windows reset at :00, :15, :30 and :45 UTC."""
+    return max(1, math.ceil(900 - (now % 900)))
+
+
+class StravaClient:
+    """Owns one long-lived `httpx.AsyncClient` for Strava's OAuth endpoints."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        client_id: str,
+        client_secret: str,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+        connect_attempts: int = 3,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._clock = clock
+        self._connect_attempts = connect_attempts
+        self.last_rate_limit: RateLimitUsage | None = None
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            transport=transport,
+            headers={"User-Agent": "tokensvc"},
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    def authorize_url(self, *, redirect_uri: str, scopes: list[str], state: str, approval_prompt: str = "auto") -> str:
+        query = urlencode(
+            {
+                "client_id": self._client_id,
+                "redirect_uri": redirect_uri,
+                "response_type": "code",
+                "approval_prompt": approval_prompt,
+                "scope": ",".join(scopes),
+                "state": state,
+            }
+        )
+        return f"{self.base_url}/oauth/authorize?{query}"
+
+    async def refresh(self, refresh_token: str) -> TokenGrant:
+        """Trade a refresh token for a token pair.
+
+        Raises ProviderRejectedError (refresh_token_invalid), ProviderConfigError or ProviderTransientError.
+        """
+        response = await self._post(
+            "/oauth/token",
+            {
+                "client_id": self._client_id,
+                "client_secret": self._client_secret,
+                "grant_type": "refresh_token",
+                "refresh_token": refresh_token,
+            },
+        )
+        return self._grant(response, with_athlete=False)
+
+    async def exchange_code(self, code: str) -> TokenGrant:
+        """Trade an authorization code for the first token pair and the athlete id.
+
+        Raises ProviderRejectedError (code_invalid, code_expired), ProviderConfigError or ProviderTransientError.
+        """
+        response = await self._post(
+            "/oauth/token",
+            {
+                "client_id": self._client_id,
+                "client_secret": self._client_secret,
+                "code": code,
+                "grant_type": "authorization_code",
+            },
+        )
+        return self._grant(response, with_athlete=True)
+
+    async def deauthorize(self, access_token: str) -> None:
+        """Revoke every token this app holds for the athlete.
+
+        Raises ProviderRejectedError (access_token_invalid: already revoked), ProviderConfigError or
+        ProviderTransientError.
+        """
+        response = await self._post("/oauth/deauthorize", {"access_token": access_token})
+        if response.status_code != 200:
+            raise self._classify(response)
+
+    async def _post(self, path: str, form: Mapping[str, str]) -> httpx.Response:
+        try:
+            async for attempt in stamina.retry_context(
+                on=_NEVER_SENT, attempts=self._connect_attempts, timeout=15.0, wait_initial=0.1, wait_max=1.0
+            ):
+                with attempt:
+                    response = await self._http.post(path, data=form)
+        except _NEVER_SENT as exc:
+            raise ProviderTransientError(f"could not connect to Strava: {type(exc).__name__}") from exc
+        except httpx.TimeoutException as exc:
+            # The request left: Strava may have acted on it, so the caller must not resend the same credential.
+            raise ProviderTransientError(
+                f"Strava did not answer in time: {type(exc).__name__}", answer_lost=True
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise ProviderTransientError(f"Strava connection failed: {type(exc).__name__}", answer_lost=True) from exc
+        usage = RateLimitUsage.from_headers(response.headers)
+        if usage is not None:
+            self.last_rate_limit = usage
+        return response
+
+    def _grant(self, response: httpx.Response, *, with_athlete: bool) -> TokenGrant:
+        if response.status_code != 200:
+            raise self._classify(response)
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise ProviderTransientError("Strava answered 200 with a body that is not JSON", status_code=200) from exc
+        if not isinstance(body, dict):
+            raise ProviderTransientError("Strava answered 200 with JSON that is not an object", status_code=200)
+        access, refresh, expires_at = (
+            body.get("access_token"),
+            body.get("refresh_token"),
+            body.get("expires_at"),
+        )
+        if not isinstance(access, str) or not access or isinstance(expires_at, bool) or not isinstance(expires_at, int):
+            raise ProviderTransientError("Strava answered 200 without an access token and expiry", status_code=200)
+        if refresh is not None and (not isinstance(refresh, str) or not refresh):
+            raise ProviderTransientError("Strava answered 200 with an unusable refresh token", status_code=200)
+        athlete_id: int | None = None
+        if with_athlete:
+            athlete = body.get("athlete")
+            raw_id = athlete.get("id") if isinstance(athlete, dict) else None
+            athlete_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
+        return TokenGrant(access_token=access, refresh_token=refresh, expires_at=expires_at, athlete_id=athlete_id)
+
+    def _classify(self, response: httpx.Response) -> ProviderError:
+        status = response.status_code
+        triples = _error_triples(response)
+        resources = {resource for resource, _, _ in triples}
+        errors = tuple("/".join(t) for t in triples)
+        if status == 429:
+            retry_after = _retry_after(response) or seconds_to_next_window(self._clock())
+            return ProviderTransientError(
+                "Strava rate limit exceeded",
+                status_code=status,
+                errors=errors,
+                rate_limited=True,
+                retry_after=retry_after,
+            )
+        if status >= 500:
+            return ProviderTransientError(f"Strava answered {status}", status_code=status, errors=errors)
+        if "Application" in resources:
+            log.error("strava.application_rejected", status=status, errors=errors)
+            return ProviderConfigError(
+                "Strava rejected the application's client id or secret; check TOKENSVC_STRAVA_CLIENT_ID and "
+                "TOKENSVC_STRAVA_CLIENT_SECRET",
+                status_code=status,
+                errors=errors,
+            )
+        if status == 400 and "RefreshToken" in resources:
+            return ProviderRejectedError("refresh_token_invalid", status_code=status, errors=errors)
+        if status == 400 and resources & {"AuthorizationCode", "RequestToken"}:
+            expired = any(code == "expired" for _, _, code in triples)
+            return ProviderRejectedError(
+                "code_expired" if expired else "code_invalid", status_code=status, errors=errors
+            )
+        if status == 401 and "AccessToken" in resources:
+            return ProviderRejectedError("scope_missing", status_code=status, errors=errors)
+        if status == 401 and "Athlete" in resources:
+            return ProviderRejectedError("access_token_invalid", status_code=status, errors=errors)
+        # Anything unrecognised is not proof that the user's credential is dead (I3): treat it as transient.
+        return ProviderTransientError(f"Strava answered {status}", status_code=status, errors=errors)
+
+
+def _error_triples(response: httpx.Response) -> list[tuple[str, str, str]]:
+    try:
+        body = response.json()
+    except ValueError:
+        return []
+    items = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [
+        (str(item.get("resource", "")), str(item.get("field", "")), str(item.get("code", "")))
+        for item in items
+        if isinstance(item, dict)
+    ]
+
+
+def _retry_after(response: httpx.Response) -> int | None:
+    value = response.headers.get("retry-after", "")
+    return int(value) if value.isdigit() else None

@@ -1,0 +1,86 @@
+"""Public request and response shapes (CONTRACT.md). Only `AccessToken` carries token material."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from tokensvc.service.status import Status
+
+USER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+USER_ID_RE = re.compile(USER_ID_PATTERN)
+# Strava tokens are 40 hex characters; anything far longer is not a token and would only bloat the row.
+TokenText = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
+Scope = Annotated[str, StringConstraints(pattern=r"^[a-z_]+(:[a-z_]+)?$", max_length=64)]
+
+
+class TokenStatus(BaseModel):
+    """A user's token status; never any token material."""
+
+    user_id: str
+    status: Status
+    expires_at: int | None = Field(description="Epoch seconds; null when missing")
+    expires_in: int | None = Field(description="Seconds until expiry (negative once expired); null when missing")
+    athlete_id: int | None
+    scopes: list[str]
+    last_refreshed_at: datetime | None
+    needs_reauth: bool
+    reauth_reason: str | None = Field(description="`refresh_token_invalid` or `deauthorized` when needs_reauth")
+
+
+class TokenImport(BaseModel):
+    """Tokens moved in from an existing app (or replaced)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    access_token: TokenText
+    refresh_token: TokenText
+    expires_at: int = Field(ge=0, le=2**53, description="Epoch seconds, Strava's convention")
+    athlete_id: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    scopes: list[Scope] | None = Field(default=None, max_length=16)
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _comma_string(cls, value: object) -> object:
+        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+
+class AccessToken(BaseModel):
+    user_id: str
+    access_token: str
+    token_type: str = "Bearer"
+    expires_at: int
+    expires_in: int
+    athlete_id: int | None
+    scopes: list[str]
+
+
+class RefreshResult(BaseModel):
+    success: bool = True
+    refreshed: bool
+    message: str
+    token_status: TokenStatus
+
+
+class TokenPage(BaseModel):
+    items: list[TokenStatus]
+    next_cursor: str | None
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with the contract's `code` (and `needs_reauth`/`authorize_url` on 409)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str

@@ -1,0 +1,475 @@
+"""Where refreshes are decided: status, import, refresh exactly once, access tokens, deletion.
+
+Exactly once, however many callers and processes ask:
+1. single flight inside the process: concurrent callers for one user await one shared task;
+2. a cross-process guard in the database (`store.lock_for_refresh`) held from the decision to the commit;
+3. a re-read under the guard (another process may have refreshed while we waited);
+4. a write that checks the version it read; the rotated refresh token is committed before anyone hears of success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import stamina
+import structlog
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokensvc import metrics
+from tokensvc.crypto import DecryptionError, Field, TokenCipher
+from tokensvc.errors import (
+    ProviderMisconfigured,
+    ProviderRateLimited,
+    ProviderUnavailable,
+    ReauthRequired,
+    TokenServiceError,
+    TokensMissing,
+    TokenUnreadable,
+    ValidationFailed,
+)
+from tokensvc.providers.strava import (
+    ProviderConfigError,
+    ProviderRejectedError,
+    ProviderTransientError,
+    StravaClient,
+    TokenGrant,
+)
+from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
+from tokensvc.service.status import Status, classify
+from tokensvc.store import tokens as store
+from tokensvc.store.tokens import NewTokens, TokenRow
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+AuthorizeUrlFactory = Callable[[str], str | None]
+
+MSG_REFRESHED = "Tokens refreshed successfully"
+MSG_STILL_VALID = "Tokens are still valid - no refresh needed"
+MSG_SIBLING = "Tokens were refreshed by another request"
+MSG_REAUTH = "Strava rejected the stored refresh token; the user must reconnect with Strava."
+MSG_MISSING = "No Strava tokens are stored for this user; the user must connect with Strava."
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a refresh flight ended with; `access_token` is set when the flight already holds it in the clear."""
+
+    row: TokenRow
+    refreshed: bool
+    message: str
+    access_token: str | None = None
+
+
+class TokenService:
+    """The token lifecycle. Each public method says where its transaction begins and ends."""
+
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        cipher: TokenCipher,
+        strava: StravaClient,
+        clock: Clock = time.time,
+        buffer_seconds: int = 1800,
+        lock_timeout_seconds: float = 30.0,
+        write_budget_seconds: float = 30.0,
+        authorize_url: AuthorizeUrlFactory | None = None,
+    ) -> None:
+        self._engine = engine
+        # Single reads need no transaction: autocommit saves the BEGIN/ROLLBACK round trips on the hot path.
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._cipher = cipher
+        self._strava = strava
+        self._clock = clock
+        self.buffer_seconds = buffer_seconds
+        self._lock_timeout = lock_timeout_seconds
+        self._write_budget = write_budget_seconds
+        self._authorize_url = authorize_url or (lambda _user_id: None)
+        self._flights: dict[str, asyncio.Task[Outcome]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    async def status(self, user_id: str) -> TokenStatus:
+        """A user's status from the database alone (one read, no transaction); never calls Strava."""
+        return self._status(user_id, await self._get(user_id))
+
+    async def list_tokens(self, statuses: Sequence[Status], *, limit: int, cursor: str | None) -> TokenPage:
+        """Stored users in `statuses`, oldest expiry first. Raises ValidationFailed for a bad cursor or status."""
+        if Status.MISSING in statuses:
+            raise ValidationFailed("`missing` users have no stored row to list; ask token-status for one user")
+        after = _decode_cursor(cursor) if cursor else None
+        async with self._reader.connect() as conn:
+            rows = await store.list_by_status(
+                conn,
+                statuses,
+                now=int(self._clock()),
+                buffer_seconds=self.buffer_seconds,
+                limit=limit,
+                after=after,
+            )
+        items = [self._status(r.user_id, r) for r in rows]
+        next_cursor = _encode_cursor(rows[-1]) if len(rows) == limit else None
+        return TokenPage(items=items, next_cursor=next_cursor)
+
+    async def access_token(self, user_id: str, *, min_ttl: int) -> AccessToken:
+        """A token with at least `min_ttl` seconds left (and never an expired one).
+
+        Valid → the stored token, no Strava call. Due but still long enough → the stored token at once and one
+        refresh in the background. Otherwise the caller waits for the (shared) refresh.
+        Raises TokensMissing, ReauthRequired, ProviderUnavailable (and subclasses), TokenUnreadable.
+        """
+        needed = max(min_ttl, 1)
+        row = await self._get(user_id)
+        row = self._usable(user_id, row)
+        remaining = row.expires_at - self._clock()
+        if remaining >= needed:
+            if remaining <= self.buffer_seconds:
+                self._refresh_in_background(user_id)
+            return self._access(row, self._decrypt(row, "access"))
+        outcome = await self._ensure_fresh(user_id, force=False, min_ttl=needed, trigger="access_token")
+        if outcome.row.expires_at - self._clock() < needed:
+            raise ProviderUnavailable("Strava returned a token with less life than was asked for", retry_after=60)
+        return self._access(outcome.row, outcome.access_token or self._decrypt(outcome.row, "access"))
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    async def import_tokens(self, user_id: str, body: TokenImport) -> TokenStatus:
+        """Insert or replace a user's tokens in one transaction (waits for an in-flight refresh's row lock)."""
+        tokens = NewTokens(
+            access_token_enc=self._cipher.encrypt(body.access_token, user_id=user_id, field="access"),
+            refresh_token_enc=self._cipher.encrypt(body.refresh_token, user_id=user_id, field="refresh"),
+            key_id=self._cipher.current_key_id,
+            expires_at=body.expires_at,
+        )
+        async with self._engine.begin() as conn:
+            row = await store.upsert(
+                conn, user_id, tokens, athlete_id=body.athlete_id, scopes=body.scopes, now=self._now_dt()
+            )
+        log.info("token.imported", user_id=user_id, expires_at=row.expires_at, version=row.version)
+        return self._status(user_id, row)
+
+    async def refresh(self, user_id: str, *, force: bool = False, trigger: str = "api") -> RefreshResult:
+        """Refresh if due (or `force`), sharing any refresh already in flight for this user.
+
+        Raises TokensMissing, ReauthRequired, ProviderUnavailable (and subclasses), TokenUnreadable.
+        """
+        outcome = await self._ensure_fresh(user_id, force=force, min_ttl=0, trigger=trigger)
+        return RefreshResult(
+            refreshed=outcome.refreshed,
+            message=outcome.message,
+            token_status=self._status(user_id, outcome.row),
+        )
+
+    async def delete(self, user_id: str) -> None:
+        """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard. Idempotent."""
+        async with self._engine.begin() as conn:
+            row = await store.lock_for_refresh(conn, user_id, lock_timeout_seconds=self._lock_timeout)
+            if row is None:
+                return
+            if row.access_token_enc is not None and row.reauth_reason is None:
+                await self._deauthorize_best_effort(row)
+            await store.delete(conn, user_id)
+        log.info("token.deleted", user_id=user_id)
+
+    async def aclose(self, grace_seconds: float = 5.0) -> None:
+        """Let background refreshes finish (a refresh cut between Strava and the commit strands its user)."""
+        if self._background:
+            _done, pending = await asyncio.wait(set(self._background), timeout=grace_seconds)
+            for task in pending:
+                task.cancel()
+
+    # -- the refresh itself -----------------------------------------------------------------------------------
+
+    async def _ensure_fresh(self, user_id: str, *, force: bool, min_ttl: int, trigger: str) -> Outcome:
+        """Join the user's in-flight refresh (sharing its result or its error), or start one.
+
+        A caller the joined flight did not satisfy (it wanted `force`, or more life) starts its own afterwards.
+        """
+        flight = self._flights.get(user_id)
+        if flight is not None:
+            outcome = await asyncio.shield(flight)
+            if (outcome.refreshed or not force) and outcome.row.expires_at - self._clock() >= min_ttl:
+                return outcome
+        flight = self._flights.get(user_id)
+        if flight is None or flight.done():
+            flight = asyncio.create_task(self._refresh_guarded(user_id, force=force, min_ttl=min_ttl, trigger=trigger))
+            self._flights[user_id] = flight
+            flight.add_done_callback(lambda done: self._forget_flight(user_id, done))
+        # shield: a caller that goes away (client disconnect) must not cancel the refresh others are waiting for
+        return await asyncio.shield(flight)
+
+    def _forget_flight(self, user_id: str, flight: asyncio.Task[Outcome]) -> None:
+        if self._flights.get(user_id) is flight:
+            del self._flights[user_id]
+
+    def _refresh_in_background(self, user_id: str) -> None:
+        if user_id in self._flights:
+            return
+        self._spawn(self._background_refresh(user_id))
+
+    async def _background_refresh(self, user_id: str) -> None:
+        try:
+            await self._ensure_fresh(user_id, force=False, min_ttl=0, trigger="background")
+        except TokenServiceError as exc:
+            log.warning("token.refresh.background_failed", user_id=user_id, code=exc.code)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh_guarded(self, user_id: str, *, force: bool, min_ttl: int, trigger: str) -> Outcome:
+        outcome_label = "error"
+        try:
+            outcome = await self._refresh_locked(user_id, force=force, min_ttl=min_ttl)
+        except TokenServiceError as exc:
+            outcome_label = _OUTCOME_BY_CODE.get(exc.code, exc.code)
+            raise
+        else:
+            outcome_label = "refreshed" if outcome.refreshed else "not_needed"
+            return outcome
+        finally:
+            metrics.REFRESH_TOTAL.labels(outcome=outcome_label, trigger=trigger).inc()
+
+    async def _refresh_locked(self, user_id: str, *, force: bool, min_ttl: int) -> Outcome:
+        """One transaction per round: take the guard, re-read, decide, call Strava, write, commit.
+
+        A further round happens only after Strava rejected the refresh token: the guard is released, the row is
+        re-read under it, and a newer token stored by someone else meanwhile is used instead of flagging the user.
+        """
+        rejected_version: int | None = None
+        for _round in range(3):
+            grant: TokenGrant | None = None
+            written: TokenRow | None = None
+            dead = False
+            try:
+                async with self._engine.begin() as conn:
+                    row = self._usable(
+                        user_id,
+                        await store.lock_for_refresh(conn, user_id, lock_timeout_seconds=self._lock_timeout),
+                    )
+                    if rejected_version == row.version:
+                        # Nobody stored anything newer since Strava said no: the token really is dead.
+                        await store.mark_needs_reauth(
+                            conn,
+                            user_id,
+                            reason="refresh_token_invalid",
+                            now=self._now_dt(),
+                            expected_version=row.version,
+                        )
+                        dead = True
+                    else:
+                        if rejected_version is not None:
+                            log.info("token.refresh.sibling_rotated", user_id=user_id, version=row.version)
+                            force = False  # the newer token is what a forced refresh would have produced
+                        if not self._due(row, force=force, min_ttl=min_ttl):
+                            message = MSG_STILL_VALID if rejected_version is None else MSG_SIBLING
+                            return Outcome(row, refreshed=False, message=message)
+                        try:
+                            grant = await self._call_strava(user_id, row)
+                        except ProviderRejectedError:
+                            rejected_version = row.version
+                            continue  # ends this transaction, releasing the guard, and re-reads in a new one
+                        written = await store.write_refresh(
+                            conn,
+                            user_id,
+                            self._encrypt_grant(user_id, grant),
+                            expected_version=row.version,
+                            now=self._now_dt(),
+                        )
+            except (DBAPIError, OSError) as exc:
+                if grant is None:
+                    raise
+                # Strava already rotated: the new pair exists only in memory now. Keep trying to store it.
+                log.error("token.refresh.write_failed_retrying", user_id=user_id, error=type(exc).__name__)
+                written = await self._persist_after_outage(user_id, row.version, self._encrypt_grant(user_id, grant))
+            if dead:
+                log.warning("token.refresh.reauth_required", user_id=user_id, reason="refresh_token_invalid")
+                raise ReauthRequired(
+                    MSG_REAUTH,
+                    authorize_url=self._authorize_url(user_id),
+                    reauth_reason="refresh_token_invalid",
+                )
+            if grant is None or written is None:
+                # Only when the guard was lost with its connection and someone else wrote meanwhile.
+                log.error("token.refresh.version_conflict", user_id=user_id)
+                raise ProviderUnavailable("the token row changed during the refresh; try again", retry_after=5)
+            log.info(
+                "token.refresh.succeeded",
+                user_id=user_id,
+                expires_at=grant.expires_at,
+                rotated=grant.refresh_token is not None,
+                version=written.version,
+            )
+            return Outcome(written, refreshed=True, message=MSG_REFRESHED, access_token=grant.access_token)
+        raise ProviderUnavailable("the refresh token kept changing during the refresh; try again", retry_after=5)
+
+    async def _call_strava(self, user_id: str, row: TokenRow) -> TokenGrant:
+        """Raises ProviderRejectedError (handled by the caller) or the service's 503 errors."""
+        refresh_token = self._decrypt(row, "refresh")
+        started = time.perf_counter()
+        try:
+            grant = await self._strava.refresh(refresh_token)
+        except ProviderRejectedError:
+            log.info("token.refresh.rejected_by_strava", user_id=user_id)
+            raise
+        except ProviderTransientError as exc:
+            if exc.answer_lost:
+                log.warning(
+                    "token.refresh.answer_lost",
+                    user_id=user_id,
+                    error=str(exc),
+                    note="Strava may have rotated; stored tokens kept, the next attempt will tell",
+                )
+            else:
+                log.warning(
+                    "token.refresh.transient_failure",
+                    user_id=user_id,
+                    error=str(exc),
+                    strava_status=exc.status_code,
+                )
+            if exc.rate_limited:
+                raise ProviderRateLimited(str(exc), retry_after=exc.retry_after or 900) from exc
+            raise ProviderUnavailable(str(exc), retry_after=exc.retry_after or 30) from exc
+        except ProviderConfigError as exc:
+            log.error("token.refresh.misconfigured", user_id=user_id, strava_status=exc.status_code)
+            raise ProviderMisconfigured(str(exc), retry_after=300) from exc
+        metrics.REFRESH_SECONDS.observe(time.perf_counter() - started)
+        return grant
+
+    async def _persist_after_outage(self, user_id: str, version: int, tokens: NewTokens) -> TokenRow | None:
+        async for attempt in stamina.retry_context(on=(DBAPIError, OSError), timeout=self._write_budget, attempts=None):
+            with attempt:
+                async with self._engine.begin() as conn:
+                    return await store.write_refresh(
+                        conn, user_id, tokens, expected_version=version, now=self._now_dt()
+                    )
+        return None
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _due(self, row: TokenRow, *, force: bool, min_ttl: int) -> bool:
+        remaining = row.expires_at - self._clock()
+        return force or remaining <= self.buffer_seconds or remaining < min_ttl
+
+    def _usable(self, user_id: str, row: TokenRow | None) -> TokenRow:
+        if row is None:
+            raise TokensMissing(MSG_MISSING, authorize_url=self._authorize_url(user_id))
+        if row.reauth_reason is not None:
+            raise ReauthRequired(
+                MSG_REAUTH
+                if row.reauth_reason == "refresh_token_invalid"
+                else "The athlete revoked access on Strava; the user must reconnect with Strava.",
+                authorize_url=self._authorize_url(user_id),
+                reauth_reason=row.reauth_reason,
+            )
+        return row
+
+    async def _get(self, user_id: str) -> TokenRow | None:
+        async with self._reader.connect() as conn:
+            return await store.get(conn, user_id)
+
+    async def _deauthorize_best_effort(self, row: TokenRow) -> None:
+        try:
+            await self._strava.deauthorize(self._decrypt(row, "access"))
+        except (ProviderTransientError, ProviderRejectedError, ProviderConfigError, TokenUnreadable) as exc:
+            log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
+        else:
+            log.info("token.deauthorize.succeeded", user_id=row.user_id)
+
+    def _decrypt(self, row: TokenRow, field: Field) -> str:
+        ciphertext = row.access_token_enc if field == "access" else row.refresh_token_enc
+        try:
+            return self._cipher.decrypt(ciphertext or "", user_id=row.user_id, field=field)
+        except DecryptionError as exc:
+            log.error("token.decrypt_failed", user_id=row.user_id, field=field, error=str(exc))
+            raise TokenUnreadable(
+                "the stored token cannot be decrypted with the configured keys (TOKENSVC_ENCRYPTION_KEYS)"
+            ) from exc
+
+    def _encrypt_grant(self, user_id: str, grant: TokenGrant) -> NewTokens:
+        enc = self._cipher.encrypt
+        return NewTokens(
+            access_token_enc=enc(grant.access_token, user_id=user_id, field="access"),
+            refresh_token_enc=(
+                enc(grant.refresh_token, user_id=user_id, field="refresh") if grant.refresh_token else None
+            ),
+            key_id=self._cipher.current_key_id,
+            expires_at=grant.expires_at,
+        )
+
+    def _status(self, user_id: str, row: TokenRow | None) -> TokenStatus:
+        now = self._clock()
+        if row is None:
+            return TokenStatus(
+                user_id=user_id,
+                status=Status.MISSING,
+                expires_at=None,
+                expires_in=None,
+                athlete_id=None,
+                scopes=[],
+                last_refreshed_at=None,
+                needs_reauth=False,
+                reauth_reason=None,
+            )
+        status = classify(
+            expires_at=row.expires_at,
+            reauth_reason=row.reauth_reason,
+            now=now,
+            buffer_seconds=self.buffer_seconds,
+        )
+        return TokenStatus(
+            user_id=user_id,
+            status=status,
+            expires_at=row.expires_at,
+            expires_in=int(row.expires_at - now),
+            athlete_id=row.athlete_id,
+            scopes=row.scope_list,
+            last_refreshed_at=row.last_refreshed_at,
+            needs_reauth=status is Status.NEEDS_REAUTH,
+            reauth_reason=row.reauth_reason,
+        )
+
+    def _access(self, row: TokenRow, token: str) -> AccessToken:
+        return AccessToken(
+            user_id=row.user_id,
+            access_token=token,
+            expires_at=row.expires_at,
+            expires_in=int(row.expires_at - self._clock()),
+            athlete_id=row.athlete_id,
+            scopes=row.scope_list,
+        )
+
+    def _now_dt(self) -> datetime:
+        return datetime.fromtimestamp(int(self._clock()), UTC)
+
+
+_OUTCOME_BY_CODE = {
+    "reauth_required": "reauth_required",
+    "tokens_missing": "tokens_missing",
+    "provider_unavailable": "transient",
+    "provider_rate_limited": "rate_limited",
+}
+
+
+def _encode_cursor(row: TokenRow) -> str:
+    return base64.urlsafe_b64encode(f"{row.expires_at}:{row.user_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        expires_at, user_id = raw.split(":", 1)
+        return int(expires_at), user_id
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise ValidationFailed("`cursor` is not a cursor this service issued") from exc

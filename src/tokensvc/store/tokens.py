@@ -1,0 +1,207 @@
+"""All SQL about user tokens. Functions take the caller's connection; the caller owns the transaction.
+
+Rows carry ciphertext only: encryption is the service's job, so nothing here ever sees a token in the clear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tokensvc.models import user_tokens as t
+from tokensvc.service.status import Status
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    user_id: str
+    access_token_enc: str | None
+    refresh_token_enc: str | None
+    key_id: str | None
+    expires_at: int
+    athlete_id: int | None
+    scopes: str
+    reauth_reason: str | None
+    last_refreshed_at: datetime | None
+    version: int
+
+    @property
+    def scope_list(self) -> list[str]:
+        return [s for s in self.scopes.split(",") if s]
+
+
+@dataclass(frozen=True, slots=True)
+class NewTokens:
+    """Encrypted material for a write; `refresh_token_enc` None keeps the stored refresh token."""
+
+    access_token_enc: str
+    refresh_token_enc: str | None
+    key_id: str
+    expires_at: int
+
+
+_COLUMNS = (
+    t.c.user_id,
+    t.c.access_token_enc,
+    t.c.refresh_token_enc,
+    t.c.key_id,
+    t.c.expires_at,
+    t.c.athlete_id,
+    t.c.scopes,
+    t.c.reauth_reason,
+    t.c.last_refreshed_at,
+    t.c.version,
+)
+_SELECT = sa.select(*_COLUMNS)
+
+
+def _row(row: sa.Row[*tuple[Any, ...]]) -> TokenRow:
+    return TokenRow(**row._mapping)
+
+
+async def get(conn: AsyncConnection, user_id: str) -> TokenRow | None:
+    row = (await conn.execute(_SELECT.where(t.c.user_id == user_id))).first()
+    return _row(row) if row is not None else None
+
+
+async def lock_for_refresh(conn: AsyncConnection, user_id: str, *, lock_timeout_seconds: float) -> TokenRow | None:
+    """Take the cross-process refresh guard for one user and read the row under it.
+
+    Postgres: a row lock (`FOR UPDATE`), waited for at most `lock_timeout_seconds`. SQLite has no row locks: a
+    no-op UPDATE takes the database's write lock, which other processes wait for through the busy timeout.
+    Either way the guard lasts until the caller's transaction ends, and readers are never blocked.
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(lock_timeout_seconds * 1000)}ms'"))
+        row = (await conn.execute(_SELECT.where(t.c.user_id == user_id).with_for_update())).first()
+    else:
+        await conn.execute(sa.update(t).where(t.c.user_id == user_id).values(version=t.c.version))
+        row = (await conn.execute(_SELECT.where(t.c.user_id == user_id))).first()
+    return _row(row) if row is not None else None
+
+
+async def upsert(
+    conn: AsyncConnection,
+    user_id: str,
+    tokens: NewTokens,
+    *,
+    athlete_id: int | None,
+    scopes: Sequence[str] | None,
+    now: datetime,
+) -> TokenRow:
+    """Insert or replace a user's tokens (import, connect); clears `needs_reauth` and bumps the version.
+
+    On a replace, an `athlete_id` or `scopes` of None keeps what the row had.
+    """
+    values: dict[str, object] = {
+        "access_token_enc": tokens.access_token_enc,
+        "refresh_token_enc": tokens.refresh_token_enc,
+        "key_id": tokens.key_id,
+        "expires_at": tokens.expires_at,
+        "reauth_reason": None,
+        "updated_at": now,
+    }
+    insert = pg_insert(t) if conn.dialect.name == "postgresql" else sqlite_insert(t)
+    stmt = insert.values(
+        user_id=user_id,
+        created_at=now,
+        version=1,
+        athlete_id=athlete_id,
+        scopes=",".join(scopes or ()),
+        **values,
+    )
+    on_conflict: dict[str, object] = {
+        **values,
+        "athlete_id": sa.func.coalesce(stmt.excluded.athlete_id, t.c.athlete_id),
+        "version": t.c.version + 1,
+    }
+    if scopes is not None:
+        on_conflict["scopes"] = stmt.excluded.scopes
+    upsert_stmt = stmt.on_conflict_do_update(index_elements=[t.c.user_id], set_=on_conflict).returning(*_COLUMNS)
+    return _row((await conn.execute(upsert_stmt)).one())
+
+
+async def write_refresh(
+    conn: AsyncConnection, user_id: str, tokens: NewTokens, *, expected_version: int, now: datetime
+) -> TokenRow | None:
+    """Store a refresh's result if the row is still at `expected_version`; None when someone wrote in between."""
+    values: dict[str, object] = {
+        "access_token_enc": tokens.access_token_enc,
+        "key_id": tokens.key_id,
+        "expires_at": tokens.expires_at,
+        "last_refreshed_at": now,
+        "updated_at": now,
+        "version": t.c.version + 1,
+    }
+    if tokens.refresh_token_enc is not None:
+        values["refresh_token_enc"] = tokens.refresh_token_enc
+    stmt = (
+        sa.update(t)
+        .where(t.c.user_id == user_id, t.c.version == expected_version)
+        .values(**values)
+        .returning(*_COLUMNS)
+    )
+    row = (await conn.execute(stmt)).first()
+    return _row(row) if row is not None else None
+
+
+async def mark_needs_reauth(
+    conn: AsyncConnection,
+    user_id: str,
+    *,
+    reason: str,
+    now: datetime,
+    expected_version: int | None = None,
+    discard_tokens: bool = False,
+) -> TokenRow | None:
+    """Flag a user as needing to reconnect (only if still at `expected_version`, when given)."""
+    values: dict[str, object] = {"reauth_reason": reason, "updated_at": now, "version": t.c.version + 1}
+    if discard_tokens:
+        values |= {"access_token_enc": None, "refresh_token_enc": None}
+    stmt = sa.update(t).where(t.c.user_id == user_id)
+    if expected_version is not None:
+        stmt = stmt.where(t.c.version == expected_version)
+    row = (await conn.execute(stmt.values(**values).returning(*_COLUMNS))).first()
+    return _row(row) if row is not None else None
+
+
+async def delete(conn: AsyncConnection, user_id: str) -> bool:
+    result = await conn.execute(sa.delete(t).where(t.c.user_id == user_id))
+    return bool(result.rowcount)
+
+
+def _status_condition(status: Status, now: int, buffer_seconds: int) -> sa.ColumnElement[bool]:
+    live = t.c.reauth_reason.is_(None)
+    if status is Status.NEEDS_REAUTH:
+        return t.c.reauth_reason.is_not(None)
+    if status is Status.VALID:
+        return sa.and_(live, t.c.expires_at > now + buffer_seconds)
+    if status is Status.EXPIRING_SOON:
+        return sa.and_(live, t.c.expires_at > now, t.c.expires_at <= now + buffer_seconds)
+    if status is Status.EXPIRED:
+        return sa.and_(live, t.c.expires_at <= now)
+    raise ValueError(f"no stored row can have status {status}")
+
+
+async def list_by_status(
+    conn: AsyncConnection,
+    statuses: Sequence[Status],
+    *,
+    now: int,
+    buffer_seconds: int,
+    limit: int,
+    after: tuple[int, str] | None = None,
+) -> list[TokenRow]:
+    """Rows in any of `statuses`, oldest expiry first, keyset-paginated on (expires_at, user_id)."""
+    stmt = _SELECT.where(sa.or_(*(_status_condition(s, now, buffer_seconds) for s in statuses)))
+    if after is not None:
+        stmt = stmt.where(sa.tuple_(t.c.expires_at, t.c.user_id) > sa.tuple_(*after))
+    stmt = stmt.order_by(t.c.expires_at, t.c.user_id).limit(limit)
+    return [_row(r) for r in (await conn.execute(stmt)).all()]
