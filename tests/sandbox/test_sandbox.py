@@ -52,15 +52,14 @@ def sandbox(app: FastAPI) -> SandboxState:
     return state
 
 
-async def _client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sandbox") as client:
-        yield client
+def asgi_client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sandbox")
 
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in _client(app):
-        yield c
+    async with asgi_client(app) as client:
+        yield client
 
 
 async def refresh(client: httpx.AsyncClient, token: str, path: str = "/oauth/token") -> httpx.Response:
@@ -332,7 +331,7 @@ class TestRefresh:
 
     async def test_without_rotation_the_same_refresh_token_comes_back(self, clock: FakeClock) -> None:
         """With rotate=False the refresh token never changes and stays usable."""
-        async for client in _client(create_sandbox_app(clock=clock, rotate=False)):
+        async with asgi_client(create_sandbox_app(clock=clock, rotate=False)) as client:
             seeded = await seed(client)
             for _ in range(2):
                 body = (await refresh(client, seeded["refresh_token"])).json()
@@ -669,7 +668,7 @@ class TestMounted:
         """Mounted under /sandbox/strava the form posts there and the whole flow works."""
         parent = FastAPI()
         parent.mount("/sandbox/strava", app)
-        async for client in _client(parent):
+        async with asgi_client(parent) as client:
             page = await client.get(
                 "/sandbox/strava/oauth/authorize",
                 params={"client_id": "sandbox-client", "redirect_uri": "http://localhost/cb", "response_type": "code"},
