@@ -13,7 +13,7 @@ class Status(StrEnum):
     MISSING = "missing"
 
 
-def classify(*, expires_at: int | None, reauth_reason: str | None, now: float, buffer_seconds: int) -> Status:
+def classify(*, expires_at: float | None, reauth_reason: str | None, now: float, buffer_seconds: int) -> Status:
     """valid: remaining > buffer; expiring_soon: 0 < remaining <= buffer; expired: remaining <= 0."""
     if reauth_reason is not None:
         return Status.NEEDS_REAUTH

@@ -181,6 +181,11 @@ class TokenService:
             await store.delete(conn, user_id)
         log.info("token.deleted", user_id=user_id)
 
+    async def drain(self) -> None:
+        """Wait until no background refresh is running (tests, and shutdown)."""
+        while self._background:
+            await asyncio.wait(set(self._background))
+
     async def aclose(self, grace_seconds: float = 5.0) -> None:
         """Let background refreshes finish (a refresh cut between Strava and the commit strands its user)."""
         if self._background:

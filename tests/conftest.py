@@ -1,0 +1,237 @@
+"""Shared fixtures: real databases (SQLite file and Postgres) built by the migrations, a fake clock, and the
+Strava sandbox reached over HTTP (in-process ASGI here; real processes in tests/e2e).
+
+Postgres: `TOKENSVC_TEST_POSTGRES_URL` (default the local server) is the admin URL; each test gets its own database
+cloned from a migrated template. Unreachable Postgres skips its tests, unless `TOKENSVC_REQUIRE_POSTGRES=1`
+(CI), where it fails them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from pydantic import SecretStr
+from sqlalchemy.engine import make_url
+
+from tokensvc.app import Resources, create_app, open_resources
+from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Settings
+from tokensvc.crypto import generate_key
+from tokensvc.db import make_engine, migrate
+from tokensvc.sandbox import SandboxState, create_sandbox_app
+from tokensvc.schemas import TokenImport
+
+PG_ADMIN_URL = os.environ.get("TOKENSVC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REQUIRE_POSTGRES = os.environ.get("TOKENSVC_REQUIRE_POSTGRES") == "1"
+API_KEY = "test-api-key"
+STRAVA_TEST_BASE = "http://strava.test"
+T0 = 1_800_000_000.0  # a fixed "now" (2027-01-15) so expiry arithmetic reads plainly
+
+
+class FakeClock:
+    """Injected time: tests move it instead of sleeping."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def run_isolated(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine on a private loop, leaving the test's loop policy untouched (for session fixtures)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def sqlalchemy_pg_url(admin_url: str, database: str) -> str:
+    return (
+        make_url(admin_url)
+        .set(drivername="postgresql+asyncpg", database=database)
+        .render_as_string(hide_password=False)
+    )
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated template database, cloned per test."""
+    name = f"tokensvc_tpl_{os.getpid()}"
+    try:
+        run_isolated(_admin(f"DROP DATABASE IF EXISTS {name}"))
+    except (OSError, asyncpg.PostgresError) as exc:
+        message = f"Postgres not reachable at {PG_ADMIN_URL}: {exc}"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        pytest.skip(message)
+    run_isolated(_admin(f"CREATE DATABASE {name}"))
+
+    async def build() -> None:
+        engine = make_engine(sqlalchemy_pg_url(PG_ADMIN_URL, name))
+        await migrate(engine)
+        await engine.dispose()
+
+    run_isolated(build())
+    yield name
+    run_isolated(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    """A fresh, migrated Postgres database for one test."""
+    name = f"tokensvc_t_{uuid.uuid4().hex[:12]}"
+    run_isolated(_admin(f"CREATE DATABASE {name} TEMPLATE {pg_template}"))
+    yield sqlalchemy_pg_url(PG_ADMIN_URL, name)
+    run_isolated(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh, migrated SQLite file for one test."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'tokensvc.db'}"
+
+    async def build() -> None:
+        engine = make_engine(url)
+        await migrate(engine)
+        await engine.dispose()
+
+    run_isolated(build())
+    return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each test using this runs once on SQLite and once on Postgres."""
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def sandbox_app(clock: FakeClock) -> FastAPI:
+    return create_sandbox_app(client_id=SANDBOX_CLIENT_ID, client_secret=SANDBOX_CLIENT_SECRET, clock=clock)
+
+
+@pytest.fixture
+def sandbox(sandbox_app: FastAPI) -> SandboxState:
+    state: SandboxState = sandbox_app.state.sandbox
+    return state
+
+
+@pytest.fixture
+def strava_transport(sandbox_app: FastAPI) -> httpx.AsyncBaseTransport:
+    return httpx.ASGITransport(app=sandbox_app)
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "strava_base_url": STRAVA_TEST_BASE,
+        "strava_client_id": SANDBOX_CLIENT_ID,
+        "strava_client_secret": SecretStr(SANDBOX_CLIENT_SECRET),
+        "api_keys": [SecretStr(API_KEY)],
+        "encryption_keys": [SecretStr(generate_key())],
+        "public_url": "http://tokensvc.test",
+        "session_secret": SecretStr("test-session-secret"),
+    }
+    return Settings(_env_file=None, **(values | overrides))
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+async def resources(
+    settings: Settings, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
+) -> AsyncIterator[Resources]:
+    async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:
+        yield res
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The service API over ASGI, authenticated; the app's own lifespan runs."""
+    app = create_app(settings, clock=clock, strava_transport=strava_transport)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://tokensvc.test", headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as http:
+            http.app = app  # type: ignore[attr-defined]
+            yield http
+
+
+@dataclass(frozen=True)
+class Seeded:
+    user_id: str
+    athlete_id: int
+    access_token: str
+    refresh_token: str
+    expires_at: int
+
+    def with_pair(self, pair: Mapping[str, Any]) -> Seeded:
+        """The same user and athlete with the pair a sandbox snapshot or rotation returned."""
+        return Seeded(self.user_id, self.athlete_id, pair["access_token"], pair["refresh_token"], pair["expires_at"])
+
+
+def seed_athlete(sandbox: SandboxState, clock: FakeClock, *, expires_in: int) -> Seeded:
+    """A connected athlete in the sandbox whose current access token has `expires_in` seconds left."""
+    athlete = sandbox.create_athlete(expires_in=expires_in)
+    return Seeded(
+        user_id=f"user-{athlete['athlete_id']}",
+        athlete_id=athlete["athlete_id"],
+        access_token=athlete["access_token"],
+        refresh_token=athlete["refresh_token"],
+        expires_at=athlete["expires_at"],
+    )
+
+
+def import_body(seeded: Seeded) -> TokenImport:
+    return TokenImport(
+        access_token=seeded.access_token,
+        refresh_token=seeded.refresh_token,
+        expires_at=seeded.expires_at,
+        athlete_id=seeded.athlete_id,
+        scopes=["read", "activity:read_all"],
+    )
+
+
+async def seed_user(res: Resources, sandbox: SandboxState, clock: FakeClock, *, expires_in: int) -> Seeded:
+    """An athlete in the sandbox whose tokens tokensvc stores, `expires_in` seconds from expiry."""
+    seeded = seed_athlete(sandbox, clock, expires_in=expires_in)
+    await res.service.import_tokens(seeded.user_id, import_body(seeded))
+    return seeded
