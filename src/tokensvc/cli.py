@@ -125,9 +125,7 @@ def gen_key() -> None:
 
 @app.command("import")
 def import_tokens(
-    file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A file of JSON lines")
-    ],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A file of JSON lines")],
 ) -> None:
     """Import tokens from JSON lines: user_id, access_token, refresh_token, expires_at, athlete_id?, scopes?.
 

@@ -86,14 +86,18 @@ class TokenCipher:
         aead = self._keys.get(kid)
         if aead is None:
             raise DecryptionError(f"ciphertext was made with key {kid}, which is not configured")
+        if len(blob) < 12 + 16:  # nonce + tag: anything shorter was truncated
+            raise DecryptionError("ciphertext is too short to be one of ours")
         try:
             return aead.decrypt(blob[:12], blob[12:], _aad(user_id, field)).decode()
         except InvalidTag as exc:
             raise DecryptionError("ciphertext failed authentication (tampered, or moved from another row)") from exc
 
     @staticmethod
-    def key_id_of(token: str) -> str:
-        return token.split(".", 2)[1]
+    def key_id_of(token: str) -> str | None:
+        """The key id a ciphertext names, or None when it is not in the v1 form."""
+        parts = token.split(".", 2)
+        return parts[1] if len(parts) == 3 and parts[0] == _VERSION else None
 
 
 def _aad(user_id: str, field: Field) -> bytes:
@@ -101,11 +105,22 @@ def _aad(user_id: str, field: Field) -> bytes:
 
 
 def load_or_create_key_file(path: Path) -> tuple[str, bool]:
-    """The SQLite zero-setup key: read it from `path`, or create it there with mode 0600. Returns (key, created)."""
+    """The SQLite zero-setup key: read it from `path`, or create it there with mode 0600. Returns (key, created).
+
+    Safe when several processes start at once: the key is written to a private temporary file and linked into
+    place, which fails for all but the first; the others then read the complete file.
+    """
     if path.exists():
         return path.read_text().strip(), False
     key = generate_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+        os.link(tmp, path)
+    except FileExistsError:
+        return path.read_text().strip(), False
+    finally:
+        tmp.unlink(missing_ok=True)
     return key, True

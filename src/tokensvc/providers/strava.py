@@ -303,4 +303,4 @@ def _error_triples(response: httpx.Response) -> list[tuple[str, str, str]]:
 
 def _retry_after(response: httpx.Response) -> int | None:
     value = response.headers.get("retry-after", "")
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
