@@ -80,6 +80,21 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+async def wait_for_lock_waiter(database_url: str, deadline: float = 10.0) -> None:
+    """A bounded condition wait (Postgres offers no event for it): until a backend of this database waits on a
+    lock. Used to order a seeded race without guessing at sleeps."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        async with asyncio.timeout(deadline):
+            while True:
+                if await conn.fetchval(query):
+                    return
+                await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     """A migrated template database, cloned per test."""

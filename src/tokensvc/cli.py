@@ -31,10 +31,13 @@ def _fail(message: str) -> typer.Exit:
 
 def _load_settings() -> Settings:
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         problems = "; ".join(f"TOKENSVC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         raise _fail(f"invalid settings: {problems}") from exc
+    # Before anything logs: logs go to stderr, so stdout carries only a command's result.
+    tokensvc_logging.configure(settings.log_level)
+    return settings
 
 
 def _storage_settings() -> Settings:
@@ -68,7 +71,6 @@ def serve(
 ) -> None:
     """Run the HTTP service."""
     settings = _load_settings()
-    tokensvc_logging.configure(settings.log_level)
     try:
         prepared = prepare(settings, sandbox=sandbox, host=host, port=port)
     except ConfigError as exc:
@@ -112,7 +114,6 @@ API docs: {base}/docs
 def migrate_command() -> None:
     """Migrate the database to the newest schema (for a prestart step); safe to run from several replicas."""
     settings = _load_settings()
-    tokensvc_logging.configure(settings.log_level)
     asyncio.run(_migrate(settings.database_url))
     typer.echo("database is at the newest schema")
 
@@ -132,7 +133,6 @@ def import_tokens(
     Good lines are imported, each bad line is reported by number; exits 1 when any line was bad.
     """
     settings = _storage_settings()
-    tokensvc_logging.configure(settings.log_level)
     imported, failures = asyncio.run(_import_lines(settings, file.read_text(encoding="utf-8").splitlines()))
     for failure in failures:
         typer.echo(failure, err=True)
@@ -146,6 +146,7 @@ async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list
     from tokensvc.schemas import USER_ID_RE, TokenImport
 
     imported, failures = 0, []
+    await _migrate(settings.database_url)  # importing into a new database should just work
     async with open_resources(settings) as res:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -159,7 +160,7 @@ async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list
                 failures.append(f"line {number}: not a JSON object")
                 continue
             user_id = record.pop("user_id", None)
-            if not isinstance(user_id, str) or not USER_ID_RE.match(user_id):
+            if not isinstance(user_id, str) or not USER_ID_RE.fullmatch(user_id):
                 failures.append(f"line {number}: user_id must be 1..64 characters of [A-Za-z0-9._-]")
                 continue
             try:

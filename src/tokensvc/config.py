@@ -6,6 +6,7 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import structlog
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -110,7 +111,7 @@ def prepare(settings: Settings, *, sandbox: bool, host: str = "127.0.0.1", port:
     Raises ConfigError with a sentence naming what to set.
     """
     update: dict[str, object] = {}
-    public_url = (settings.public_url or f"http://{host}:{port}").rstrip("/")
+    public_url = (settings.public_url or f"http://{_reachable_host(host)}:{port}").rstrip("/")
     update["public_url"] = public_url
     if sandbox:
         update["strava_base_url"] = f"{public_url}/sandbox/strava"
@@ -133,6 +134,13 @@ def prepare(settings: Settings, *, sandbox: bool, host: str = "127.0.0.1", port:
             )
     update["encryption_keys"] = [SecretStr(k) for k in encryption_keys(settings)]
     return settings.model_copy(update=update)
+
+
+def _reachable_host(host: str) -> str:
+    """The listen address as a URL host: a wildcard means loopback; an IPv6 address goes in brackets."""
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def encryption_keys(settings: Settings) -> list[str]:
@@ -161,7 +169,12 @@ def encryption_keys(settings: Settings) -> list[str]:
 
 def sqlite_key_path(database_url: str) -> Path | None:
     """`./tokensvc.db` → `./tokensvc.db.key`; None for an in-memory database."""
-    location = make_url(database_url).database
+    url = make_url(database_url)
+    location = url.database
+    if location and location.startswith("file:") and url.query.get("uri") in ("true", "1"):
+        if "mode=memory" in location:
+            return None
+        location = urlsplit(location).path
     if not location or location == ":memory:" or location.startswith("file::memory:"):
         return None
     return Path(location).with_name(Path(location).name + ".key")

@@ -26,6 +26,16 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is at write time (test runners and CLIs swap it), not what it was at start-up."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "INFO", *, json: bool | None = None) -> None:
     """Set up structlog (and the stdlib root logger, for uvicorn and alembic) once per process."""
     as_json = not sys.stderr.isatty() if json is None else json
@@ -39,7 +49,7 @@ def configure(level: str = "INFO", *, json: bool | None = None) -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(levelname)s [%(name)s] %(message)s")

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user
+from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user, wait_for_lock_waiter
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
 from tokensvc.errors import (
@@ -187,7 +187,7 @@ class TestSeededRotationRace:
             rotated = sandbox.rotate_athlete(user.athlete_id)
             newer = user.with_pair(rotated)
             importing = asyncio.create_task(theirs.service.import_tokens(user.user_id, import_body(newer)))
-            await wait_until_blocked_on_a_lock(ours)
+            await wait_for_lock_waiter(pg_url)
             sandbox.gate.release()
             result = await refresh
             await importing
@@ -197,19 +197,6 @@ class TestSeededRotationRace:
         assert result.message == "Tokens were refreshed by another request"
         assert status.status is Status.VALID
         assert stored == rotated["refresh_token"]
-
-
-async def wait_until_blocked_on_a_lock(res: Resources, deadline: float = 10.0) -> None:
-    """A condition wait: until some backend of this database waits on a lock (bounded, polled)."""
-    query = sa.text(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    async with asyncio.timeout(deadline):
-        while True:
-            async with res.engine.connect() as conn:
-                if (await conn.execute(query)).scalar_one() > 0:
-                    return
-            await asyncio.sleep(0.01)
 
 
 class TestTransientFailures:

@@ -1,0 +1,104 @@
+"""Real processes for end-to-end tests: the sandbox and `tokensvc serve` replicas, talking HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+START_DEADLINE = 30.0
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        return self.popen.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The test's environment without any TOKENSVC_* setting that could leak in, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env | overrides
+
+
+def start_sandbox(log_dir: Path, *extra: str) -> Process:
+    """`python -m tokensvc.sandbox --port 0`, ready once it printed SANDBOX_READY."""
+    log = log_dir / "sandbox.log"
+    with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tokensvc.sandbox", "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            env=clean_env(),
+        )
+    assert popen.stdout is not None
+    # Blocking read of one line: the process prints it once it listens (or exits, which ends the read).
+    line = popen.stdout.readline().decode().strip()
+    if not line.startswith("SANDBOX_READY "):
+        popen.kill()
+        popen.wait()
+        popen.stdout.close()
+        raise RuntimeError(f"sandbox did not start: {line!r}; see {log}")
+    return Process("sandbox", popen, line.split(" ", 1)[1], log)
+
+
+def start_service(name: str, log_dir: Path, env: dict[str, str], *args: str) -> Process:
+    """`tokensvc serve` on a free port with `env` (TOKENSVC_* settings); call `wait_ready` before use."""
+    port = free_port()
+    log = log_dir / f"{name}.log"
+    full_env = clean_env(TOKENSVC_SWEEP_INTERVAL_SECONDS="0", **env)
+    with log.open("wb") as sink:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tokensvc", "serve", "--port", str(port), *args],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=log_dir,
+        )
+    return Process(name, popen, f"http://127.0.0.1:{port}", log, full_env)
+
+
+async def wait_ready(*processes: Process, deadline: float = START_DEADLINE) -> None:
+    """Until every process answers /healthz: retries connection errors only, within a deadline."""
+    async with httpx.AsyncClient(timeout=2) as http:
+        for process in processes:
+            async with asyncio.timeout(deadline):
+                while True:
+                    if process.popen.poll() is not None:
+                        raise RuntimeError(f"{process.name} exited: {process.log.read_text()[-2000:]}")
+                    try:
+                        if (await http.get(f"{process.url}/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.05)
