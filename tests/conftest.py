@@ -38,6 +38,16 @@ STRAVA_TEST_BASE = "http://strava.test"
 T0 = 1_800_000_000.0  # a fixed "now" (2027-01-15) so expiry arithmetic reads plainly
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In CI (TOKENSVC_REQUIRE_POSTGRES=1) a skipped Postgres test is a failure, not a quiet pass."""
+    report = yield
+    if REQUIRE_POSTGRES and report.skipped and item.get_closest_marker("postgres") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"Postgres test skipped in CI: {report.longrepr}"
+    return report
+
+
 class FakeClock:
     """Injected time: tests move it instead of sleeping."""
 

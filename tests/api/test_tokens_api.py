@@ -324,3 +324,24 @@ class TestProtocolEdges:
         for (path, method), statuses in expected.items():
             assert statuses <= set(paths[path][method]["responses"]), (path, method)
         assert (await client.get("/docs")).status_code == 200
+
+
+class TestDatabaseDown:
+    async def test_a_dead_database_is_503_with_retry_after_not_500(self) -> None:
+        """Readiness says 503, and API calls answer 503 `database_unavailable` with Retry-After."""
+        from asgi_lifespan import LifespanManager
+
+        from tests.conftest import make_settings
+        from tokensvc.app import create_app
+
+        app = create_app(make_settings("postgresql+asyncpg://postgres@127.0.0.1:9/nothing"))
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as http:
+                ready = await http.get("/readyz")
+                assert ready.status_code == 503
+                response = await http.get("/v1/users/u1/token-status")
+                assert_problem(response, 503, "database_unavailable")
+                assert response.headers["retry-after"]
+                assert (await http.get("/healthz")).status_code == 200

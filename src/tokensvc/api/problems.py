@@ -74,6 +74,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(PoolTimeoutError, _database_error)
+    # asyncpg raises the socket's own error when it cannot connect; nothing else in a request does I/O unwrapped.
+    app.add_exception_handler(OSError, _database_error)
     app.add_exception_handler(Exception, _unexpected)
 
 
