@@ -35,6 +35,7 @@ PG_ADMIN_URL = os.environ.get("TOKENSVC_TEST_POSTGRES_URL", "postgresql://postgr
 REQUIRE_POSTGRES = os.environ.get("TOKENSVC_REQUIRE_POSTGRES") == "1"
 API_KEY = "test-api-key"
 STRAVA_TEST_BASE = "http://strava.test"
+APP_ORIGIN = "http://app.test"  # the application's frontend, another origin than tokensvc's
 T0 = 1_800_000_000.0  # a fixed "now" (2027-01-15) so expiry arithmetic reads plainly
 
 
@@ -187,7 +188,9 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "api_keys": [SecretStr(API_KEY)],
         "encryption_keys": [SecretStr(generate_key())],
         "public_url": "http://tokensvc.test",
-        "session_secret": SecretStr("test-session-secret"),
+        "session_secret": SecretStr("test-session-secret-" + "x" * 32),
+        "redirect_allowlist": [APP_ORIGIN + "/dashboard"],
+        "cors_origins": [APP_ORIGIN],
     }
     return Settings(_env_file=None, **(values | overrides))
 

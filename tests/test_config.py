@@ -52,6 +52,7 @@ def strava_ready(**values: Any) -> Settings:
         "api_keys": "key-1",
         "encryption_keys": generate_key(),
         "database_url": DEFAULT_SQLITE_URL,
+        "session_secret": "session-secret-" + "s" * 32,
     }
     return settings(**(base | values))
 
@@ -236,9 +237,9 @@ class TestPrepareInSandbox:
 
     def test_sandbox_keeps_a_configured_session_secret(self) -> None:
         """An operator's session secret is not replaced."""
-        prepared = prepare(settings(encryption_keys=generate_key(), session_secret="fixed"), sandbox=True)
+        prepared = prepare(settings(encryption_keys=generate_key(), session_secret="fixed-" + "f" * 32), sandbox=True)
         assert prepared.session_secret is not None
-        assert prepared.session_secret.get_secret_value() == "fixed"
+        assert prepared.session_secret.get_secret_value() == "fixed-" + "f" * 32
 
     def test_sandbox_uses_the_configured_public_url_without_its_trailing_slash(self) -> None:
         """A public URL behind a proxy is the base of the emulator's URL too."""
@@ -429,3 +430,15 @@ class TestSqliteKeyPath:
         assert sqlite_key_path("sqlite+aiosqlite:///file:/var/lib/app.db?mode=rwc&uri=true") == Path(
             "/var/lib/app.db.key"
         )
+
+
+class TestSessionSecret:
+    def test_serving_without_a_session_secret_is_refused(self) -> None:
+        """Outside the sandbox, browser sessions and OAuth state need a secret shared by every replica."""
+        with pytest.raises(ConfigError, match="TOKENSVC_SESSION_SECRET"):
+            prepare(strava_ready(session_secret=None), sandbox=False)
+
+    def test_a_short_session_secret_is_refused(self) -> None:
+        """Placeholders such as `changeme` are not secrets: at least 32 characters."""
+        with pytest.raises(ValidationError, match="at least 32 characters"):
+            settings(session_secret="changeme")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -13,13 +15,16 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
-from tokensvc.api import health, problems, tokens
+from tokensvc.api import browser, health, oauth, problems, tokens
+from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.config import Settings
 from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
+from tokensvc.service.oauth import ConnectLinks, OAuthService
+from tokensvc.service.sessions import Sessions
 from tokensvc.service.tokens import Clock, TokenService
 
 log = structlog.get_logger(__name__)
@@ -30,6 +35,9 @@ class Resources:
     engine: AsyncEngine
     strava: StravaClient
     service: TokenService
+    links: ConnectLinks
+    oauth: OAuthService
+    sessions: Sessions
 
 
 @asynccontextmanager
@@ -48,6 +56,16 @@ async def open_resources(
         transport=strava_transport,
         clock=clock,
     )
+    # `prepare` guarantees a secret for `serve`; commands that serve no browser may sign with a throwaway one.
+    secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
+    links = ConnectLinks(
+        strava=strava,
+        secret=secret,
+        redirect_uri=f"{settings.public_url}/v1/oauth/strava/callback",
+        default_scopes=settings.scopes,
+        allowlist=settings.redirect_allowlist,
+        clock=clock,
+    )
     service = TokenService(
         engine=engine,
         cipher=TokenCipher([k.get_secret_value() for k in settings.encryption_keys]),
@@ -55,9 +73,12 @@ async def open_resources(
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
         lock_timeout_seconds=settings.lock_timeout_seconds,
+        authorize_url=links.for_user,
     )
+    oauth = OAuthService(links=links, tokens=service, strava=strava, engine=engine, clock=clock)
+    sessions = Sessions(secret, ttl_seconds=settings.session_ttl_seconds, clock=clock)
     try:
-        yield Resources(engine, strava, service)
+        yield Resources(engine, strava, service, links, oauth, sessions)
     finally:
         await service.aclose()
         await strava.aclose()
@@ -78,6 +99,9 @@ def create_app(
         async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:
             app.state.engine = res.engine
             app.state.token_service = res.service
+            app.state.connect_links = res.links
+            app.state.oauth_service = res.oauth
+            app.state.sessions = res.sessions
             log.info("service.started", strava_base_url=settings.strava_base_url, sandbox=sandbox)
             yield
         log.info("service.stopped")
@@ -90,9 +114,14 @@ def create_app(
     )
     app.state.settings = settings
     app.state.api_keys = ApiKeys([k.get_secret_value() for k in settings.api_keys])
+    cors_origins = [origin.rstrip("/") for origin in settings.cors_origins]
+    app.state.allowed_origins = frozenset([_origin_of(settings.public_url or ""), *cors_origins])
     problems.install(app)
     app.include_router(health.router)
     app.include_router(tokens.router)
+    app.include_router(oauth.service_router)
+    app.include_router(oauth.browser_router)
+    app.include_router(browser.router)
     if sandbox:
         from tokensvc.sandbox import create_sandbox_app
 
@@ -103,5 +132,11 @@ def create_app(
                 client_secret=settings.strava_client_secret.get_secret_value() if settings.strava_client_secret else "",
             ),
         )
+    app.add_middleware(BrowserCORS, origins=cors_origins)
     app.add_middleware(BodySizeLimit)
     return app
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"

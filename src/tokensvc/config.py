@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     refresh_buffer_seconds: int = 1800
     sweep_interval_seconds: int = Field(default=300, ge=0)
     session_secret: SecretStr | None = None
+    session_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=300, le=90 * 24 * 3600)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     redirect_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     strava_webhook_verify_token: SecretStr | None = None
@@ -61,6 +62,16 @@ class Settings(BaseSettings):
     def _buffer_in_range(cls, value: int) -> int:
         if not 60 <= value <= 3600:
             raise ValueError(f"TOKENSVC_REFRESH_BUFFER_SECONDS must be between 60 and 3600 seconds, got {value}")
+        return value
+
+    @field_validator("session_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "TOKENSVC_SESSION_SECRET must be at least 32 characters (e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`)"
+            )
         return value
 
     @field_validator("database_url")
@@ -133,6 +144,11 @@ def prepare(settings: Settings, *, sandbox: bool, host: str = "127.0.0.1", port:
                 "could use the service."
             )
     update["encryption_keys"] = [SecretStr(k) for k in encryption_keys(settings)]
+    if not sandbox and settings.session_secret is None:
+        raise ConfigError(
+            "Set TOKENSVC_SESSION_SECRET (at least 32 random characters, the same on every replica): it signs "
+            "browser sessions and the OAuth state of the Connect with Strava flow."
+        )
     return settings.model_copy(update=update)
 
 

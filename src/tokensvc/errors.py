@@ -93,3 +93,15 @@ class DatabaseUnavailable(TokenServiceError):
     def __init__(self, detail: str, *, retry_after: int = 5, **extra: Any) -> None:
         super().__init__(detail, **extra)
         self.retry_after = retry_after
+
+
+class OAuthCodeRejected(TokenServiceError):
+    code, status, title = "invalid_code", 400, "Strava rejected the authorization code"
+
+
+class Forbidden(TokenServiceError):
+    code, status, title = "forbidden_origin", 403, "Origin not allowed"
+
+
+class UnsupportedMediaType(TokenServiceError):
+    code, status, title = "unsupported_media_type", 415, "Unsupported media type"

@@ -64,3 +64,19 @@ sa.Index(
 )
 
 user_tokens: sa.Table = UserToken.__table__  # type: ignore[attr-defined]
+
+
+class OAuthStateUse(SQLModel, table=True):
+    """A consumed OAuth `state` nonce. States are signed and stateless until used; recording the use here (a
+    primary-key insert) is what makes each one single-use, even while it is young. Rows outlive the state's
+    ten minutes only until the next purge."""
+
+    __tablename__ = "oauth_state_uses"
+
+    nonce: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(max_length=64)
+    used_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: int = Field(sa_type=sa.BigInteger, index=True)
+
+
+oauth_state_uses: sa.Table = OAuthStateUse.__table__  # type: ignore[attr-defined]

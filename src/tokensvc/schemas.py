@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -84,3 +84,39 @@ class Problem(BaseModel):
     status: int
     detail: str
     code: str
+
+
+class ConnectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    redirect_to: str | None = Field(
+        default=None, max_length=2048, description="Where to send the browser afterwards; must be allow-listed"
+    )
+    scopes: list[Scope] | None = Field(default=None, max_length=16, description="Default TOKENSVC_STRAVA_SCOPES")
+    approval_prompt: Literal["auto", "force"] = "auto"
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _comma_string(cls, value: object) -> object:
+        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+
+class ConnectResponse(BaseModel):
+    authorize_url: str
+    state_expires_at: int = Field(description="Epoch seconds; the state is single-use and lives ten minutes")
+
+
+class SessionResponse(BaseModel):
+    session_token: str
+    expires_at: int
+    cookie_name: str
+
+
+class BrowserFailure(BaseModel):
+    """What the dashboard gets when it cannot have fresh tokens (the shape of the app it replaces)."""
+
+    success: bool = False
+    error: str
+    needs_reauth: bool
+    token_status: TokenStatus | None
+    authorize_url: str | None = None

@@ -29,6 +29,7 @@ def service_env(database_url: str, sandbox: Process, **extra: str) -> dict[str, 
         "TOKENSVC_API_KEYS": API_KEY,
         "TOKENSVC_ENCRYPTION_KEYS": generate_key(),
         "TOKENSVC_LOG_LEVEL": "INFO",
+        "TOKENSVC_SESSION_SECRET": "e2e-session-secret-" + "s" * 32,
         **extra,
     }
 

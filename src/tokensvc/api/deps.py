@@ -9,14 +9,62 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tokensvc.errors import Unauthorized
+from tokensvc.errors import Forbidden, Unauthorized, UnsupportedMediaType
 from tokensvc.schemas import USER_ID_PATTERN
+from tokensvc.service.oauth import ConnectLinks, OAuthService
+from tokensvc.service.sessions import COOKIE_NAME, Session, Sessions
 from tokensvc.service.tokens import TokenService
 
 
 def get_token_service(request: Request) -> TokenService:
     service: TokenService = request.app.state.token_service
     return service
+
+
+def get_oauth_service(request: Request) -> OAuthService:
+    service: OAuthService = request.app.state.oauth_service
+    return service
+
+
+def get_links(request: Request) -> ConnectLinks:
+    links: ConnectLinks = request.app.state.connect_links
+    return links
+
+
+def get_sessions(request: Request) -> Sessions:
+    sessions: Sessions = request.app.state.sessions
+    return sessions
+
+
+def optional_session(request: Request) -> Session | None:
+    """The browser's session, from the `tokensvc_session` cookie or an `Authorization: Bearer <session token>`.
+
+    A user id the browser sends in any other way is never trusted.
+    """
+    sessions: Sessions = request.app.state.sessions
+    session = sessions.verify(request.cookies.get(COOKIE_NAME))
+    if session is None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            session = sessions.verify(value.strip())
+    return session
+
+
+def require_session(session: Annotated[Session | None, Depends(optional_session)]) -> Session:
+    if session is None:
+        raise Unauthorized("a browser session is required: connect with Strava first, or have the app mint one")
+    return session
+
+
+def browser_post_guard(request: Request) -> None:
+    """Cross-site protection for cookie-authenticated POSTs: JSON only (415), and a known Origin (403)."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMediaType("send `Content-Type: application/json`")
+    origin = request.headers.get("origin")
+    allowed: frozenset[str] = request.app.state.allowed_origins
+    if origin is not None and origin.rstrip("/") not in allowed:
+        raise Forbidden("this origin may not call tokensvc's browser endpoints (see TOKENSVC_CORS_ORIGINS)")
 
 
 _bearer = HTTPBearer(auto_error=False, description="One of TOKENSVC_API_KEYS")
@@ -44,6 +92,11 @@ def require_api_key(
 
 
 TokenServiceDep = Annotated[TokenService, Depends(get_token_service)]
+OAuthServiceDep = Annotated[OAuthService, Depends(get_oauth_service)]
+LinksDep = Annotated[ConnectLinks, Depends(get_links)]
+SessionsDep = Annotated[Sessions, Depends(get_sessions)]
+OptionalSession = Annotated[Session | None, Depends(optional_session)]
+RequiredSession = Annotated[Session, Depends(require_session)]
 UserId = Annotated[
     str, Path(pattern=USER_ID_PATTERN, description="The application's own user id: 1..64 of [A-Za-z0-9._-]")
 ]

@@ -83,7 +83,8 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI declarations of the problem responses an endpoint can give."""
     described = {
         400: "Invalid OAuth state",
-        401: "Missing or wrong API key",
+        401: "Missing or wrong API key (service API) or session (browser)",
+        403: "Origin not allowed for a browser call",
         404: "Not found",
         409: "The user must (re)connect with Strava (`tokens_missing` or `reauth_required`)",
         413: "Request body over 64 KiB",

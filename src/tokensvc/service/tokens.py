@@ -158,6 +158,17 @@ class TokenService:
         log.info("token.imported", user_id=user_id, expires_at=row.expires_at, version=row.version)
         return self._status(user_id, row)
 
+    async def store_grant(self, user_id: str, grant: TokenGrant, *, scopes: Sequence[str]) -> TokenStatus:
+        """Store a connect's first pair (one transaction; clears `needs_reauth`, waits for an in-flight refresh)."""
+        if grant.refresh_token is None:
+            raise ProviderUnavailable("Strava's code exchange returned no refresh token", retry_after=5)
+        tokens = self._encrypt_grant(user_id, grant)
+        async with self._engine.begin() as conn:
+            row = await store.upsert(
+                conn, user_id, tokens, athlete_id=grant.athlete_id, scopes=list(scopes), now=self._now_dt()
+            )
+        return self._status(user_id, row)
+
     async def refresh(self, user_id: str, *, force: bool = False, trigger: str = "api") -> RefreshResult:
         """Refresh if due (or `force`), sharing any refresh already in flight for this user.
 

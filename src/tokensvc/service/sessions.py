@@ -1,0 +1,38 @@
+"""Browser sessions: a signed, expiring token bound to one user, carried in the `tokensvc_session` cookie."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokensvc.schemas import USER_ID_RE
+from tokensvc.service.signing import Clock, SignedTokens
+
+COOKIE_NAME = "tokensvc_session"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    user_id: str
+    expires_at: int
+
+
+class Sessions:
+    """Mints and verifies sessions. The user id comes only from a verified session, never from the browser."""
+
+    def __init__(self, secret: str, *, ttl_seconds: int, clock: Clock) -> None:
+        self._tokens = SignedTokens(secret, purpose="session", max_age=ttl_seconds, clock=clock)
+        self.ttl_seconds = ttl_seconds
+
+    def mint(self, user_id: str) -> tuple[str, Session]:
+        token, expires_at = self._tokens.dumps({"u": user_id})
+        return token, Session(user_id, expires_at)
+
+    def verify(self, token: str | None) -> Session | None:
+        """The session a token proves, or None (missing, forged, expired, or not a session)."""
+        if not token:
+            return None
+        payload = self._tokens.loads(token)
+        user_id = payload.get("u") if payload else None
+        if payload is None or not isinstance(user_id, str) or not USER_ID_RE.fullmatch(user_id):
+            return None
+        return Session(user_id, payload["_expires_at"])
