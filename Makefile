@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format
+.PHONY: install run test lint format example
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,8 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix src tests bench alembic
 	$(BIN)/ruff format src tests bench alembic
+
+## Build the React dashboard example (examples/react/dist); the browser test also builds it when it is stale
+example:
+	cd examples/react && if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+	cd examples/react && npm run build

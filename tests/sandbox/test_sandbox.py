@@ -710,3 +710,28 @@ class TestStandalone:
             if process.returncode is None:
                 process.terminate()
             await asyncio.wait_for(process.wait(), timeout=30)
+
+
+class TestNextGrant:
+    async def test_only_the_next_code_exchange_gets_the_short_lifetime(self, client: httpx.AsyncClient) -> None:
+        """`/_control/next-grant` shortens the next exchange's token once; later grants and refreshes are normal."""
+        response = await client.post("/_control/next-grant", json={"expires_in": 600})
+        assert response.status_code == 200
+        assert response.json() == {"expires_in": 600}
+        short = await connect(client)
+        assert (short["expires_in"], short["expires_at"]) == (600, START + 600)
+        refreshed = (await refresh(client, short["refresh_token"])).json()
+        assert refreshed["expires_in"] == 21600
+        assert refreshed["access_token"] != short["access_token"]
+        later = await connect(client)
+        assert later["expires_in"] == 21600
+
+    async def test_a_failed_exchange_does_not_use_it_up_and_reset_forgets_it(self, client: httpx.AsyncClient) -> None:
+        """A rejected code leaves the knob armed for the next good exchange; a reset disarms it."""
+        await client.post("/_control/next-grant", json={"expires_in": 60})
+        assert (await exchange(client, "0" * 40)).status_code == 400
+        assert (await connect(client))["expires_in"] == 60
+        await client.post("/_control/next-grant", json={"expires_in": 60})
+        await client.post("/_control/reset")
+        assert (await connect(client))["expires_in"] == 21600
+        assert (await client.post("/_control/next-grant", json={})).status_code == 422

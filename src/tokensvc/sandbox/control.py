@@ -34,6 +34,12 @@ class Expiry(BaseModel):
     expires_at: int
 
 
+class NextGrant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expires_in: int
+
+
 class Hold(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -88,6 +94,12 @@ def control_router(state: SandboxState) -> APIRouter:
     async def revoke(athlete_id: int) -> AthleteSnapshot:
         known(athlete_id)
         return state.revoke(athlete_id)
+
+    @router.post("/next-grant")
+    async def next_grant(body: NextGrant) -> NextGrant:
+        """The next code exchange (one-shot) issues an access token expiring in `expires_in` seconds."""
+        state.set_next_grant(body.expires_in)
+        return body
 
     @router.get("/stats")
     async def stats() -> dict[str, Any]:

@@ -177,6 +177,7 @@ class SandboxState:
         self._refresh: dict[str, _RefreshToken] = {}
         self._codes: dict[str, _Code] = {}
         self._next_id = FIRST_ATHLETE_ID
+        self._next_grant_expires_in: int | None = None
         self.reset()
 
     def now(self) -> int:
@@ -189,6 +190,7 @@ class SandboxState:
         self.violations = []
         self._athletes, self._access, self._refresh, self._codes = {}, {}, {}, {}
         self._next_id = FIRST_ATHLETE_ID
+        self._next_grant_expires_in = None
         self.faults.clear()
         self.gate.release()
         self.rate.reset()
@@ -235,7 +237,9 @@ class SandboxState:
         if now >= record.expires_at:
             raise errors.expired_code()
         record.used = True
-        athlete = self._connect(record.athlete_id, record.scope, now + ACCESS_TOKEN_LIFETIME)
+        lifetime = ACCESS_TOKEN_LIFETIME if self._next_grant_expires_in is None else self._next_grant_expires_in
+        self._next_grant_expires_in = None
+        athlete = self._connect(record.athlete_id, record.scope, now + lifetime)
         logger.info("code exchanged for athlete %d", athlete.id)
         return self._token_response(athlete, now, with_athlete=True)
 
@@ -300,6 +304,13 @@ class SandboxState:
             "expires_at": athlete.access.expires_at,
             "scope": athlete.scope,
         }
+
+    def set_next_grant(self, expires_in: int) -> None:
+        """Make the next successful code exchange (only that one) issue an access token living `expires_in` seconds.
+
+        Lets a browser test connect a user whose token is already inside tokensvc's refresh buffer.
+        """
+        self._next_grant_expires_in = expires_in
 
     def snapshot(self, athlete_id: int) -> AthleteSnapshot:
         """The athlete's newest pair in clear text, plus what tests need to judge it."""

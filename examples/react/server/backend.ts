@@ -1,0 +1,191 @@
+/**
+ * The example app's own backend, as a Vite plugin: the only place that holds the tokensvc API key.
+ *
+ * It adds three routes to both `vite` (dev) and `vite preview`:
+ *   GET  /api/config   → { tokensvc_url }             read at run time, so one build serves any tokensvc
+ *   POST /api/connect  → { authorize_url }            tokensvc's POST /v1/users/{id}/connect, with the API key
+ *   POST /api/sync     → { athlete, synced_at }       fetches a fresh access token from tokensvc and calls Strava
+ *
+ * In a real application these live in your server, and the user id comes from your own login session.
+ * Here the page passes `?user=` along, because the example has no login of its own.
+ */
+import type { IncomingMessage, ServerResponse } from 'node:http'
+
+import type { Connect, Plugin } from 'vite'
+
+export interface BackendConfig {
+  tokensvcUrl: string
+  apiKey: string
+  stravaApiUrl: string
+}
+
+const USER_ID = /^[A-Za-z0-9._-]{1,64}$/
+const MAX_BODY_BYTES = 16 * 1024
+const UPSTREAM_TIMEOUT_MS = 15_000
+
+export function configFromEnv(env: NodeJS.ProcessEnv = process.env): BackendConfig {
+  const tokensvcUrl = (env.TOKENSVC_URL ?? 'http://127.0.0.1:8000').replace(/\/+$/, '')
+  return {
+    tokensvcUrl,
+    apiKey: env.TOKENSVC_API_KEY ?? 'sandbox-key',
+    // `tokensvc serve --sandbox` serves the Strava emulator's API here; point it at
+    // https://www.strava.com/api/v3 when tokensvc talks to the real Strava.
+    stravaApiUrl: (env.STRAVA_API_URL ?? `${tokensvcUrl}/sandbox/strava/api/v3`).replace(/\/+$/, ''),
+  }
+}
+
+class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly extra: Record<string, unknown> = {},
+  ) {
+    super(message)
+  }
+}
+
+function send(res: ServerResponse, status: number, body: unknown): void {
+  res.statusCode = status
+  res.setHeader('Content-Type', 'application/json')
+  res.setHeader('Cache-Control', 'no-store')
+  res.end(JSON.stringify(body))
+}
+
+async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
+  if (!(req.headers['content-type'] ?? '').startsWith('application/json')) {
+    throw new HttpError(415, 'send Content-Type: application/json')
+  }
+  const chunks: Buffer[] = []
+  let size = 0
+  for await (const chunk of req) {
+    const buffer = chunk as Buffer
+    size += buffer.length
+    if (size > MAX_BODY_BYTES) throw new HttpError(413, 'request body too large')
+    chunks.push(buffer)
+  }
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'))
+  } catch {
+    throw new HttpError(400, 'the body is not JSON')
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+    throw new HttpError(400, 'the body must be a JSON object')
+  }
+  return parsed as Record<string, unknown>
+}
+
+function userIdOf(body: Record<string, unknown>): string {
+  const userId = body.user_id
+  if (typeof userId !== 'string' || !USER_ID.test(userId)) {
+    throw new HttpError(422, 'user_id must be 1..64 characters of [A-Za-z0-9._-]')
+  }
+  return userId
+}
+
+/** A call to tokensvc's service API with the key; turns transport failures and problem+json into HttpErrors. */
+async function tokensvc(config: BackendConfig, path: string, init: RequestInit = {}): Promise<Response> {
+  let response: Response
+  try {
+    response = await fetch(`${config.tokensvcUrl}${path}`, {
+      ...init,
+      headers: {
+        Authorization: `Bearer ${config.apiKey}`,
+        Accept: 'application/json',
+        ...(init.body === undefined ? {} : { 'Content-Type': 'application/json' }),
+      },
+      signal: AbortSignal.timeout(UPSTREAM_TIMEOUT_MS),
+    })
+  } catch {
+    throw new HttpError(502, `tokensvc is not reachable at ${config.tokensvcUrl}`)
+  }
+  if (!response.ok) {
+    const problem = (await response.json().catch(() => ({}))) as { detail?: unknown; code?: unknown }
+    const detail = typeof problem.detail === 'string' ? problem.detail : `tokensvc answered ${response.status}`
+    // 409 reauth_required is the user's to fix (reconnect); anything else is this backend's upstream failing.
+    if (response.status === 409) throw new HttpError(409, detail, { needs_reauth: problem.code === 'reauth_required' })
+    throw new HttpError(502, detail)
+  }
+  return response
+}
+
+async function connect(config: BackendConfig, req: IncomingMessage): Promise<unknown> {
+  const body = await readJson(req)
+  const userId = userIdOf(body)
+  const redirectTo = body.redirect_to
+  if (redirectTo !== undefined && typeof redirectTo !== 'string') {
+    throw new HttpError(422, 'redirect_to must be a string')
+  }
+  const response = await tokensvc(config, `/v1/users/${userId}/connect`, {
+    method: 'POST',
+    body: JSON.stringify(redirectTo === undefined ? {} : { redirect_to: redirectTo }),
+  })
+  const { authorize_url } = (await response.json()) as { authorize_url: string }
+  return { authorize_url }
+}
+
+async function sync(config: BackendConfig, req: IncomingMessage): Promise<unknown> {
+  const userId = userIdOf(await readJson(req))
+  // tokensvc hands out a token that lives at least five more minutes, refreshing first when needed.
+  const tokenResponse = await tokensvc(config, `/v1/users/${userId}/access-token?min_ttl=300`)
+  const { access_token: accessToken } = (await tokenResponse.json()) as { access_token: string }
+  let strava: Response
+  try {
+    strava = await fetch(`${config.stravaApiUrl}/athlete`, {
+      headers: { Authorization: `Bearer ${accessToken}` },
+      signal: AbortSignal.timeout(UPSTREAM_TIMEOUT_MS),
+    })
+  } catch {
+    throw new HttpError(502, 'Strava is not reachable')
+  }
+  if (!strava.ok) throw new HttpError(502, `Strava answered ${strava.status}`)
+  const athlete = (await strava.json()) as { id: number; firstname?: string; lastname?: string }
+  // Only what the page shows goes back to the browser: never the token.
+  return {
+    athlete: { id: athlete.id, name: [athlete.firstname, athlete.lastname].filter(Boolean).join(' ') },
+    synced_at: new Date().toISOString(),
+  }
+}
+
+export function backendMiddleware(config: BackendConfig): Connect.NextHandleFunction {
+  const routes: Record<string, (req: IncomingMessage) => Promise<unknown>> = {
+    'GET /api/config': async () => ({ tokensvc_url: config.tokensvcUrl }),
+    'POST /api/connect': (req) => connect(config, req),
+    'POST /api/sync': (req) => sync(config, req),
+  }
+  return (req, res, next) => {
+    const path = (req.url ?? '/').split('?', 1)[0]
+    const route = routes[`${req.method ?? 'GET'} ${path}`]
+    if (route === undefined) {
+      if (path?.startsWith('/api/')) {
+        send(res, 404, { error: 'no such route' })
+        return
+      }
+      next()
+      return
+    }
+    route(req).then(
+      (body) => send(res, 200, body),
+      (error: unknown) => {
+        if (error instanceof HttpError) {
+          send(res, error.status, { error: error.message, ...error.extra })
+        } else {
+          console.error('[example backend]', error)
+          send(res, 500, { error: 'internal error' })
+        }
+      },
+    )
+  }
+}
+
+export function tokensvcBackend(): Plugin {
+  return {
+    name: 'tokensvc-example-backend',
+    configureServer(server) {
+      server.middlewares.use(backendMiddleware(configFromEnv()))
+    },
+    configurePreviewServer(server) {
+      server.middlewares.use(backendMiddleware(configFromEnv()))
+    },
+  }
+}

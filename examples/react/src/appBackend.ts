@@ -1,0 +1,55 @@
+/**
+ * Calls to the app's own backend (server/backend.ts), which holds the tokensvc API key.
+ *
+ * The example has no login, so the user is `?user=<id>` (default `demo-user`). A real app's backend takes the user
+ * from its own session and ignores any id the browser sends.
+ */
+export function currentUserId(): string {
+  return new URLSearchParams(window.location.search).get('user') || 'demo-user'
+}
+
+export interface SyncResult {
+  athlete: { id: number; name: string }
+  synced_at: string
+}
+
+export class AppBackendError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly needsReauth = false,
+  ) {
+    super(message)
+  }
+}
+
+async function post<T>(path: string, body: unknown): Promise<T> {
+  const response = await fetch(path, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify(body),
+  })
+  const payload = (await response.json().catch(() => ({}))) as { error?: string; needs_reauth?: boolean }
+  if (!response.ok) {
+    throw new AppBackendError(
+      response.status,
+      payload.error ?? `${path} answered ${response.status}`,
+      payload.needs_reauth,
+    )
+  }
+  return payload as T
+}
+
+/** Strava's consent URL for the current user, from tokensvc via the app's backend. */
+export async function startConnect(redirectTo: string): Promise<string> {
+  const { authorize_url } = await post<{ authorize_url: string }>('/api/connect', {
+    user_id: currentUserId(),
+    redirect_to: redirectTo,
+  })
+  return authorize_url
+}
+
+/** The app's "sync": its backend gets a fresh access token from tokensvc and reads the athlete from Strava. */
+export function syncNow(): Promise<SyncResult> {
+  return post<SyncResult>('/api/sync', { user_id: currentUserId() })
+}
