@@ -191,6 +191,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "session_secret": SecretStr("test-session-secret-" + "x" * 32),
         "redirect_allowlist": [APP_ORIGIN + "/dashboard"],
         "cors_origins": [APP_ORIGIN],
+        "sweep_interval_seconds": 0,  # tests sweep when they mean to (sweep_once), not on a timer
     }
     return Settings(_env_file=None, **(values | overrides))
 

@@ -203,8 +203,8 @@ class TestMigrateOnSqlite:
         conn = sqlite3.connect(db)
         with conn:
             conn.execute(
-                "INSERT INTO user_tokens (user_id, expires_at, scopes, created_at, updated_at, version) "
-                "VALUES ('kept', 1, '', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 1)"
+                "INSERT INTO user_tokens (user_id, expires_at, scopes, created_at, updated_at, version, sweep_at, "
+                "failure_count) VALUES ('kept', 1, '', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 1, 1, 0)"
             )
         conn.close()
 

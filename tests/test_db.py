@@ -50,33 +50,39 @@ class TestMigrations:
 
 
 class TestDueQueryPlan:
-    async def test_who_is_due_is_an_index_range_scan_on_postgres(self, pg_url: str) -> None:
-        """With many users, the due query reads ix_user_tokens_due, not the whole table."""
-        settings = make_settings(pg_url)
-        engine = make_engine(settings.database_url)
+    async def plan(self, pg_url: str, query: str | sa.Select[str]) -> str:
+        """EXPLAIN `query` over 20,000 users of whom a few are due."""
+        engine = make_engine(make_settings(pg_url).database_url)
         try:
             async with engine.begin() as conn:
                 await conn.execute(
                     sa.text(
-                        "INSERT INTO user_tokens (user_id, expires_at, scopes, created_at, updated_at, version) "
-                        "SELECT 'u' || g, 1800000000 + g, '', now(), now(), 1 FROM generate_series(1, 20000) g"
+                        "INSERT INTO user_tokens (user_id, expires_at, sweep_at, failure_count, scopes, created_at, "
+                        "updated_at, version) SELECT 'u' || g, 1800000000 + g, 1800000000 + g - 1800, 0, '', now(), "
+                        "now(), 1 FROM generate_series(1, 20000) g"
                     )
                 )
                 await conn.execute(sa.text("ANALYZE user_tokens"))
-                plan = (
-                    (
-                        await conn.execute(
-                            sa.text(
-                                "EXPLAIN SELECT user_id FROM user_tokens WHERE reauth_reason IS NULL "
-                                "AND expires_at <= 1800000100 ORDER BY expires_at LIMIT 100"
-                            )
-                        )
-                    )
-                    .scalars()
-                    .all()
-                )
+                if not isinstance(query, str):
+                    query = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+                return "\n".join((await conn.execute(sa.text("EXPLAIN " + query))).scalars().all())
         finally:
             await engine.dispose()
-        text = "\n".join(plan)
-        assert "ix_user_tokens_due" in text, text
-        assert "Seq Scan" not in text, text
+
+    async def test_listing_by_expiry_is_an_index_range_scan_on_postgres(self, pg_url: str) -> None:
+        """The expiry listing reads ix_user_tokens_due, not the whole table."""
+        plan = await self.plan(
+            pg_url,
+            "SELECT user_id FROM user_tokens WHERE reauth_reason IS NULL AND expires_at <= 1800000100 "
+            "ORDER BY expires_at LIMIT 100",
+        )
+        assert "ix_user_tokens_due" in plan, plan
+        assert "Seq Scan" not in plan, plan
+
+    async def test_the_sweepers_claim_is_an_index_range_scan_on_postgres(self, pg_url: str) -> None:
+        """The sweeper's claim (the statement `store.claim_due` sends) reads ix_user_tokens_sweep."""
+        from tokensvc.store.tokens import due_statement
+
+        plan = await self.plan(pg_url, due_statement(now=1798200100, limit=100))
+        assert "ix_user_tokens_sweep" in plan, plan
+        assert "Seq Scan" not in plan, plan

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
-from tokensvc.api import browser, health, oauth, problems, tokens
+from tokensvc.api import browser, health, oauth, operations, problems, tokens
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys
 from tokensvc.api.limits import BodySizeLimit
@@ -24,7 +24,9 @@ from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
 from tokensvc.service.oauth import ConnectLinks, OAuthService
+from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.sessions import Sessions
+from tokensvc.service.sweeper import Sweeper
 from tokensvc.service.tokens import Clock, TokenService
 
 log = structlog.get_logger(__name__)
@@ -35,6 +37,8 @@ class Resources:
     engine: AsyncEngine
     strava: StravaClient
     service: TokenService
+    budget: RateBudget
+    sweeper: Sweeper
     links: ConnectLinks
     oauth: OAuthService
     sessions: Sessions
@@ -66,8 +70,11 @@ async def open_resources(
         allowlist=settings.redirect_allowlist,
         clock=clock,
     )
+    limit_15min, limit_daily = settings.rate_limits
+    budget = RateBudget(engine, limit_15min=limit_15min, limit_daily=limit_daily, clock=clock)
     service = TokenService(
         engine=engine,
+        budget=budget,
         cipher=TokenCipher([k.get_secret_value() for k in settings.encryption_keys]),
         strava=strava,
         clock=clock,
@@ -77,9 +84,19 @@ async def open_resources(
     )
     oauth = OAuthService(links=links, tokens=service, strava=strava, engine=engine, clock=clock)
     sessions = Sessions(secret, ttl_seconds=settings.session_ttl_seconds, clock=clock)
+    sweeper = Sweeper(
+        engine=engine,
+        tokens=service,
+        clock=clock,
+        concurrency=settings.sweep_concurrency,
+        batch_size=settings.sweep_batch_size,
+        lease_seconds=settings.sweep_lease_seconds,
+        interval_seconds=settings.sweep_interval_seconds,
+    )
     try:
-        yield Resources(engine, strava, service, links, oauth, sessions)
+        yield Resources(engine, strava, service, budget, sweeper, links, oauth, sessions)
     finally:
+        await sweeper.stop()
         await service.aclose()
         await strava.aclose()
         await engine.dispose()
@@ -91,8 +108,10 @@ def create_app(
     sandbox: bool = False,
     clock: Clock = time.time,
     strava_transport: httpx.AsyncBaseTransport | None = None,
+    run_sweeper: bool = True,
 ) -> FastAPI:
-    """Build the ASGI app from prepared settings (see `config.prepare`)."""
+    """Build the ASGI app from prepared settings (see `config.prepare`). The background sweeper runs when
+    `run_sweeper` and TOKENSVC_SWEEP_INTERVAL_SECONDS > 0."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +121,9 @@ def create_app(
             app.state.connect_links = res.links
             app.state.oauth_service = res.oauth
             app.state.sessions = res.sessions
+            app.state.sweeper = res.sweeper
+            if run_sweeper:
+                res.sweeper.start()
             log.info("service.started", strava_base_url=settings.strava_base_url, sandbox=sandbox)
             yield
         log.info("service.stopped")
@@ -119,6 +141,7 @@ def create_app(
     problems.install(app)
     app.include_router(health.router)
     app.include_router(tokens.router)
+    app.include_router(operations.router)
     app.include_router(oauth.service_router)
     app.include_router(oauth.browser_router)
     app.include_router(browser.router)

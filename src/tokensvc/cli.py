@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from pydantic import SecretStr, ValidationError
 from tokensvc import logging as tokensvc_logging
 from tokensvc.config import ConfigError, Settings, encryption_keys, prepare
 from tokensvc.crypto import generate_key
+from tokensvc.service.sweeper import SweepReport
 
 app = typer.Typer(
     name="tokensvc",
@@ -116,6 +118,40 @@ def migrate_command() -> None:
     settings = _load_settings()
     asyncio.run(_migrate(settings.database_url))
     typer.echo("database is at the newest schema")
+
+
+@app.command("refresh-due")
+def refresh_due() -> None:
+    """Refresh every user that is due now (for cron or a cloud scheduler); exits 1 when any refresh failed.
+
+    Uses the same bounded concurrency, rate budget and exactly-once rules as the service's own sweeper, so it is
+    safe to run while replicas are serving.
+    """
+    settings = _storage_settings()
+    if not settings.strava_client_id or settings.strava_client_secret is None:
+        raise _fail("set TOKENSVC_STRAVA_CLIENT_ID and TOKENSVC_STRAVA_CLIENT_SECRET: refreshing calls Strava")
+    report = asyncio.run(_refresh_due(settings, show_progress=sys.stdout.isatty()))
+    typer.echo(
+        f"checked {report.checked}, refreshed {report.refreshed}, failed {report.failed}, "
+        f"needs_reauth {report.needs_reauth}"
+    )
+    if report.failed:
+        raise typer.Exit(code=1)
+
+
+async def _refresh_due(settings: Settings, *, show_progress: bool) -> SweepReport:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tokensvc.app import open_resources
+
+    async with open_resources(settings) as res:
+        if not show_progress:
+            return await res.sweeper.sweep_once()
+        total = await res.sweeper.count_due()
+        columns = (TextColumn("refreshing due users"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, transient=True) as progress:
+            bar = progress.add_task("sweep", total=total)
+            return await res.sweeper.sweep_once(progress=lambda n: progress.advance(bar, n))
 
 
 @app.command("gen-key")

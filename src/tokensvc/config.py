@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     refresh_buffer_seconds: int = 1800
     sweep_interval_seconds: int = Field(default=300, ge=0)
+    sweep_concurrency: int = Field(default=10, ge=1, le=200)
+    sweep_batch_size: int = Field(default=100, ge=1, le=5000)
+    # Must outlive a refresh (Strava timeout + lock wait): a claim this old is taken to be abandoned.
+    sweep_lease_seconds: int = Field(default=300, ge=60)
+    strava_rate_limit: str = Field(default="200,2000", pattern=r"^\s*\d+\s*,\s*\d+\s*$")
     session_secret: SecretStr | None = None
     session_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=300, le=90 * 24 * 3600)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -49,7 +54,9 @@ class Settings(BaseSettings):
     notify_url: str | None = None
     notify_secret: SecretStr | None = None
     log_level: str = "INFO"
-    db_pool_size: int = Field(default=20, ge=1, le=500)
+    # Each process opens at most twice this many Postgres connections; replicas x 2 x this must stay under the
+    # server's max_connections (100 by default).
+    db_pool_size: int = Field(default=10, ge=1, le=500)
     # Row-lock wait for a refresh: longer than one Strava call, so a waiter outlives the holder's HTTP timeout.
     lock_timeout_seconds: float = Field(default=30.0, gt=0)
 
@@ -87,6 +94,12 @@ class Settings(BaseSettings):
                 "so that a caller waiting for a refresh outlives the refresh's own HTTP call"
             )
         return self
+
+    @property
+    def rate_limits(self) -> tuple[int, int]:
+        """(15-minute, daily) Strava call budget."""
+        fifteen, daily = (int(part) for part in self.strava_rate_limit.split(","))
+        return fifteen, daily
 
     @property
     def is_sqlite(self) -> bool:

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 MIGRATION_LOCK_KEY = 0x746F6B656E737663  # "tokensvc"
 
 
-def make_engine(url: str, *, pool_size: int = 20, lock_timeout_seconds: float = 30.0) -> AsyncEngine:
+def make_engine(url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 30.0) -> AsyncEngine:
     """An async engine tuned per dialect (SQLite: WAL and a busy timeout; Postgres: a sized pool)."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": lock_timeout_seconds})

@@ -66,7 +66,13 @@ class ProviderUnavailable(TokenServiceError):
 
 
 class ProviderRateLimited(ProviderUnavailable):
+    """Strava answered 429 (`from_strava`), or our shared budget is spent or paused."""
+
     code, title = "provider_rate_limited", "Strava rate limit reached"
+
+    def __init__(self, detail: str, *, retry_after: int | None = None, from_strava: bool = False, **extra: Any) -> None:
+        super().__init__(detail, retry_after=retry_after or 900, **extra)
+        self.from_strava = from_strava
 
 
 class ProviderMisconfigured(ProviderUnavailable):

@@ -53,6 +53,11 @@ class UserToken(SQLModel, table=True):
     updated_at: datetime = Field(sa_type=UTCDateTime)
     # Bumped by every write: a refresh writes only if the row is still the version it read.
     version: int = Field(default=1)
+    # When the background sweeper may next try this user (epoch seconds): inside the buffer with a per-user jitter
+    # after a write, a short lease while a replica works on it, later after a transient failure (backoff).
+    sweep_at: int = Field(sa_type=sa.BigInteger)
+    failure_count: int = Field(default=0)
+    last_error: str | None = Field(default=None, max_length=64)
 
 
 # "Who is due" is a range scan on expiry over the users that can still be refreshed.
@@ -63,7 +68,32 @@ sa.Index(
     sqlite_where=sa.text("reauth_reason IS NULL"),
 )
 
+# "Whom should the sweeper take next" is a range scan too, over the same users.
+sa.Index(
+    "ix_user_tokens_sweep",
+    UserToken.__table__.c.sweep_at,  # type: ignore[attr-defined]
+    postgresql_where=sa.text("reauth_reason IS NULL"),
+    sqlite_where=sa.text("reauth_reason IS NULL"),
+)
+
 user_tokens: sa.Table = UserToken.__table__  # type: ignore[attr-defined]
+
+
+class StravaRateBudget(SQLModel, table=True):
+    """The one row every replica draws Strava calls from: usage in the current 15-minute and daily windows, and a
+    pause set by a 429 that holds every replica back until it ends."""
+
+    __tablename__ = "strava_rate_budget"
+
+    id: int = Field(primary_key=True)
+    window_start: int = Field(default=0, sa_type=sa.BigInteger)
+    window_used: int = Field(default=0)
+    day_start: int = Field(default=0, sa_type=sa.BigInteger)
+    day_used: int = Field(default=0)
+    paused_until: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+strava_rate_budget: sa.Table = StravaRateBudget.__table__  # type: ignore[attr-defined]
 
 
 class OAuthStateUse(SQLModel, table=True):

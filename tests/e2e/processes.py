@@ -76,7 +76,7 @@ def start_service(name: str, log_dir: Path, env: dict[str, str], *args: str) -> 
     """`tokensvc serve` on a free port with `env` (TOKENSVC_* settings); call `wait_ready` before use."""
     port = free_port()
     log = log_dir / f"{name}.log"
-    full_env = clean_env(TOKENSVC_SWEEP_INTERVAL_SECONDS="0", **env)
+    full_env = clean_env(**({"TOKENSVC_SWEEP_INTERVAL_SECONDS": "0"} | env))
     with log.open("wb") as sink:
         popen = subprocess.Popen(
             [sys.executable, "-m", "tokensvc", "serve", "--port", str(port), *args],
@@ -102,3 +102,21 @@ async def wait_ready(*processes: Process, deadline: float = START_DEADLINE) -> N
                     except httpx.TransportError:
                         pass
                     await asyncio.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_cli(*args: str, env: dict[str, str], deadline: float = 60) -> Completed:
+    """`python -m tokensvc ARGS` to completion, without blocking the event loop."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokensvc", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    async with asyncio.timeout(deadline):
+        stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return Completed(process.returncode, stdout.decode(), stderr.decode())

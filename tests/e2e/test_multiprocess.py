@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import wait_for_lock_waiter
+from tests.e2e.conftest import sandbox_stats, seed_user, service_env
 from tests.e2e.processes import Process, start_service, wait_ready
-from tokensvc.crypto import generate_key
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-API_KEY = "e2e-key"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def service_env(database_url: str, sandbox: Process, **extra: str) -> dict[str, str]:
-    return {
-        "TOKENSVC_DATABASE_URL": database_url,
-        "TOKENSVC_STRAVA_BASE_URL": sandbox.url,
-        "TOKENSVC_STRAVA_CLIENT_ID": "sandbox-client",
-        "TOKENSVC_STRAVA_CLIENT_SECRET": "sandbox-secret",
-        "TOKENSVC_API_KEYS": API_KEY,
-        "TOKENSVC_ENCRYPTION_KEYS": generate_key(),
-        "TOKENSVC_LOG_LEVEL": "INFO",
-        "TOKENSVC_SESSION_SECRET": "e2e-session-secret-" + "s" * 32,
-        **extra,
-    }
 
 
 @pytest.fixture
@@ -42,27 +24,6 @@ def replicas(empty_pg_url: str, sandbox_process: Process, tmp_path: Path) -> Ite
     yield processes
     for process in processes:
         process.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-    async with httpx.AsyncClient(timeout=60, limits=limits, headers=AUTH) as client:
-        yield client
-
-
-async def seed_user(http: httpx.AsyncClient, sandbox: Process, replica: Process, user_id: str, expires_in: int) -> Any:
-    athlete = (await http.post(f"{sandbox.url}/_control/athletes", json={"expires_in": expires_in})).json()
-    response = await http.put(
-        f"{replica.url}/v1/users/{user_id}/tokens",
-        json={k: athlete[k] for k in ("access_token", "refresh_token", "expires_at", "athlete_id")},
-    )
-    assert response.status_code == 200, response.text
-    return athlete
-
-
-async def sandbox_stats(http: httpx.AsyncClient, sandbox: Process) -> Any:
-    return (await http.get(f"{sandbox.url}/_control/stats")).json()
 
 
 def assert_no_token_in_logs(processes: list[Process], tokens: list[str]) -> None:
@@ -86,7 +47,7 @@ class TestThreeReplicas:
         responses = await asyncio.gather(
             *(http.get(f"{replicas[i % 3].url}/v1/users/runner-1/access-token") for i in range(300))
         )
-        assert [r.status_code for r in responses] == [200] * 300
+        assert [r.status_code for r in responses] == [200] * 300, {r.text for r in responses if r.status_code != 200}
         tokens = {r.json()["access_token"] for r in responses}
         stats = await sandbox_stats(http, sandbox_process)
         newest = (await http.get(f"{sandbox_process.url}/_control/athletes/{athlete['athlete_id']}")).json()

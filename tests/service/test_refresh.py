@@ -222,8 +222,12 @@ class TestTransientFailures:
     ) -> None:
         """5xx, 429 and a 200 that is not a token: 503 error with Retry-After; tokens, status and version unchanged."""
         user = await seed_user(resources, sandbox, clock, expires_in=100)
+        stored = sa.text(
+            "SELECT access_token_enc, refresh_token_enc, expires_at, reauth_reason, last_refreshed_at, version "
+            "FROM user_tokens"
+        )
         async with resources.engine.connect() as conn:
-            before = (await conn.execute(sa.text("SELECT * FROM user_tokens"))).all()
+            before = (await conn.execute(stored)).all()
         sandbox.add_fault(fault)
         with pytest.raises(error) as caught:
             await resources.service.refresh(user.user_id)
@@ -232,8 +236,17 @@ class TestTransientFailures:
         if fault.retry_after is not None:
             assert caught.value.retry_after == fault.retry_after
         async with resources.engine.connect() as conn:
-            assert (await conn.execute(sa.text("SELECT * FROM user_tokens"))).all() == before
+            assert (await conn.execute(stored)).all() == before
+            failures = (await conn.execute(sa.text("SELECT failure_count FROM user_tokens"))).scalar_one()
+        assert failures == 1  # only the backoff bookkeeping moved
         assert (await resources.service.status(user.user_id)).status is Status.EXPIRING_SOON
+        if error is ProviderRateLimited:
+            # every refresh call pauses until the window resets (or Retry-After): none reaches Strava meanwhile
+            calls = refresh_calls(sandbox)
+            with pytest.raises(ProviderRateLimited):
+                await resources.service.refresh(user.user_id)
+            assert refresh_calls(sandbox) == calls
+            clock.advance(caught.value.retry_after)
         # and the next attempt, with Strava back, works with the same stored refresh token
         assert (await resources.service.refresh(user.user_id)).refreshed is True
 

@@ -59,7 +59,14 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("database.unavailable", path=request.url.path, error=type(exc).__name__)
+    orig = getattr(exc, "orig", None)  # the driver's own error; its text can quote SQL parameters, so not logged
+    log.error(
+        "database.unavailable",
+        path=request.url.path,
+        error=type(exc).__name__,
+        driver_error=type(orig).__name__ if orig is not None else None,
+        sqlstate=getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None),
+    )
     return _from_service_error(DatabaseUnavailable("the database did not answer; nothing was changed"))
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from tokensvc.providers.strava import (
     TokenGrant,
 )
 from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
+from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.status import Status, classify
 from tokensvc.store import tokens as store
 from tokensvc.store.tokens import NewTokens, TokenRow
@@ -78,6 +81,7 @@ class TokenService:
         engine: AsyncEngine,
         cipher: TokenCipher,
         strava: StravaClient,
+        budget: RateBudget,
         clock: Clock = time.time,
         buffer_seconds: int = 1800,
         lock_timeout_seconds: float = 30.0,
@@ -89,6 +93,7 @@ class TokenService:
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._cipher = cipher
         self._strava = strava
+        self._budget = budget
         self._clock = clock
         self.buffer_seconds = buffer_seconds
         self._lock_timeout = lock_timeout_seconds
@@ -150,6 +155,7 @@ class TokenService:
             refresh_token_enc=self._cipher.encrypt(body.refresh_token, user_id=user_id, field="refresh"),
             key_id=self._cipher.current_key_id,
             expires_at=body.expires_at,
+            sweep_at=self.sweep_at(user_id, body.expires_at),
         )
         async with self._engine.begin() as conn:
             row = await store.upsert(
@@ -247,7 +253,8 @@ class TokenService:
     async def _refresh_guarded(self, user_id: str, *, force: bool, min_ttl: int, trigger: str) -> Outcome:
         outcome_label = "error"
         try:
-            outcome = await self._refresh_locked(user_id, force=force, min_ttl=min_ttl)
+            priority: Priority = "sweep" if trigger in AUTOMATIC_TRIGGERS else "on_demand"
+            outcome = await self._refresh_locked(user_id, force=force, min_ttl=min_ttl, priority=priority)
         except TokenServiceError as exc:
             outcome_label = _OUTCOME_BY_CODE.get(exc.code, exc.code)
             raise
@@ -257,14 +264,21 @@ class TokenService:
         finally:
             metrics.REFRESH_TOTAL.labels(outcome=outcome_label, trigger=trigger).inc()
 
-    async def _refresh_locked(self, user_id: str, *, force: bool, min_ttl: int) -> Outcome:
-        """One transaction per round: take the guard, re-read, decide, call Strava, write, commit.
+    async def _refresh_locked(self, user_id: str, *, force: bool, min_ttl: int, priority: Priority) -> Outcome:
+        """A lock-free look first; then one transaction per round: take the guard, re-read, decide, call Strava,
+        write, commit.
 
         A further round happens only after Strava rejected the refresh token: the guard is released, the row is
         re-read under it, and a newer token stored by someone else meanwhile is used instead of flagging the user.
+        A unit of the shared rate budget is taken before each round and given back if no call was made.
         """
+        row = self._usable(user_id, await self._get(user_id))
+        if not self._due(row, force=force, min_ttl=min_ttl):
+            return Outcome(row, refreshed=False, message=MSG_STILL_VALID)  # the common case: no lock, no budget
         rejected_version: int | None = None
         for _round in range(3):
+            await self._budget.acquire(priority)
+            called = False
             grant: TokenGrant | None = None
             written: TokenRow | None = None
             dead = False
@@ -291,6 +305,7 @@ class TokenService:
                         if not self._due(row, force=force, min_ttl=min_ttl):
                             message = MSG_STILL_VALID if rejected_version is None else MSG_SIBLING
                             return Outcome(row, refreshed=False, message=message)
+                        called = True
                         try:
                             grant = await self._call_strava(user_id, row)
                         except ProviderRejectedError:
@@ -309,6 +324,12 @@ class TokenService:
                 # Strava already rotated: the new pair exists only in memory now. Keep trying to store it.
                 log.error("token.refresh.write_failed_retrying", user_id=user_id, error=type(exc).__name__)
                 written = await self._persist_after_outage(user_id, row.version, self._encrypt_grant(user_id, grant))
+            except (ProviderUnavailable, TokenUnreadable) as exc:
+                await self._after_failure(row, exc)
+                raise
+            finally:
+                if not called:
+                    await self._budget.refund()
             if dead:
                 log.warning("token.refresh.reauth_required", user_id=user_id, reason="refresh_token_invalid")
                 raise ReauthRequired(
@@ -329,6 +350,19 @@ class TokenService:
             )
             return Outcome(written, refreshed=True, message=MSG_REFRESHED, access_token=grant.access_token)
         raise ProviderUnavailable("the refresh token kept changing during the refresh; try again", retry_after=5)
+
+    async def _after_failure(self, row: TokenRow, exc: ProviderUnavailable | TokenUnreadable) -> None:
+        """Back off automatic attempts for this user (and pause everyone on a 429). Never masks `exc`."""
+        now = int(self._clock())
+        try:
+            if isinstance(exc, ProviderRateLimited) and exc.from_strava:
+                delay = await self._budget.pause(exc.retry_after)
+            else:
+                delay = backoff_seconds(row.failure_count + 1)
+            async with self._engine.begin() as conn:
+                await store.record_failure(conn, row.user_id, error=exc.code, retry_at=now + delay)
+        except (DBAPIError, OSError) as bookkeeping:
+            log.error("token.refresh.backoff_not_recorded", user_id=row.user_id, error=type(bookkeeping).__name__)
 
     async def _call_strava(self, user_id: str, row: TokenRow) -> TokenGrant:
         """Raises ProviderRejectedError (handled by the caller) or the service's 503 errors."""
@@ -355,13 +389,25 @@ class TokenService:
                     strava_status=exc.status_code,
                 )
             if exc.rate_limited:
-                raise ProviderRateLimited(str(exc), retry_after=exc.retry_after or 900) from exc
+                raise ProviderRateLimited(str(exc), retry_after=exc.retry_after, from_strava=True) from exc
             raise ProviderUnavailable(str(exc), retry_after=exc.retry_after or 30) from exc
         except ProviderConfigError as exc:
             log.error("token.refresh.misconfigured", user_id=user_id, strava_status=exc.status_code)
             raise ProviderMisconfigured(str(exc), retry_after=300) from exc
         metrics.REFRESH_SECONDS.observe(time.perf_counter() - started)
         return grant
+
+    async def sweep_user(self, user_id: str) -> Outcome:
+        """The sweeper's refresh of one claimed user: the same exactly-once path as any refresh, at sweep priority.
+        A user found not due (refreshed meanwhile, or the buffer changed) is put back on schedule.
+
+        Raises what `refresh` raises.
+        """
+        outcome = await self._ensure_fresh(user_id, force=False, min_ttl=0, trigger="sweep")
+        if not outcome.refreshed:
+            async with self._engine.begin() as conn:
+                await store.reschedule(conn, user_id, sweep_at=self.sweep_at(user_id, outcome.row.expires_at))
+        return outcome
 
     async def _persist_after_outage(self, user_id: str, version: int, tokens: NewTokens) -> TokenRow | None:
         async for attempt in stamina.retry_context(on=(DBAPIError, OSError), timeout=self._write_budget, attempts=None):
@@ -422,7 +468,15 @@ class TokenService:
             ),
             key_id=self._cipher.current_key_id,
             expires_at=grant.expires_at,
+            sweep_at=self.sweep_at(user_id, grant.expires_at),
         )
+
+    def sweep_at(self, user_id: str, expires_at: int) -> int:
+        """When the sweeper should take this user: inside the buffer, later by a per-user jitter of up to half of
+        it, so users who connected at the same moment are not all refreshed at the same moment."""
+        spread = max(1, self.buffer_seconds // 2)
+        jitter = int.from_bytes(hashlib.sha256(user_id.encode()).digest()[:4], "big") % spread
+        return expires_at - self.buffer_seconds + jitter
 
     def _status(self, user_id: str, row: TokenRow | None) -> TokenStatus:
         now = self._clock()
@@ -468,6 +522,17 @@ class TokenService:
 
     def _now_dt(self) -> datetime:
         return datetime.fromtimestamp(int(self._clock()), UTC)
+
+
+AUTOMATIC_TRIGGERS = frozenset({"sweep", "background"})
+BACKOFF_BASE_SECONDS = 30
+BACKOFF_CAP_SECONDS = 3600
+
+
+def backoff_seconds(failures: int) -> int:
+    """Exponential backoff with jitter for automatic attempts: about 30 s, 60 s, 2 min … capped at an hour."""
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(0, failures - 1))
+    return int(random.uniform(ceiling / 2, ceiling))
 
 
 _OUTCOME_BY_CODE = {

@@ -31,6 +31,7 @@ class TokenRow:
     reauth_reason: str | None
     last_refreshed_at: datetime | None
     version: int
+    failure_count: int
 
     @property
     def scope_list(self) -> list[str]:
@@ -39,12 +40,16 @@ class TokenRow:
 
 @dataclass(frozen=True, slots=True)
 class NewTokens:
-    """Encrypted material for a write; `refresh_token_enc` None keeps the stored refresh token."""
+    """Encrypted material for a write; `refresh_token_enc` None keeps the stored refresh token.
+
+    `sweep_at` is when the background sweeper should take the user next (decided by the service).
+    """
 
     access_token_enc: str
     refresh_token_enc: str | None
     key_id: str
     expires_at: int
+    sweep_at: int
 
 
 _COLUMNS = (
@@ -58,6 +63,7 @@ _COLUMNS = (
     t.c.reauth_reason,
     t.c.last_refreshed_at,
     t.c.version,
+    t.c.failure_count,
 )
 _SELECT = sa.select(*_COLUMNS)
 
@@ -105,6 +111,9 @@ async def upsert(
         "refresh_token_enc": tokens.refresh_token_enc,
         "key_id": tokens.key_id,
         "expires_at": tokens.expires_at,
+        "sweep_at": tokens.sweep_at,
+        "failure_count": 0,
+        "last_error": None,
         "reauth_reason": None,
         "updated_at": now,
     }
@@ -136,6 +145,9 @@ async def write_refresh(
         "access_token_enc": tokens.access_token_enc,
         "key_id": tokens.key_id,
         "expires_at": tokens.expires_at,
+        "sweep_at": tokens.sweep_at,
+        "failure_count": 0,
+        "last_error": None,
         "last_refreshed_at": now,
         "updated_at": now,
         "version": t.c.version + 1,
@@ -170,6 +182,56 @@ async def mark_needs_reauth(
         stmt = stmt.where(t.c.version == expected_version)
     row = (await conn.execute(stmt.values(**values).returning(*_COLUMNS))).first()
     return _row(row) if row is not None else None
+
+
+async def record_failure(conn: AsyncConnection, user_id: str, *, error: str, retry_at: int) -> None:
+    """Count a failed refresh and hold automatic attempts back until `retry_at`. Tokens and version untouched."""
+    await conn.execute(
+        sa.update(t)
+        .where(t.c.user_id == user_id)
+        .values(failure_count=t.c.failure_count + 1, last_error=error[:64], sweep_at=retry_at)
+    )
+
+
+async def reschedule(conn: AsyncConnection, user_id: str, *, sweep_at: int) -> None:
+    await conn.execute(sa.update(t).where(t.c.user_id == user_id).values(sweep_at=sweep_at))
+
+
+def due_statement(*, now: int, limit: int) -> sa.Select[str]:
+    """The sweeper's "who is next": a range scan on ix_user_tokens_sweep, skipping rows other replicas hold."""
+    return (
+        sa.select(t.c.user_id)
+        .where(t.c.reauth_reason.is_(None), t.c.sweep_at <= now)
+        .order_by(t.c.sweep_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+async def claim_due(conn: AsyncConnection, *, now: int, limit: int, lease_until: int) -> list[str]:
+    """Take up to `limit` users the sweeper should refresh now, oldest first, and lease them until `lease_until`.
+
+    On Postgres `FOR UPDATE SKIP LOCKED` lets replicas claim disjoint batches without a leader; the lease keeps a
+    claimed user out of every other claim until it is written back (or the lease runs out, if this process dies).
+    """
+    user_ids = list((await conn.execute(due_statement(now=now, limit=limit))).scalars())
+    if user_ids:
+        await conn.execute(sa.update(t).where(t.c.user_id.in_(user_ids)).values(sweep_at=lease_until))
+    return user_ids
+
+
+async def release_claims(conn: AsyncConnection, user_ids: Sequence[str], *, lease_until: int | None, now: int) -> None:
+    """Give back leased users that were not worked on, so the next sweep anywhere takes them. With a
+    `lease_until`, only rows still under that lease (nobody wrote them since)."""
+    stmt = sa.update(t).where(t.c.user_id.in_(user_ids))
+    if lease_until is not None:
+        stmt = stmt.where(t.c.sweep_at == lease_until)
+    await conn.execute(stmt.values(sweep_at=now))
+
+
+async def count_due(conn: AsyncConnection, *, now: int) -> int:
+    stmt = sa.select(sa.func.count()).where(t.c.reauth_reason.is_(None), t.c.sweep_at <= now)
+    return int((await conn.execute(stmt)).scalar_one())
 
 
 async def delete(conn: AsyncConnection, user_id: str) -> bool:

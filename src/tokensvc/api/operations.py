@@ -1,0 +1,35 @@
+"""Operator calls on the service API: refresh everything that is due now."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from tokensvc.api.deps import require_api_key
+from tokensvc.api.problems import responses
+from tokensvc.service.sweeper import Sweeper
+
+router = APIRouter(prefix="/v1", tags=["operations"], dependencies=[Depends(require_api_key)], responses=responses(401))
+
+
+class SweepResult(BaseModel):
+    checked: int
+    refreshed: int
+    failed: int
+    needs_reauth: int
+
+
+def get_sweeper(request: Request) -> Sweeper:
+    sweeper: Sweeper = request.app.state.sweeper
+    return sweeper
+
+
+@router.post("/refresh-sweep", response_model=SweepResult, responses=responses(503))
+async def refresh_sweep(sweeper: Annotated[Sweeper, Depends(get_sweeper)]) -> SweepResult:
+    """Refresh every due user now (bounded concurrency; the same exactly-once rules as any refresh)."""
+    report = await sweeper.sweep_once()
+    return SweepResult(
+        checked=report.checked, refreshed=report.refreshed, failed=report.failed, needs_reauth=report.needs_reauth
+    )

@@ -1,0 +1,179 @@
+"""Refresh every due user before anyone asks, in every replica, without a leader and without double work.
+
+Each sweep claims due users in batches (`store.claim_due`: `FOR UPDATE SKIP LOCKED` on Postgres, then a lease), so
+replicas take disjoint users; each claimed user goes through the same exactly-once refresh as an on-demand call.
+Concurrency is bounded; a spent or paused rate budget ends the sweep early; shutdown lets in-flight refreshes
+finish and gives unstarted claims back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokensvc.errors import ProviderRateLimited, ReauthRequired, TokenServiceError, TokensMissing
+from tokensvc.service.signing import Clock
+from tokensvc.service.tokens import TokenService
+from tokensvc.store import tokens as store
+
+log = structlog.get_logger(__name__)
+
+_DONE = ("", 0)  # queue sentinel; "" is never a valid user id
+
+
+@dataclass(slots=True)
+class SweepReport:
+    checked: int = 0
+    refreshed: int = 0
+    failed: int = 0
+    needs_reauth: int = 0
+
+
+class Sweeper:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        tokens: TokenService,
+        clock: Clock,
+        concurrency: int = 10,
+        batch_size: int = 100,
+        lease_seconds: int = 300,
+        interval_seconds: int = 300,
+    ) -> None:
+        self._engine = engine
+        self._tokens = tokens
+        self._clock = clock
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.interval_seconds = interval_seconds
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def count_due(self) -> int:
+        async with self._engine.connect() as conn:
+            return await store.count_due(conn, now=int(self._clock()))
+
+    async def sweep_once(self, progress: Callable[[int], None] | None = None) -> SweepReport:
+        """Refresh every user due now (claimed batch by batch), `concurrency` at a time."""
+        report = SweepReport()
+        queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue(maxsize=self.batch_size)
+        halt = asyncio.Event()  # stop claiming: shutdown, or the rate budget is spent, or the database is gone
+        unstarted: list[tuple[str, int]] = []
+
+        def stopping() -> bool:
+            return halt.is_set() or self._stopping.is_set()
+
+        async def claim() -> None:
+            try:
+                while not stopping():
+                    lease_until = int(self._clock()) + self.lease_seconds
+                    async with self._engine.begin() as conn:
+                        user_ids = await store.claim_due(
+                            conn, now=int(self._clock()), limit=self.batch_size, lease_until=lease_until
+                        )
+                    if not user_ids:
+                        break
+                    for user_id in user_ids:
+                        if stopping():
+                            unstarted.append((user_id, lease_until))
+                        else:
+                            await queue.put((user_id, lease_until))
+            finally:
+                for _ in range(self.concurrency):
+                    await queue.put(_DONE)
+
+        async def work() -> None:
+            while (item := await queue.get()) != _DONE:
+                if stopping():
+                    unstarted.append(item)
+                    continue
+                await self._refresh_one(item[0], report, halt)
+                if progress is not None:
+                    progress(1)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(claim())
+            for _ in range(self.concurrency):
+                group.create_task(work())
+        if unstarted:
+            await self._release(unstarted)
+        log.info(
+            "sweep.finished",
+            checked=report.checked,
+            refreshed=report.refreshed,
+            failed=report.failed,
+            needs_reauth=report.needs_reauth,
+            halted=halt.is_set(),
+        )
+        return report
+
+    async def _refresh_one(self, user_id: str, report: SweepReport, halt: asyncio.Event) -> None:
+        report.checked += 1
+        try:
+            outcome = await self._tokens.sweep_user(user_id)
+        except ReauthRequired:
+            report.needs_reauth += 1
+        except TokensMissing:
+            pass  # deleted since it was claimed
+        except ProviderRateLimited as exc:
+            report.failed += 1
+            halt.set()
+            await self._release([(user_id, -1)], any_lease=True)  # due again as soon as the budget allows
+            log.warning("sweep.halted_by_rate_limit", retry_after=exc.retry_after)
+        except TokenServiceError as exc:
+            report.failed += 1
+            log.warning("sweep.refresh_failed", user_id=user_id, code=exc.code)
+        except (DBAPIError, OSError) as exc:
+            report.failed += 1
+            halt.set()
+            log.error("sweep.halted_by_database", error=type(exc).__name__)
+        else:
+            report.refreshed += int(outcome.refreshed)
+
+    async def _release(self, claims: list[tuple[str, int]], *, any_lease: bool = False) -> None:
+        """Give back claims nobody finished, so the next sweep (here or in another replica) takes them now."""
+        leases: dict[int | None, list[str]] = {}
+        for user_id, lease_until in claims:
+            leases.setdefault(None if any_lease else lease_until, []).append(user_id)
+        async with self._engine.begin() as conn:
+            for lease, user_ids in leases.items():
+                await store.release_claims(conn, user_ids, lease_until=lease, now=int(self._clock()))
+        log.info("sweep.claims_released", count=len(claims))
+
+    # -- the background loop ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run sweeps every `interval_seconds` (±10% jitter, so replicas drift apart) until `stop`."""
+        if self.interval_seconds > 0 and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tokensvc-sweeper")
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.sweep_once()
+            except Exception:  # a sweep's failure must not end the loop; the next one may succeed
+                log.exception("sweep.crashed")
+            interval = self.interval_seconds * random.uniform(0.9, 1.1)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
+    def request_stop(self) -> None:
+        """From now on claim nothing and start nothing; in-flight refreshes go on to their commit."""
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Stop claiming, let in-flight refreshes commit, give back unstarted claims, end the loop."""
+        self.request_stop()
+        if self._task is not None:
+            await self._task
+            self._task = None

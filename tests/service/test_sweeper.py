@@ -1,0 +1,232 @@
+"""The background sweeper, the shared rate budget and backoff, on SQLite and Postgres, with an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import FakeClock, Seeded, make_settings, seed_user
+from tokensvc.app import Resources, open_resources
+from tokensvc.config import Settings
+from tokensvc.errors import ProviderRateLimited
+from tokensvc.sandbox import FaultSpec, SandboxState
+from tokensvc.service.status import Status
+from tokensvc.service.tokens import BACKOFF_CAP_SECONDS, backoff_seconds
+
+DUE_NOW = 900  # with the 1800 s buffer and a jitter of at most 899 s, such a user is due at once
+
+
+async def seed_many(res: Resources, sandbox: SandboxState, clock: FakeClock, n: int, expires_in: int) -> list[Seeded]:
+    return [await seed_user(res, sandbox, clock, expires_in=expires_in) for _ in range(n)]
+
+
+async def failure_count(res: Resources, user_id: str) -> int:
+    async with res.engine.connect() as conn:
+        query = sa.text("SELECT failure_count FROM user_tokens WHERE user_id = :u")
+        return int((await conn.execute(query, {"u": user_id})).scalar_one())
+
+
+async def sweep_at(res: Resources, user_id: str) -> int:
+    async with res.engine.connect() as conn:
+        query = sa.text("SELECT sweep_at FROM user_tokens WHERE user_id = :u")
+        return int((await conn.execute(query, {"u": user_id})).scalar_one())
+
+
+class TestSweep:
+    async def test_a_sweep_refreshes_every_due_user_once_and_leaves_the_rest(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Due users are refreshed; valid ones are not touched; a second sweep finds nothing to do."""
+        due = await seed_many(resources, sandbox, clock, 5, expires_in=DUE_NOW)
+        due += await seed_many(resources, sandbox, clock, 2, expires_in=-100)
+        await seed_many(resources, sandbox, clock, 3, expires_in=20_000)
+        report = await resources.sweeper.sweep_once()
+        assert (report.checked, report.refreshed, report.failed, report.needs_reauth) == (7, 7, 0, 0)
+        assert sandbox.calls["refresh"] == 7
+        assert {int(k) for k in sandbox.refresh_by_athlete} == {u.athlete_id for u in due}
+        for user in due:
+            assert (await resources.service.status(user.user_id)).status is Status.VALID
+        again = await resources.sweeper.sweep_once()
+        assert again.checked == 0
+        assert sandbox.calls["refresh"] == 7
+
+    async def test_users_connected_at_the_same_moment_are_spread_over_half_the_buffer(
+        self, resources: Resources
+    ) -> None:
+        """The per-user jitter puts the sweep time between buffer and buffer/2 before expiry, spread out."""
+        service = resources.service
+        times = [service.sweep_at(f"user-{i}", 2_000_000_000) for i in range(200)]
+        earliest, latest = 2_000_000_000 - 1800, 2_000_000_000 - 900
+        assert all(earliest <= t < latest for t in times)
+        assert max(times) - min(times) > 600
+        assert len(set(times)) > 150
+
+    async def test_the_bulk_endpoint_reports_in_the_contract_shape(
+        self, resources: Resources, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """POST /v1/refresh-sweep: {checked, refreshed, failed, needs_reauth}."""
+        user = await seed_user(resources, sandbox, clock, expires_in=DUE_NOW)
+        revoked = await seed_user(resources, sandbox, clock, expires_in=-5)
+        sandbox.revoke(revoked.athlete_id)
+        response = await client.post("/v1/refresh-sweep")
+        assert response.status_code == 200
+        assert response.json() == {"checked": 2, "refreshed": 1, "failed": 0, "needs_reauth": 1}
+        assert (await client.get(f"/v1/users/{user.user_id}/token-status")).json()["status"] == "valid"
+
+
+class TestNoRefreshStorms:
+    async def test_a_transient_failure_backs_the_user_off_exponentially(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """After a failure the sweeper waits before trying the user again, longer after each failure."""
+        user = await seed_user(resources, sandbox, clock, expires_in=-100)
+        sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=500, count=2))
+        first = await resources.sweeper.sweep_once()
+        assert (first.checked, first.failed) == (1, 1)
+        retry_at = await sweep_at(resources, user.user_id)
+        assert clock.now + 15 <= retry_at <= clock.now + 30  # first backoff: 15..30 s
+        assert (await resources.sweeper.sweep_once()).checked == 0  # backing off: no second call right away
+        assert sandbox.calls["refresh"] == 1
+        clock.now = retry_at
+        assert (await resources.sweeper.sweep_once()).failed == 1
+        assert await failure_count(resources, user.user_id) == 2
+        retry_at = await sweep_at(resources, user.user_id)
+        assert clock.now + 30 <= retry_at <= clock.now + 60  # second backoff: 30..60 s
+        clock.now = retry_at - 1
+        assert (await resources.sweeper.sweep_once()).checked == 0
+        clock.now = retry_at
+        assert (await resources.sweeper.sweep_once()).refreshed == 1
+        assert await failure_count(resources, user.user_id) == 0
+        assert sandbox.calls["refresh"] == 3
+
+    def test_backoff_grows_and_is_capped(self) -> None:
+        """About 30 s, 60 s, 120 s … never above an hour; jittered within the upper half."""
+        for failures, ceiling in [(1, 30), (2, 60), (3, 120), (8, 3600), (50, 3600)]:
+            samples = [backoff_seconds(failures) for _ in range(50)]
+            assert all(ceiling // 2 <= s <= ceiling for s in samples), (failures, samples)
+        assert backoff_seconds(1000) <= BACKOFF_CAP_SECONDS
+
+    async def test_a_user_who_must_reconnect_is_never_retried(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """needs_reauth users are out of the sweep until they connect again."""
+        user = await seed_user(resources, sandbox, clock, expires_in=-100)
+        sandbox.revoke(user.athlete_id)
+        assert (await resources.sweeper.sweep_once()).needs_reauth == 1
+        clock.advance(100_000)
+        assert (await resources.sweeper.sweep_once()).checked == 0
+        assert sandbox.calls["refresh"] == 1
+
+
+@pytest.fixture
+async def replicas(
+    settings: Settings, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
+) -> AsyncIterator[list[Resources]]:
+    """Three services with their own engines on one database, as three processes would be."""
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(open_resources(settings, clock=clock, strava_transport=strava_transport))
+            for _ in range(3)
+        ]
+
+
+class TestRateBudget:
+    @pytest.fixture
+    def settings(self, database_url: str) -> Settings:
+        return make_settings(database_url, strava_rate_limit="5,100")
+
+    async def test_the_sweeper_leaves_room_for_on_demand_calls(
+        self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """A 15-minute budget of 5: the sweeper stops at 4 (80%), an on-demand call still gets the 5th."""
+        first = replicas[0]
+        users = await seed_many(first, sandbox, clock, 8, expires_in=-100)
+        report = await first.sweeper.sweep_once()
+        assert report.refreshed == 4
+        assert report.failed >= 1  # the workers that found the sweep's share spent; the sweep then stopped
+        assert sandbox.calls["refresh"] == 4
+        swept = {int(k) for k in sandbox.refresh_by_athlete}
+        waiting = [u for u in users if u.athlete_id not in swept]
+        token = await replicas[1].service.access_token(waiting[0].user_id, min_ttl=300)
+        assert token.expires_in > 300
+        with pytest.raises(ProviderRateLimited) as caught:
+            await replicas[2].service.access_token(waiting[1].user_id, min_ttl=300)
+        assert sandbox.calls["refresh"] == 5
+        clock.advance(caught.value.retry_after)
+        assert (await replicas[2].sweeper.sweep_once()).refreshed == 3  # a new window: the rest go through
+        assert sandbox.calls["refresh"] == 8
+
+    async def test_a_429_pauses_every_replica_until_the_window_resets(
+        self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Strava says 429 to one replica: no replica calls Strava until then; valid tokens are still served."""
+        a, b, c = replicas
+        valid = await seed_user(a, sandbox, clock, expires_in=20_000)
+        due = await seed_many(a, sandbox, clock, 2, expires_in=-100)
+        sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=429, retry_after=120))
+        with pytest.raises(ProviderRateLimited):
+            await a.service.refresh(due[0].user_id)
+        calls = sandbox.calls["refresh"]
+        with pytest.raises(ProviderRateLimited) as paused:
+            await b.service.refresh(due[1].user_id)
+        assert paused.value.retry_after <= 120
+        assert (await c.sweeper.sweep_once()).refreshed == 0
+        assert sandbox.calls["refresh"] == calls  # nobody called Strava during the pause
+        assert (await b.service.access_token(valid.user_id, min_ttl=300)).access_token == valid.access_token
+        assert (await c.service.status(due[1].user_id)).status is Status.EXPIRED
+        clock.advance(120)
+        assert (await b.service.refresh(due[1].user_id)).refreshed is True
+
+
+@pytest.mark.postgres
+class TestReplicasShareTheSweep:
+    @pytest.fixture
+    def database_url(self, pg_url: str) -> str:
+        return pg_url
+
+    async def test_three_replicas_sweeping_at_once_refresh_each_due_user_exactly_once(
+        self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """SKIP LOCKED claims and leases split the due users between replicas: one Strava call per user."""
+        users = await seed_many(replicas[0], sandbox, clock, 60, expires_in=-100)
+        sandbox.add_fault(FaultSpec(endpoint="refresh", kind="latency", latency_ms=20, count=60))
+        for replica in replicas:
+            replica.sweeper.batch_size = 7
+            replica.sweeper.concurrency = 3
+        reports = await asyncio.gather(*(r.sweeper.sweep_once() for r in replicas))
+        assert sum(r.refreshed for r in reports) == 60
+        assert all(r.refreshed > 0 for r in reports)  # they really shared the work
+        assert sandbox.calls["refresh"] == 60
+        assert sorted(sandbox.refresh_by_athlete.values()) == [1] * 60
+        assert {int(a) for a in sandbox.refresh_by_athlete} == {u.athlete_id for u in users}
+
+
+class TestShutdown:
+    async def test_stopping_mid_sweep_finishes_in_flight_refreshes_and_gives_the_rest_back(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """In-flight refreshes commit; claimed users not started are due again at once; nothing is half-done."""
+        users = await seed_many(resources, sandbox, clock, 10, expires_in=-100)
+        sweeper = resources.sweeper
+        sweeper.concurrency = 2
+        sandbox.gate.hold("refresh")
+        sweep = asyncio.create_task(sweeper.sweep_once())
+        # SQLite serialises refreshes on its write lock: the second worker waits in the database, not at Strava.
+        at_strava = 2 if resources.engine.dialect.name == "postgresql" else 1
+        await asyncio.wait_for(sandbox.gate.wait_held(at_strava), timeout=10)
+        sweeper.request_stop()
+        sandbox.gate.release()
+        report = await sweep
+        await sweeper.stop()
+        assert (report.checked, report.refreshed) == (2, 2)
+        assert await sweeper.count_due() == 8
+        refreshed = [u for u in users if u.athlete_id in sandbox.refresh_by_athlete]
+        for user in refreshed:
+            status = await resources.service.status(user.user_id)
+            assert status.status is Status.VALID
+        assert sandbox.stats()["ledger_violations"] == []
