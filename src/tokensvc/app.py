@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from tokensvc import __version__
 from tokensvc.api import browser, health, oauth, operations, problems, tokens
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys
+from tokensvc.api.fastpath import AccessTokenFastPath
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.config import Settings
 from tokensvc.crypto import TokenCipher
@@ -28,6 +30,7 @@ from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.sessions import Sessions
 from tokensvc.service.sweeper import Sweeper
 from tokensvc.service.tokens import Clock, TokenService
+from tokensvc.store.reader import open_reader
 
 log = structlog.get_logger(__name__)
 
@@ -70,11 +73,13 @@ async def open_resources(
         allowlist=settings.redirect_allowlist,
         clock=clock,
     )
+    rows = open_reader(engine, size=settings.db_pool_size)
     limit_15min, limit_daily = settings.rate_limits
     budget = RateBudget(engine, limit_15min=limit_15min, limit_daily=limit_daily, clock=clock)
     service = TokenService(
         engine=engine,
         budget=budget,
+        rows=rows,
         cipher=TokenCipher([k.get_secret_value() for k in settings.encryption_keys]),
         strava=strava,
         clock=clock,
@@ -98,6 +103,7 @@ async def open_resources(
     finally:
         await sweeper.stop()
         await service.aclose()
+        await rows.aclose()
         await strava.aclose()
         await engine.dispose()
 
@@ -109,9 +115,11 @@ def create_app(
     clock: Clock = time.time,
     strava_transport: httpx.AsyncBaseTransport | None = None,
     run_sweeper: bool = True,
+    fast_path: bool = True,
 ) -> FastAPI:
     """Build the ASGI app from prepared settings (see `config.prepare`). The background sweeper runs when
-    `run_sweeper` and TOKENSVC_SWEEP_INTERVAL_SECONDS > 0."""
+    `run_sweeper` and TOKENSVC_SWEEP_INTERVAL_SECONDS > 0; `fast_path=False` leaves access-token to FastAPI alone
+    (tests compare the two)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -124,6 +132,9 @@ def create_app(
             app.state.sweeper = res.sweeper
             if run_sweeper:
                 res.sweeper.start()
+            # What start-up allocated lives as long as the process: keep it out of every garbage collection.
+            gc.collect()
+            gc.freeze()
             log.info("service.started", strava_base_url=settings.strava_base_url, sandbox=sandbox)
             yield
         log.info("service.stopped")
@@ -157,6 +168,8 @@ def create_app(
         )
     app.add_middleware(BrowserCORS, origins=cors_origins)
     app.add_middleware(BodySizeLimit)
+    if fast_path:
+        app.add_middleware(AccessTokenFastPath, owner=app)  # outermost: the hot call skips everything else
     return app
 
 

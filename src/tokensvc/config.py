@@ -54,8 +54,8 @@ class Settings(BaseSettings):
     notify_url: str | None = None
     notify_secret: SecretStr | None = None
     log_level: str = "INFO"
-    # Each process opens at most twice this many Postgres connections; replicas x 2 x this must stay under the
-    # server's max_connections (100 by default).
+    # Each process opens at most 2 x this + 1 Postgres connections (transactions, hot reads, notifications);
+    # replicas x (2 x this + 1) must stay under the server's max_connections (100 by default).
     db_pool_size: int = Field(default=10, ge=1, le=500)
     # Row-lock wait for a refresh: longer than one Strava call, so a waiter outlives the holder's HTTP timeout.
     lock_timeout_seconds: float = Field(default=30.0, gt=0)

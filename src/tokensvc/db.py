@@ -17,7 +17,11 @@ MIGRATION_LOCK_KEY = 0x746F6B656E737663  # "tokensvc"
 
 
 def make_engine(url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 30.0) -> AsyncEngine:
-    """An async engine tuned per dialect (SQLite: WAL and a busy timeout; Postgres: a sized pool)."""
+    """An async engine tuned per dialect (SQLite: WAL and a busy timeout; Postgres: a fixed-size pool).
+
+    No overflow on Postgres: overflow connections are closed when returned, and under load that churn (a new
+    server process per connection) cost more than waiting for a pooled one.
+    """
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": lock_timeout_seconds})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -25,7 +29,7 @@ def make_engine(url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 
     return create_async_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         pool_pre_ping=False,
         connect_args={"server_settings": {"application_name": "tokensvc"}},
     )

@@ -1,4 +1,8 @@
-"""Dependencies as `Annotated` aliases that read long-lived objects from app state."""
+"""Dependencies as `Annotated` aliases that read long-lived objects from app state.
+
+All are `async def`: FastAPI runs plain `def` dependencies in a thread pool, a hop that cost the access-token hot
+path a tenth of its CPU (bench/README.md).
+"""
 
 from __future__ import annotations
 
@@ -16,27 +20,27 @@ from tokensvc.service.sessions import COOKIE_NAME, Session, Sessions
 from tokensvc.service.tokens import TokenService
 
 
-def get_token_service(request: Request) -> TokenService:
+async def get_token_service(request: Request) -> TokenService:
     service: TokenService = request.app.state.token_service
     return service
 
 
-def get_oauth_service(request: Request) -> OAuthService:
+async def get_oauth_service(request: Request) -> OAuthService:
     service: OAuthService = request.app.state.oauth_service
     return service
 
 
-def get_links(request: Request) -> ConnectLinks:
+async def get_links(request: Request) -> ConnectLinks:
     links: ConnectLinks = request.app.state.connect_links
     return links
 
 
-def get_sessions(request: Request) -> Sessions:
+async def get_sessions(request: Request) -> Sessions:
     sessions: Sessions = request.app.state.sessions
     return sessions
 
 
-def optional_session(request: Request) -> Session | None:
+async def optional_session(request: Request) -> Session | None:
     """The browser's session, from the `tokensvc_session` cookie or an `Authorization: Bearer <session token>`.
 
     A user id the browser sends in any other way is never trusted.
@@ -50,13 +54,13 @@ def optional_session(request: Request) -> Session | None:
     return session
 
 
-def require_session(session: Annotated[Session | None, Depends(optional_session)]) -> Session:
+async def require_session(session: Annotated[Session | None, Depends(optional_session)]) -> Session:
     if session is None:
         raise Unauthorized("a browser session is required: connect with Strava first, or have the app mint one")
     return session
 
 
-def browser_post_guard(request: Request) -> None:
+async def browser_post_guard(request: Request) -> None:
     """Cross-site protection for cookie-authenticated POSTs: JSON only (415), and a known Origin (403)."""
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type != "application/json":
@@ -83,7 +87,7 @@ class ApiKeys:
         return any(matches)
 
 
-def require_api_key(
+async def require_api_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     keys: ApiKeys = request.app.state.api_keys

@@ -21,7 +21,7 @@ class SweepResult(BaseModel):
     needs_reauth: int
 
 
-def get_sweeper(request: Request) -> Sweeper:
+async def get_sweeper(request: Request) -> Sweeper:
     sweeper: Sweeper = request.app.state.sweeper
     return sweeper
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +20,16 @@ from tokensvc.schemas import Problem
 log = structlog.get_logger(__name__)
 
 PROBLEM_TYPE = "https://tokensvc.dev/problems/"
+# What a database that is down or full looks like: SQLAlchemy's errors, and (from the hot-path reader, or when
+# asyncpg cannot connect at all) asyncpg's own errors and the socket's OSError. Nothing else in a request does
+# I/O unwrapped.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    DBAPIError,
+    PoolTimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 _CODE_BY_HTTP_STATUS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
 
 
@@ -29,7 +40,7 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
 
 
-def _from_service_error(exc: TokenServiceError) -> JSONResponse:
+def service_problem(exc: TokenServiceError) -> JSONResponse:
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=headers, **exc.extra)
@@ -37,7 +48,7 @@ def _from_service_error(exc: TokenServiceError) -> JSONResponse:
 
 async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TokenServiceError)
-    return _from_service_error(exc)
+    return service_problem(exc)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -59,15 +70,19 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    orig = getattr(exc, "orig", None)  # the driver's own error; its text can quote SQL parameters, so not logged
+    return database_problem(exc, path=request.url.path)
+
+
+def database_problem(exc: Exception, *, path: str) -> JSONResponse:
+    orig = getattr(exc, "orig", exc)  # the driver's own error; its text can quote SQL parameters, so not logged
     log.error(
         "database.unavailable",
-        path=request.url.path,
+        path=path,
         error=type(exc).__name__,
-        driver_error=type(orig).__name__ if orig is not None else None,
+        driver_error=type(orig).__name__,
         sqlstate=getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None),
     )
-    return _from_service_error(DatabaseUnavailable("the database did not answer; nothing was changed"))
+    return service_problem(DatabaseUnavailable("the database did not answer; nothing was changed"))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -79,10 +94,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(TokenServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(DBAPIError, _database_error)
-    app.add_exception_handler(PoolTimeoutError, _database_error)
-    # asyncpg raises the socket's own error when it cannot connect; nothing else in a request does I/O unwrapped.
-    app.add_exception_handler(OSError, _database_error)
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, _database_error)
     app.add_exception_handler(Exception, _unexpected)
 
 

@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import asyncpg
 import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -131,7 +132,7 @@ class Sweeper:
         except TokenServiceError as exc:
             report.failed += 1
             log.warning("sweep.refresh_failed", user_id=user_id, code=exc.code)
-        except (DBAPIError, OSError) as exc:
+        except (DBAPIError, OSError, asyncpg.PostgresError) as exc:
             report.failed += 1
             halt.set()
             log.error("sweep.halted_by_database", error=type(exc).__name__)

@@ -48,6 +48,7 @@ from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage,
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.status import Status, classify
 from tokensvc.store import tokens as store
+from tokensvc.store.reader import EngineReader, RowReader
 from tokensvc.store.tokens import NewTokens, TokenRow
 
 log = structlog.get_logger(__name__)
@@ -82,6 +83,7 @@ class TokenService:
         cipher: TokenCipher,
         strava: StravaClient,
         budget: RateBudget,
+        rows: RowReader | None = None,
         clock: Clock = time.time,
         buffer_seconds: int = 1800,
         lock_timeout_seconds: float = 30.0,
@@ -89,8 +91,9 @@ class TokenService:
         authorize_url: AuthorizeUrlFactory | None = None,
     ) -> None:
         self._engine = engine
-        # Single reads need no transaction: autocommit saves the BEGIN/ROLLBACK round trips on the hot path.
+        # Reads need no transaction: autocommit saves the BEGIN/ROLLBACK round trips.
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._rows = rows or EngineReader(engine)
         self._cipher = cipher
         self._strava = strava
         self._budget = budget
@@ -438,8 +441,7 @@ class TokenService:
         return row
 
     async def _get(self, user_id: str) -> TokenRow | None:
-        async with self._reader.connect() as conn:
-            return await store.get(conn, user_id)
+        return await self._rows.get(user_id)
 
     async def _deauthorize_best_effort(self, row: TokenRow) -> None:
         try:

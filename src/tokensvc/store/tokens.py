@@ -52,7 +52,7 @@ class NewTokens:
     sweep_at: int
 
 
-_COLUMNS = (
+COLUMNS = (
     t.c.user_id,
     t.c.access_token_enc,
     t.c.refresh_token_enc,
@@ -65,7 +65,7 @@ _COLUMNS = (
     t.c.version,
     t.c.failure_count,
 )
-_SELECT = sa.select(*_COLUMNS)
+_SELECT = sa.select(*COLUMNS)
 
 
 def _row(row: sa.Row[*tuple[Any, ...]]) -> TokenRow:
@@ -133,7 +133,7 @@ async def upsert(
     }
     if scopes is not None:
         on_conflict["scopes"] = stmt.excluded.scopes
-    upsert_stmt = stmt.on_conflict_do_update(index_elements=[t.c.user_id], set_=on_conflict).returning(*_COLUMNS)
+    upsert_stmt = stmt.on_conflict_do_update(index_elements=[t.c.user_id], set_=on_conflict).returning(*COLUMNS)
     return _row((await conn.execute(upsert_stmt)).one())
 
 
@@ -155,10 +155,7 @@ async def write_refresh(
     if tokens.refresh_token_enc is not None:
         values["refresh_token_enc"] = tokens.refresh_token_enc
     stmt = (
-        sa.update(t)
-        .where(t.c.user_id == user_id, t.c.version == expected_version)
-        .values(**values)
-        .returning(*_COLUMNS)
+        sa.update(t).where(t.c.user_id == user_id, t.c.version == expected_version).values(**values).returning(*COLUMNS)
     )
     row = (await conn.execute(stmt)).first()
     return _row(row) if row is not None else None
@@ -180,7 +177,7 @@ async def mark_needs_reauth(
     stmt = sa.update(t).where(t.c.user_id == user_id)
     if expected_version is not None:
         stmt = stmt.where(t.c.version == expected_version)
-    row = (await conn.execute(stmt.values(**values).returning(*_COLUMNS))).first()
+    row = (await conn.execute(stmt.values(**values).returning(*COLUMNS))).first()
     return _row(row) if row is not None else None
 
 

@@ -1,0 +1,77 @@
+"""Single-row reads for the hot path (`access-token`, status, the refresh's first look).
+
+On Postgres they go through a small asyncpg pool of their own with one prepared statement: SQLAlchemy's
+per-call work (pool checkout through greenlets, statement cache keys, result wrapping) was most of the cost of a
+primary-key read (bench/README.md). Elsewhere the engine does it. Either way the SQL is the store's `_SELECT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokensvc.store import tokens as store
+from tokensvc.store.tokens import TokenRow
+
+_BY_USER = f"SELECT {', '.join(c.name for c in store.COLUMNS)} FROM user_tokens WHERE user_id = $1"
+
+
+class RowReader(Protocol):
+    async def get(self, user_id: str) -> TokenRow | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class EngineReader:
+    """Reads through the SQLAlchemy engine, without a transaction (autocommit saves BEGIN/ROLLBACK)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def get(self, user_id: str) -> TokenRow | None:
+        async with self._engine.connect() as conn:
+            return await store.get(conn, user_id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class AsyncpgReader:
+    """Reads on a dedicated asyncpg pool (Postgres only), opened on first use so that the service starts (and
+    answers /readyz with 503) while the database is down. Errors are asyncpg's own or OSError."""
+
+    def __init__(self, engine: AsyncEngine, *, size: int) -> None:
+        self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._size = size
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+
+    async def _ready_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._opening:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn,
+                        min_size=1,
+                        max_size=self._size,
+                        server_settings={"application_name": "tokensvc-reader"},
+                    )
+        return self._pool
+
+    async def get(self, user_id: str) -> TokenRow | None:
+        pool = self._pool or await self._ready_pool()
+        record = await pool.fetchrow(_BY_USER, user_id)
+        return TokenRow(**record) if record is not None else None
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+
+def open_reader(engine: AsyncEngine, *, size: int) -> RowReader:
+    if engine.dialect.name == "postgresql":
+        return AsyncpgReader(engine, size=size)
+    return EngineReader(engine)
