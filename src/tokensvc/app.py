@@ -55,6 +55,8 @@ async def open_resources(
     engine = make_engine(
         settings.database_url, pool_size=settings.db_pool_size, lock_timeout_seconds=settings.lock_timeout_seconds
     )
+    limit_15min, limit_daily = settings.rate_limits
+    budget = RateBudget(engine, limit_15min=limit_15min, limit_daily=limit_daily, clock=clock)
     strava = StravaClient(
         base_url=settings.strava_base_url,
         client_id=settings.strava_client_id or "",
@@ -62,6 +64,7 @@ async def open_resources(
         timeout=settings.strava_timeout_seconds,
         transport=strava_transport,
         clock=clock,
+        on_usage=budget.note_usage,
     )
     # `prepare` guarantees a secret for `serve`; commands that serve no browser may sign with a throwaway one.
     secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
@@ -74,8 +77,6 @@ async def open_resources(
         clock=clock,
     )
     rows = open_reader(engine, size=settings.db_pool_size)
-    limit_15min, limit_daily = settings.rate_limits
-    budget = RateBudget(engine, limit_15min=limit_15min, limit_daily=limit_daily, clock=clock)
     service = TokenService(
         engine=engine,
         budget=budget,

@@ -11,7 +11,8 @@ import pytest
 
 from tests.api.oauth_helpers import consent, local_path, query_of
 from tests.api.test_tokens_api import assert_problem
-from tests.conftest import APP_ORIGIN, STRAVA_TEST_BASE, FakeClock, seed_athlete
+from tests.conftest import APP_ORIGIN, STRAVA_TEST_BASE, FakeClock, make_settings, seed_athlete
+from tokensvc.config import Settings
 from tokensvc.sandbox import FaultSpec, SandboxState
 
 DASHBOARD = APP_ORIGIN + "/dashboard"
@@ -229,3 +230,20 @@ class TestSessionMinting:
         assert body["cookie_name"] == "tokensvc_session"
         me = await client.get("/v1/me/token-status", headers={"Authorization": f"Bearer {body['session_token']}"})
         assert me.json()["user_id"] == "u-3"
+
+
+class TestCookieOverHttps:
+    @pytest.fixture
+    def settings(self, database_url: str) -> Settings:
+        return make_settings(database_url, public_url="https://tokens.example.com")
+
+    async def test_the_session_cookie_is_secure_when_the_public_url_is_https(
+        self, client: httpx.AsyncClient, strava: httpx.AsyncClient
+    ) -> None:
+        """Behind https the cookie is marked Secure (and still HttpOnly, SameSite=Lax)."""
+        callback = await consent(strava, await start_connect(client))
+        response = await client.get(local_path(callback))
+        cookie = response.headers["set-cookie"].lower()
+        assert "secure" in cookie
+        assert "httponly" in cookie
+        assert "samesite=lax" in cookie

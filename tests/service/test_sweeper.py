@@ -230,3 +230,17 @@ class TestShutdown:
             status = await resources.service.status(user.user_id)
             assert status.status is Status.VALID
         assert sandbox.stats()["ledger_violations"] == []
+
+
+class TestStravaHeaders:
+    async def test_stravas_reported_usage_raises_the_shared_count(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """A response with X-RateLimit-Usage (deauthorize carries it) lifts our window count to Strava's."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        assert (await resources.budget.state()).used_15min == 0
+        await resources.service.delete(user.user_id)
+        assert resources.strava.last_rate_limit is not None
+        reported = resources.strava.last_rate_limit.usage_15min
+        assert reported >= 1
+        assert (await resources.budget.state()).used_15min == reported

@@ -124,6 +124,7 @@ class StravaClient:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         connect_attempts: int = 3,
+        on_usage: Callable[[RateLimitUsage], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._client_id = client_id
@@ -131,6 +132,7 @@ class StravaClient:
         self._clock = clock
         self._connect_attempts = connect_attempts
         self.last_rate_limit: RateLimitUsage | None = None
+        self._on_usage = on_usage  # told Strava's own count whenever a response carries it
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
@@ -220,6 +222,8 @@ class StravaClient:
         usage = RateLimitUsage.from_headers(response.headers)
         if usage is not None:
             self.last_rate_limit = usage
+            if self._on_usage is not None:
+                self._on_usage(usage)
         return response
 
     def _grant(self, response: httpx.Response, *, with_athlete: bool) -> TokenGrant:

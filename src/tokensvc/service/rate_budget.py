@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc.errors import ProviderRateLimited
 from tokensvc.providers.strava import RateLimitUsage, seconds_to_next_window
@@ -45,6 +45,9 @@ class RateBudget:
         self._clock = clock
         self._sweep_share = sweep_share
         self._paused_until = 0  # a local hint, so a paused replica does not even ask the database
+        # Strava's latest count, noted synchronously when a response carries it (possibly inside a transaction
+        # that holds a lock) and written with the next budget statement.
+        self._reported: RateLimitUsage | None = None
 
     def _windows(self) -> tuple[int, int, int]:
         now = int(self._clock())
@@ -58,6 +61,7 @@ class RateBudget:
         share = 1.0 if priority == "on_demand" else self._sweep_share
         limit_15, limit_day = int(self.limit_15min * share), int(self.limit_daily * share)
         async with self._engine.connect() as conn:
+            await self._write_reported(conn, window_start, day_start)
             if await store.take(
                 conn,
                 now=now,
@@ -92,12 +96,16 @@ class RateBudget:
         log.warning("strava.rate_limited.paused", seconds=seconds)
         return seconds
 
-    async def observe(self, usage: RateLimitUsage) -> None:
-        """Strava's own count (headers) raises ours: other clients of the same app spend the same budget."""
-        _now, window_start, day_start = self._windows()
+    def note_usage(self, usage: RateLimitUsage) -> None:
+        """Strava's own count (headers) will raise ours: other clients of the same app spend the same budget. A
+        lower limit than configured (Strava's say) wins at once."""
+        self._reported = usage
         self.limit_15min = min(self.limit_15min, usage.limit_15min) or self.limit_15min
         self.limit_daily = min(self.limit_daily, usage.limit_daily) or self.limit_daily
-        async with self._engine.connect() as conn:
+
+    async def _write_reported(self, conn: AsyncConnection, window_start: int, day_start: int) -> None:
+        usage, self._reported = self._reported, None
+        if usage is not None:
             await store.observe(
                 conn,
                 window_start=window_start,
@@ -109,6 +117,7 @@ class RateBudget:
     async def state(self) -> BudgetState:
         now, window_start, day_start = self._windows()
         async with self._engine.connect() as conn:
+            await self._write_reported(conn, window_start, day_start)
             row = await store.read(conn)
         return BudgetState(
             limit_15min=self.limit_15min,
