@@ -12,6 +12,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,13 +130,38 @@ def pg_template() -> Iterator[str]:
     run_isolated(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
+@contextmanager
+def temporary_database(prefix: str, *, template: str | None = None) -> Iterator[str]:
+    """A Postgres database for one test (a copy of `template`, or empty), dropped afterwards; yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    run_isolated(_admin(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "")))
+    try:
+        yield sqlalchemy_pg_url(PG_ADMIN_URL, name)
+    finally:
+        run_isolated(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
 @pytest.fixture
 def pg_url(pg_template: str) -> Iterator[str]:
     """A fresh, migrated Postgres database for one test."""
-    name = f"tokensvc_t_{uuid.uuid4().hex[:12]}"
-    run_isolated(_admin(f"CREATE DATABASE {name} TEMPLATE {pg_template}"))
-    yield sqlalchemy_pg_url(PG_ADMIN_URL, name)
-    run_isolated(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with temporary_database("tokensvc_t", template=pg_template) as url:
+        yield url
+
+
+@pytest.fixture
+def empty_pg_url(pg_template: str) -> Iterator[str]:
+    """A Postgres database with no schema (`pg_template` only brings the reachability check)."""
+    with temporary_database("tokensvc_e") as url:
+        yield url
+
+
+@pytest.fixture
+def no_tokensvc_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No TOKENSVC_* from the caller's shell and no `.env` to pick up: for tests that read settings in-process."""
+    for name in list(os.environ):
+        if name.upper().startswith("TOKENSVC_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

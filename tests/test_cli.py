@@ -11,8 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from alembic.script import ScriptDirectory
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from tests.conftest import PG_ADMIN_URL, _admin, asyncpg_dsn, run_isolated, sqlalchemy_pg_url
+from tests.conftest import asyncpg_dsn, run_isolated
 from tokensvc.app import open_resources
 from tokensvc.cli import app
 from tokensvc.config import Settings, encryption_keys
@@ -44,13 +43,8 @@ runner = CliRunner()
 # --- helpers -------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """CliRunner runs in this process: no TOKENSVC_* from the caller's shell, no `.env` to pick up."""
-    for name in list(os.environ):
-        if name.upper().startswith("TOKENSVC_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+# CliRunner runs in this process: no TOKENSVC_* from the caller's shell, no `.env` to pick up.
+pytestmark = pytest.mark.usefixtures("no_tokensvc_env")
 
 
 def cli_env(**values: str) -> dict[str, str]:
@@ -142,17 +136,6 @@ def token_line(user_id: object, /, **fields: object) -> str:
     }
     record.update(fields)
     return json.dumps({k: v for k, v in record.items() if v is not _DROP})
-
-
-@pytest.fixture
-def empty_pg_url(pg_template: str) -> Iterator[str]:
-    """A Postgres database with no schema at all (`pg_template` only supplies the skip-if-unreachable check)."""
-    name = f"tokensvc_cli_{uuid.uuid4().hex[:12]}"
-    run_isolated(_admin(f"CREATE DATABASE {name}"))
-    try:
-        yield sqlalchemy_pg_url(PG_ADMIN_URL, name)
-    finally:
-        run_isolated(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 # --- gen-key -------------------------------------------------------------------------------------------------------

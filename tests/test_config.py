@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,8 @@ from tokensvc.crypto import TokenCipher, generate_key
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tokensvc"
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No TOKENSVC_* from the caller's shell, and no `.env` file: each test sees only what it sets."""
-    for name in list(os.environ):
-        if name.upper().startswith("TOKENSVC_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+# No TOKENSVC_* from the caller's shell, and no `.env` file: each test sees only what it sets.
+pytestmark = pytest.mark.usefixtures("no_tokensvc_env")
 
 
 def settings(**values: Any) -> Settings:

@@ -55,23 +55,31 @@ class ReauthRequired(NeedsReconnect):
     code, title = "reauth_required", "Strava re-authorization required"
 
 
-class ProviderUnavailable(TokenServiceError):
-    """Strava could not be reached or answered badly; nothing stored changed. Carries Retry-After."""
+class RetryLater(TokenServiceError):
+    """A 503: nothing changed, and the answer says when to try again (Retry-After)."""
 
-    code, status, title = "provider_unavailable", 503, "Strava unavailable"
+    status = 503
+    default_retry_after: ClassVar[int] = 30
 
-    def __init__(self, detail: str, *, retry_after: int = 30, **extra: Any) -> None:
+    def __init__(self, detail: str, *, retry_after: int | None = None, **extra: Any) -> None:
         super().__init__(detail, **extra)
-        self.retry_after = retry_after
+        self.retry_after = retry_after or self.default_retry_after
+
+
+class ProviderUnavailable(RetryLater):
+    """Strava could not be reached or answered badly; nothing stored changed."""
+
+    code, title = "provider_unavailable", "Strava unavailable"
 
 
 class ProviderRateLimited(ProviderUnavailable):
     """Strava answered 429 (`from_strava`), or our shared budget is spent or paused."""
 
     code, title = "provider_rate_limited", "Strava rate limit reached"
+    default_retry_after = 900
 
     def __init__(self, detail: str, *, retry_after: int | None = None, from_strava: bool = False, **extra: Any) -> None:
-        super().__init__(detail, retry_after=retry_after or 900, **extra)
+        super().__init__(detail, retry_after=retry_after, **extra)
         self.from_strava = from_strava
 
 
@@ -79,26 +87,21 @@ class ProviderMisconfigured(ProviderUnavailable):
     """Strava rejected *our application* (client id or secret): an operator problem, never the user's."""
 
     title = "Strava rejected the service's application credentials"
+    default_retry_after = 300
 
 
-class TokenUnreadable(TokenServiceError):
+class TokenUnreadable(RetryLater):
     """A stored ciphertext does not decrypt with the configured keys: our configuration, never the user's fault."""
 
-    code, status, title = "token_unreadable", 503, "Stored token cannot be decrypted"
-
-    def __init__(self, detail: str, *, retry_after: int = 300, **extra: Any) -> None:
-        super().__init__(detail, **extra)
-        self.retry_after = retry_after
+    code, title = "token_unreadable", "Stored token cannot be decrypted"
+    default_retry_after = 300
 
 
-class DatabaseUnavailable(TokenServiceError):
-    """The database did not answer; nothing was changed. Carries Retry-After."""
+class DatabaseUnavailable(RetryLater):
+    """The database did not answer; nothing was changed."""
 
-    code, status, title = "database_unavailable", 503, "Database unavailable"
-
-    def __init__(self, detail: str, *, retry_after: int = 5, **extra: Any) -> None:
-        super().__init__(detail, **extra)
-        self.retry_after = retry_after
+    code, title = "database_unavailable", "Database unavailable"
+    default_retry_after = 5
 
 
 class OAuthCodeRejected(TokenServiceError):

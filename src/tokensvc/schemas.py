@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from tokensvc.service.status import Status
 
@@ -15,6 +15,14 @@ USER_ID_RE = re.compile(USER_ID_PATTERN)
 # Strava tokens are 40 hex characters; anything far longer is not a token and would only bloat the row.
 TokenText = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
 Scope = Annotated[str, StringConstraints(pattern=r"^[a-z_]+(:[a-z_]+)?$", max_length=64)]
+
+
+def _split_commas(value: object) -> object:
+    return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+
+# Strava writes scopes comma-separated; a JSON list is accepted too.
+Scopes = Annotated[list[Scope], BeforeValidator(_split_commas), Field(max_length=16)]
 
 
 class TokenStatus(BaseModel):
@@ -40,12 +48,7 @@ class TokenImport(BaseModel):
     refresh_token: TokenText
     expires_at: int = Field(ge=0, le=2**53, description="Epoch seconds, Strava's convention")
     athlete_id: int | None = Field(default=None, ge=1, le=2**63 - 1)
-    scopes: list[Scope] | None = Field(default=None, max_length=16)
-
-    @field_validator("scopes", mode="before")
-    @classmethod
-    def _comma_string(cls, value: object) -> object:
-        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+    scopes: Scopes | None = None
 
 
 class AccessToken(BaseModel):
@@ -92,13 +95,8 @@ class ConnectRequest(BaseModel):
     redirect_to: str | None = Field(
         default=None, max_length=2048, description="Where to send the browser afterwards; must be allow-listed"
     )
-    scopes: list[Scope] | None = Field(default=None, max_length=16, description="Default TOKENSVC_STRAVA_SCOPES")
+    scopes: Scopes | None = Field(default=None, description="Default TOKENSVC_STRAVA_SCOPES")
     approval_prompt: Literal["auto", "force"] = "auto"
-
-    @field_validator("scopes", mode="before")
-    @classmethod
-    def _comma_string(cls, value: object) -> object:
-        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
 
 
 class ConnectResponse(BaseModel):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,21 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import PG_ADMIN_URL, _admin, run_isolated, sqlalchemy_pg_url
 from tests.e2e.processes import Process, start_sandbox
 from tokensvc.crypto import generate_key
 
 API_KEY = "e2e-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture
-def empty_pg_url(pg_template: str) -> Iterator[str]:
-    """A Postgres database with no schema: the replicas' start-up migration builds it."""
-    name = f"tokensvc_e_{uuid.uuid4().hex[:12]}"
-    run_isolated(_admin(f"CREATE DATABASE {name}"))
-    yield sqlalchemy_pg_url(PG_ADMIN_URL, name)
-    run_isolated(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture

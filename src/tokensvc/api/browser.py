@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from tokensvc.api.deps import OptionalSession, RequiredSession, TokenServiceDep, browser_post_guard
 from tokensvc.api.problems import responses
-from tokensvc.errors import DatabaseUnavailable, NeedsReconnect, ProviderUnavailable, TokenUnreadable
+from tokensvc.errors import NeedsReconnect, RetryLater
 from tokensvc.schemas import BrowserFailure, RefreshResult, TokenStatus
 from tokensvc.service.tokens import TokenService
 
@@ -43,13 +43,13 @@ async def proactive_token_refresh(
     except NeedsReconnect:
         status = await service.status(session.user_id)
         return _failure(401, REAUTH_MESSAGE, needs_reauth=True, token_status=status, authorize_url=reconnect_url)
-    except (ProviderUnavailable, TokenUnreadable, DatabaseUnavailable) as exc:
+    except RetryLater as exc:
         return _failure(
             503,
             UNAVAILABLE_MESSAGE,
             needs_reauth=False,
             token_status=await _status_if_possible(service, session.user_id),
-            headers={"Retry-After": str(getattr(exc, "retry_after", 30))},
+            headers={"Retry-After": str(exc.retry_after)},
         )
     return JSONResponse(result.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokensvc.errors import DatabaseUnavailable, TokenServiceError
+from tokensvc.errors import DatabaseUnavailable, RetryLater, TokenServiceError
 from tokensvc.schemas import Problem
 
 log = structlog.get_logger(__name__)
@@ -41,8 +41,7 @@ def problem_response(
 
 
 def service_problem(exc: TokenServiceError) -> JSONResponse:
-    retry_after = getattr(exc, "retry_after", None)
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RetryLater) else None
     return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=headers, **exc.extra)
 
 

@@ -206,9 +206,9 @@ class OAuthService:
             raise OAuthCodeRejected("Strava did not accept the authorization code; start connecting again") from exc
         except ProviderTransientError as exc:
             error_type = ProviderRateLimited if exc.rate_limited else ProviderUnavailable
-            raise error_type(str(exc), retry_after=exc.retry_after or 30) from exc
+            raise error_type(str(exc), retry_after=exc.retry_after) from exc
         except ProviderConfigError as exc:
-            raise ProviderMisconfigured(str(exc), retry_after=300) from exc
+            raise ProviderMisconfigured(str(exc)) from exc
         status = await self._tokens.store_grant(claims.user_id, grant, scopes=parse_scopes(scope))
         log.info("oauth.connected", user_id=claims.user_id, athlete_id=grant.athlete_id, scopes=status.scopes)
         return CallbackResult("connected", claims.user_id, claims.redirect_to, status)

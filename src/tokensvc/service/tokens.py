@@ -393,10 +393,10 @@ class TokenService:
                 )
             if exc.rate_limited:
                 raise ProviderRateLimited(str(exc), retry_after=exc.retry_after, from_strava=True) from exc
-            raise ProviderUnavailable(str(exc), retry_after=exc.retry_after or 30) from exc
+            raise ProviderUnavailable(str(exc), retry_after=exc.retry_after) from exc
         except ProviderConfigError as exc:
             log.error("token.refresh.misconfigured", user_id=user_id, strava_status=exc.status_code)
-            raise ProviderMisconfigured(str(exc), retry_after=300) from exc
+            raise ProviderMisconfigured(str(exc)) from exc
         metrics.REFRESH_SECONDS.observe(time.perf_counter() - started)
         return grant
 
