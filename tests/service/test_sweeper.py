@@ -104,6 +104,27 @@ class TestNoRefreshStorms:
         assert await failure_count(resources, user.user_id) == 0
         assert sandbox.calls["refresh"] == 3
 
+    async def test_the_access_token_background_refresh_waits_out_the_backoff_too(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """A due-but-usable token keeps being served; after a failed background refresh no new one starts until
+        the backoff has passed, however often callers ask."""
+        user = await seed_user(resources, sandbox, clock, expires_in=1000)
+        sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=500))
+        service = resources.service
+        await service.access_token(user.user_id, min_ttl=300)
+        await service.drain()
+        assert sandbox.calls["refresh"] == 1
+        for _ in range(5):
+            assert (await service.access_token(user.user_id, min_ttl=300)).access_token == user.access_token
+            await service.drain()
+        assert sandbox.calls["refresh"] == 1
+        clock.now = await sweep_at(resources, user.user_id)
+        await service.access_token(user.user_id, min_ttl=300)
+        await service.drain()
+        assert sandbox.calls["refresh"] == 2
+        assert (await service.status(user.user_id)).status is Status.VALID
+
     def test_backoff_grows_and_is_capped(self) -> None:
         """About 30 s, 60 s, 120 s … never above an hour; jittered within the upper half."""
         for failures, ceiling in [(1, 30), (2, 60), (3, 120), (8, 3600), (50, 3600)]:

@@ -45,6 +45,7 @@ class RateBudget:
         self._clock = clock
         self._sweep_share = sweep_share
         self._paused_until = 0  # a local hint, so a paused replica does not even ask the database
+        self._spent_until: dict[Priority, int] = {}  # likewise for a window found spent, until it resets
         # Strava's latest count, noted synchronously when a response carries it (possibly inside a transaction
         # that holds a lock) and written with the next budget statement.
         self._reported: RateLimitUsage | None = None
@@ -58,6 +59,8 @@ class RateBudget:
         now, window_start, day_start = self._windows()
         if now < self._paused_until:
             raise self._limited(self._paused_until - now, "Strava asked us to slow down; calls are paused")
+        if now < self._spent_until.get(priority, 0):
+            raise self._limited(self._spent_until[priority] - now, f"the Strava budget for {priority} calls is spent")
         share = 1.0 if priority == "on_demand" else self._sweep_share
         limit_15, limit_day = int(self.limit_15min * share), int(self.limit_daily * share)
         async with self._engine.connect() as conn:
@@ -76,7 +79,9 @@ class RateBudget:
             self._paused_until = row.paused_until
             raise self._limited(row.paused_until - now, "Strava asked us to slow down; calls are paused")
         if row.day_start == day_start and row.day_used >= limit_day:
+            self._spent_until[priority] = day_start + DAY
             raise self._limited(day_start + DAY - now, f"the daily Strava budget for {priority} calls is spent")
+        self._spent_until[priority] = window_start + WINDOW
         raise self._limited(seconds_to_next_window(now), f"the 15-minute Strava budget for {priority} calls is spent")
 
     async def refund(self) -> None:

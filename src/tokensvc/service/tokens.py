@@ -141,7 +141,7 @@ class TokenService:
         row = self._usable(user_id, row)
         remaining = row.expires_at - self._clock()
         if remaining >= needed:
-            if remaining <= self.buffer_seconds:
+            if remaining <= self.buffer_seconds and not self._backing_off(row):
                 self._refresh_in_background(user_id)
             return self._access(row, self._decrypt(row, "access"))
         outcome = await self._ensure_fresh(user_id, force=False, min_ttl=needed, trigger="access_token")
@@ -422,6 +422,10 @@ class TokenService:
         return None
 
     # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _backing_off(self, row: TokenRow) -> bool:
+        """After a transient failure, automatic attempts wait for the backoff (the sweeper's `sweep_at`)."""
+        return row.failure_count > 0 and row.sweep_at > self._clock()
 
     def _due(self, row: TokenRow, *, force: bool, min_ttl: int) -> bool:
         remaining = row.expires_at - self._clock()

@@ -32,6 +32,7 @@ class TokenRow:
     last_refreshed_at: datetime | None
     version: int
     failure_count: int
+    sweep_at: int
 
     @property
     def scope_list(self) -> list[str]:
@@ -64,6 +65,7 @@ COLUMNS = (
     t.c.last_refreshed_at,
     t.c.version,
     t.c.failure_count,
+    t.c.sweep_at,
 )
 _SELECT = sa.select(*COLUMNS)
 
