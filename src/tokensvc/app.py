@@ -85,7 +85,6 @@ async def open_resources(
         strava=strava,
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
-        lock_timeout_seconds=settings.lock_timeout_seconds,
         authorize_url=links.for_user,
     )
     oauth = OAuthService(links=links, tokens=service, strava=strava, engine=engine, clock=clock)

@@ -31,7 +31,14 @@ def make_engine(url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 
         pool_size=pool_size,
         max_overflow=0,
         pool_pre_ping=False,
-        connect_args={"server_settings": {"application_name": "tokensvc"}},
+        # Every lock wait (a refresh's row lock, an import behind it) gives up after the lock timeout: set once per
+        # connection rather than by a statement in every transaction.
+        connect_args={
+            "server_settings": {
+                "application_name": "tokensvc",
+                "lock_timeout": f"{int(lock_timeout_seconds * 1000)}ms",
+            }
+        },
     )
 
 

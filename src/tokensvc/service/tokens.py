@@ -86,7 +86,6 @@ class TokenService:
         rows: RowReader | None = None,
         clock: Clock = time.time,
         buffer_seconds: int = 1800,
-        lock_timeout_seconds: float = 30.0,
         write_budget_seconds: float = 30.0,
         authorize_url: AuthorizeUrlFactory | None = None,
     ) -> None:
@@ -99,7 +98,6 @@ class TokenService:
         self._budget = budget
         self._clock = clock
         self.buffer_seconds = buffer_seconds
-        self._lock_timeout = lock_timeout_seconds
         self._write_budget = write_budget_seconds
         self._authorize_url = authorize_url or (lambda _user_id: None)
         self._flights: dict[str, asyncio.Task[Outcome]] = {}
@@ -193,7 +191,7 @@ class TokenService:
     async def delete(self, user_id: str) -> None:
         """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard. Idempotent."""
         async with self._engine.begin() as conn:
-            row = await store.lock_for_refresh(conn, user_id, lock_timeout_seconds=self._lock_timeout)
+            row = await store.lock_for_refresh(conn, user_id)
             if row is None:
                 return
             if row.access_token_enc is not None and row.reauth_reason is None:
@@ -257,7 +255,10 @@ class TokenService:
         outcome_label = "error"
         try:
             priority: Priority = "sweep" if trigger in AUTOMATIC_TRIGGERS else "on_demand"
-            outcome = await self._refresh_locked(user_id, force=force, min_ttl=min_ttl, priority=priority)
+            # The sweeper claimed the user because it is due: a lock-free look first would only repeat that.
+            outcome = await self._refresh_locked(
+                user_id, force=force, min_ttl=min_ttl, priority=priority, look_first=trigger != "sweep"
+            )
         except TokenServiceError as exc:
             outcome_label = _OUTCOME_BY_CODE.get(exc.code, exc.code)
             raise
@@ -267,7 +268,9 @@ class TokenService:
         finally:
             metrics.REFRESH_TOTAL.labels(outcome=outcome_label, trigger=trigger).inc()
 
-    async def _refresh_locked(self, user_id: str, *, force: bool, min_ttl: int, priority: Priority) -> Outcome:
+    async def _refresh_locked(
+        self, user_id: str, *, force: bool, min_ttl: int, priority: Priority, look_first: bool = True
+    ) -> Outcome:
         """A lock-free look first; then one transaction per round: take the guard, re-read, decide, call Strava,
         write, commit.
 
@@ -275,9 +278,10 @@ class TokenService:
         re-read under it, and a newer token stored by someone else meanwhile is used instead of flagging the user.
         A unit of the shared rate budget is taken before each round and given back if no call was made.
         """
-        row = self._usable(user_id, await self._get(user_id))
-        if not self._due(row, force=force, min_ttl=min_ttl):
-            return Outcome(row, refreshed=False, message=MSG_STILL_VALID)  # the common case: no lock, no budget
+        if look_first:
+            row = self._usable(user_id, await self._get(user_id))
+            if not self._due(row, force=force, min_ttl=min_ttl):
+                return Outcome(row, refreshed=False, message=MSG_STILL_VALID)  # the common case: no lock, no budget
         rejected_version: int | None = None
         for _round in range(3):
             await self._budget.acquire(priority)
@@ -289,7 +293,7 @@ class TokenService:
                 async with self._engine.begin() as conn:
                     row = self._usable(
                         user_id,
-                        await store.lock_for_refresh(conn, user_id, lock_timeout_seconds=self._lock_timeout),
+                        await store.lock_for_refresh(conn, user_id),
                     )
                     if rejected_version == row.version:
                         # Nobody stored anything newer since Strava said no: the token really is dead.

@@ -79,15 +79,15 @@ async def get(conn: AsyncConnection, user_id: str) -> TokenRow | None:
     return _row(row) if row is not None else None
 
 
-async def lock_for_refresh(conn: AsyncConnection, user_id: str, *, lock_timeout_seconds: float) -> TokenRow | None:
+async def lock_for_refresh(conn: AsyncConnection, user_id: str) -> TokenRow | None:
     """Take the cross-process refresh guard for one user and read the row under it.
 
-    Postgres: a row lock (`FOR UPDATE`), waited for at most `lock_timeout_seconds`. SQLite has no row locks: a
-    no-op UPDATE takes the database's write lock, which other processes wait for through the busy timeout.
+    Postgres: a row lock (`FOR UPDATE`), waited for at most the connection's `lock_timeout` (`db.make_engine`).
+    SQLite has no row locks: a no-op UPDATE takes the database's write lock, which other processes wait for through
+    the busy timeout.
     Either way the guard lasts until the caller's transaction ends, and readers are never blocked.
     """
     if conn.dialect.name == "postgresql":
-        await conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(lock_timeout_seconds * 1000)}ms'"))
         row = (await conn.execute(_SELECT.where(t.c.user_id == user_id).with_for_update())).first()
     else:
         await conn.execute(sa.update(t).where(t.c.user_id == user_id).values(version=t.c.version))
