@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     refresh_buffer_seconds: int = 1800
     sweep_interval_seconds: int = Field(default=300, ge=0)
-    sweep_concurrency: int = Field(default=10, ge=1, le=200)
+    # Strava calls a sweep keeps in flight; its workers (a quarter more) each hold a pooled connection, so keep it
+    # well under TOKENSVC_DB_POOL_SIZE to leave connections for on-demand refreshes.
+    sweep_concurrency: int = Field(default=4, ge=1, le=200)
     sweep_batch_size: int = Field(default=100, ge=1, le=5000)
     # Must outlive a refresh (Strava timeout + lock wait): a claim this old is taken to be abandoned.
     sweep_lease_seconds: int = Field(default=300, ge=60)

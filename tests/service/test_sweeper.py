@@ -244,8 +244,9 @@ class TestShutdown:
         sandbox.gate.release()
         report = await sweep
         await sweeper.stop()
-        assert (report.checked, report.refreshed) == (2, 2)
-        assert await sweeper.count_due() == 8
+        # the refreshes already under way (at Strava, or holding their user's lock for a Strava slot) finished
+        assert at_strava <= report.checked == report.refreshed <= 3
+        assert await sweeper.count_due() == 10 - report.checked
         refreshed = [u for u in users if u.athlete_id in sandbox.refresh_by_athlete]
         for user in refreshed:
             status = await resources.service.status(user.user_id)

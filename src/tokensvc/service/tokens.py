@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import random
 import time
@@ -213,7 +214,9 @@ class TokenService:
 
     # -- the refresh itself -----------------------------------------------------------------------------------
 
-    async def _ensure_fresh(self, user_id: str, *, force: bool, min_ttl: int, trigger: str) -> Outcome:
+    async def _ensure_fresh(
+        self, user_id: str, *, force: bool, min_ttl: int, trigger: str, strava_slots: asyncio.Semaphore | None = None
+    ) -> Outcome:
         """Join the user's in-flight refresh (sharing its result or its error), or start one.
 
         A caller the joined flight did not satisfy (it wanted `force`, or more life) starts its own afterwards.
@@ -225,7 +228,9 @@ class TokenService:
                 return outcome
         flight = self._flights.get(user_id)
         if flight is None or flight.done():
-            flight = asyncio.create_task(self._refresh_guarded(user_id, force=force, min_ttl=min_ttl, trigger=trigger))
+            flight = asyncio.create_task(
+                self._refresh_guarded(user_id, force=force, min_ttl=min_ttl, trigger=trigger, strava_slots=strava_slots)
+            )
             self._flights[user_id] = flight
             flight.add_done_callback(lambda done: self._forget_flight(user_id, done))
         # shield: a caller that goes away (client disconnect) must not cancel the refresh others are waiting for
@@ -251,13 +256,20 @@ class TokenService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _refresh_guarded(self, user_id: str, *, force: bool, min_ttl: int, trigger: str) -> Outcome:
+    async def _refresh_guarded(
+        self, user_id: str, *, force: bool, min_ttl: int, trigger: str, strava_slots: asyncio.Semaphore | None = None
+    ) -> Outcome:
         outcome_label = "error"
         try:
             priority: Priority = "sweep" if trigger in AUTOMATIC_TRIGGERS else "on_demand"
             # The sweeper claimed the user because it is due: a lock-free look first would only repeat that.
             outcome = await self._refresh_locked(
-                user_id, force=force, min_ttl=min_ttl, priority=priority, look_first=trigger != "sweep"
+                user_id,
+                force=force,
+                min_ttl=min_ttl,
+                priority=priority,
+                look_first=trigger != "sweep",
+                strava_slots=strava_slots,
             )
         except TokenServiceError as exc:
             outcome_label = _OUTCOME_BY_CODE.get(exc.code, exc.code)
@@ -269,7 +281,14 @@ class TokenService:
             metrics.REFRESH_TOTAL.labels(outcome=outcome_label, trigger=trigger).inc()
 
     async def _refresh_locked(
-        self, user_id: str, *, force: bool, min_ttl: int, priority: Priority, look_first: bool = True
+        self,
+        user_id: str,
+        *,
+        force: bool,
+        min_ttl: int,
+        priority: Priority,
+        look_first: bool = True,
+        strava_slots: asyncio.Semaphore | None = None,
     ) -> Outcome:
         """A lock-free look first; then one transaction per round: take the guard, re-read, decide, call Strava,
         write, commit.
@@ -314,7 +333,7 @@ class TokenService:
                             return Outcome(row, refreshed=False, message=message)
                         called = True
                         try:
-                            grant = await self._call_strava(user_id, row)
+                            grant = await self._call_strava(user_id, row, strava_slots)
                         except ProviderRejectedError:
                             rejected_version = row.version
                             continue  # ends this transaction, releasing the guard, and re-reads in a new one
@@ -371,12 +390,13 @@ class TokenService:
         except (DBAPIError, OSError) as bookkeeping:
             log.error("token.refresh.backoff_not_recorded", user_id=row.user_id, error=type(bookkeeping).__name__)
 
-    async def _call_strava(self, user_id: str, row: TokenRow) -> TokenGrant:
+    async def _call_strava(self, user_id: str, row: TokenRow, slots: asyncio.Semaphore | None = None) -> TokenGrant:
         """Raises ProviderRejectedError (handled by the caller) or the service's 503 errors."""
         refresh_token = self._decrypt(row, "refresh")
         started = time.perf_counter()
         try:
-            grant = await self._strava.refresh(refresh_token)
+            async with slots or contextlib.nullcontext():
+                grant = await self._strava.refresh(refresh_token)
         except ProviderRejectedError:
             log.info("token.refresh.rejected_by_strava", user_id=user_id)
             raise
@@ -404,13 +424,14 @@ class TokenService:
         metrics.REFRESH_SECONDS.observe(time.perf_counter() - started)
         return grant
 
-    async def sweep_user(self, user_id: str) -> Outcome:
+    async def sweep_user(self, user_id: str, *, strava_slots: asyncio.Semaphore | None = None) -> Outcome:
         """The sweeper's refresh of one claimed user: the same exactly-once path as any refresh, at sweep priority.
-        A user found not due (refreshed meanwhile, or the buffer changed) is put back on schedule.
+        A user found not due (refreshed meanwhile, or the buffer changed) is put back on schedule. `strava_slots`
+        bounds the sweep's Strava calls in flight (the database work around them overlaps).
 
         Raises what `refresh` raises.
         """
-        outcome = await self._ensure_fresh(user_id, force=False, min_ttl=0, trigger="sweep")
+        outcome = await self._ensure_fresh(user_id, force=False, min_ttl=0, trigger="sweep", strava_slots=strava_slots)
         if not outcome.refreshed:
             async with self._engine.begin() as conn:
                 await store.reschedule(conn, user_id, sweep_at=self.sweep_at(user_id, outcome.row.expires_at))
