@@ -40,9 +40,7 @@ import re
 import resource
 import secrets
 import select
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,13 +49,26 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import asyncpg
 import httpx
+from benchlib import (
+    BenchError,
+    clean_env,
+    cpu_model,
+    drop_database,
+    find_py_spy,
+    free_port,
+    mem_total_gib,
+    package_version,
+    postgres_ticks,
+    process_ticks,
+    quoted_identifier,
+    recreate_database,
+    terminate_as_exit,
+)
 
 from tokensvc.config import normalize_database_url
 from tokensvc.crypto import TokenCipher, generate_key
@@ -120,42 +131,11 @@ COLUMNS = (
 )
 
 
-class BenchError(Exception):
-    """The benchmark cannot go on, or a verification failed; the message says why."""
-
-
 class ProfilerError(Exception):
     """py-spy could not record (the measurements stand; the profile is missing)."""
 
 
 # -- machine and versions ------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mem_total_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024 / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def package_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def git_revision() -> str:
@@ -236,16 +216,6 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
-def process_ticks(pid: int) -> int | None:
-    """utime + stime of one process in clock ticks (None when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted after the comm
-
-
 def system_ticks(pid: int) -> int:
     """stime alone: time in the kernel on the process's behalf (socket I/O; on loopback TCP, the send path
     also runs the receiver's network stack)."""
@@ -254,23 +224,6 @@ def system_ticks(pid: int) -> int:
     except OSError:
         return 0
     return int(stat.rsplit(")", 1)[1].split()[12])
-
-
-def postgres_ticks() -> dict[int, int]:
-    """CPU ticks of every local process named `postgres` (the server and its backends)."""
-    ticks: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() != "postgres":
-                continue
-        except OSError:
-            continue
-        value = process_ticks(int(entry.name))
-        if value is not None:
-            ticks[int(entry.name)] = value
-    return ticks
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -361,39 +314,6 @@ def describe_cpu(cpu: CpuUsage) -> str:
 
 
 # -- database ------------------------------------------------------------------------------------------------
-
-
-def quoted_identifier(name: str) -> str:
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
-        raise BenchError(f"--db-name must be a plain lower-case identifier, got {name!r}")
-    return f'"{name}"'
-
-
-async def recreate_database(admin_url: str, name: str) -> str:
-    """Drop (forcibly) and create `name`; returns the server's version string."""
-    conn = await asyncpg.connect(admin_url)
-    try:
-        version = str(await conn.fetchval("SHOW server_version"))
-        await conn.execute(f"DROP DATABASE IF EXISTS {quoted_identifier(name)} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {quoted_identifier(name)}")
-    finally:
-        await conn.close()
-    return version
-
-
-async def drop_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {quoted_identifier(name)} WITH (FORCE)")
-    finally:
-        await conn.close()
-
-
-def clean_env(**overrides: str) -> dict[str, str]:
-    """This process's environment without any TOKENSVC_* setting that could leak in, plus `overrides`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env | overrides
 
 
 def migrate(database_url: str, out_dir: Path) -> float:
@@ -543,13 +463,6 @@ async def make_due_again(database_url: str) -> int:
 
 
 # -- processes -----------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -954,13 +867,6 @@ def profile_report(title: str, profile: Profile, top: int) -> str:
     return "\n".join(out)
 
 
-def find_py_spy() -> str | None:
-    beside = Path(sys.executable).parent / "py-spy"
-    if beside.exists():
-        return str(beside)
-    return shutil.which("py-spy")
-
-
 def start_py_spy(py_spy: str, pid: int, raw: Path, rate: int) -> subprocess.Popen[str]:
     """py-spy until SIGINT: non-blocking (unbiased; unreadable samples are dropped), `--gil` (the thread running
     Python only, so idle worker threads do not count as busy)."""
@@ -1126,21 +1032,6 @@ def exclusive_database(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def terminate_as_exit() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run through the normal `finally` clean-up, like Ctrl-C does."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def run_profile(
