@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +19,42 @@ from types import FrameType
 
 import asyncpg
 
+REPO_DIR = Path(__file__).resolve().parent.parent
+
 
 class BenchError(Exception):
     """The benchmark cannot go on, its numbers cannot be trusted, or a verification failed; the message says why."""
+
+
+class ProfilerError(Exception):
+    """py-spy could not record (the measurements stand; the profile is missing)."""
+
+
+def git_revision() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not dirty:
+        return head
+    # Others edit src/ while benches run: name the exact tree the figures came from.
+    digest = hashlib.sha256()
+    for path in sorted((REPO_DIR / "src").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{head} + uncommitted src/ changes (src/**/*.py sha256 {digest.hexdigest()[:12]})"
 
 
 def cpu_model() -> str:

@@ -41,11 +41,13 @@ import asyncpg
 import httpx
 from benchlib import (
     BenchError,
+    ProfilerError,
     clean_env,
     cpu_model,
     drop_database,
     find_py_spy,
     free_port,
+    git_revision,
     mem_total_gib,
     package_version,
     postgres_ticks,
@@ -82,10 +84,6 @@ VERSIONED_PACKAGES = (
 )
 
 
-class ProfilerError(Exception):
-    """py-spy could not record the server (the measurements stand; the profile is missing)."""
-
-
 # -- machine and versions ------------------------------------------------------------------------------------
 
 
@@ -96,27 +94,6 @@ def tool_version(argv: Sequence[str]) -> str:
         return "unknown"
     lines = (done.stdout + done.stderr).strip().splitlines()
     return lines[0].strip() if lines else "unknown"
-
-
-def git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head} (src/ has uncommitted changes)" if dirty else head
 
 
 def environment(wrk: str, py_spy: str | None, pg_version: str) -> dict[str, Any]:

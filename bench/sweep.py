@@ -56,11 +56,13 @@ import asyncpg
 import httpx
 from benchlib import (
     BenchError,
+    ProfilerError,
     clean_env,
     cpu_model,
     drop_database,
     find_py_spy,
     free_port,
+    git_revision,
     mem_total_gib,
     package_version,
     postgres_ticks,
@@ -131,38 +133,7 @@ COLUMNS = (
 )
 
 
-class ProfilerError(Exception):
-    """py-spy could not record (the measurements stand; the profile is missing)."""
-
-
 # -- machine and versions ------------------------------------------------------------------------------------
-
-
-def git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if not dirty:
-        return head
-    # Others edit src/ while benches run: name the exact tree the figures came from.
-    digest = hashlib.sha256()
-    for path in sorted((REPO_DIR / "src").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return f"{head} + uncommitted src/ changes (src/**/*.py sha256 {digest.hexdigest()[:12]})"
 
 
 def print_environment(pg_version: str, args: argparse.Namespace) -> dict[str, Any]:

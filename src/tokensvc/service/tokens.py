@@ -92,7 +92,7 @@ class TokenService:
     ) -> None:
         self._engine = engine
         # Reads need no transaction: autocommit saves the BEGIN/ROLLBACK round trips.
-        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._rows = rows or EngineReader(engine)
         self._cipher = cipher
         self._strava = strava
@@ -115,7 +115,7 @@ class TokenService:
         if Status.MISSING in statuses:
             raise ValidationFailed("`missing` users have no stored row to list; ask token-status for one user")
         after = _decode_cursor(cursor) if cursor else None
-        async with self._reader.connect() as conn:
+        async with self._autocommit.connect() as conn:
             rows = await store.list_by_status(
                 conn,
                 statuses,
