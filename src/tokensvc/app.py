@@ -25,6 +25,7 @@ from tokensvc.config import Settings
 from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
+from tokensvc.service.journal import Journal
 from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.sessions import Sessions
@@ -77,6 +78,11 @@ async def open_resources(
         clock=clock,
     )
     rows = open_reader(engine, size=settings.db_pool_size)
+    journal = Journal(
+        clock=clock,
+        notify=settings.notify_url is not None,
+        connect_url=f"{settings.public_url}/v1/oauth/strava/authorize" if settings.public_url else None,
+    )
     service = TokenService(
         engine=engine,
         budget=budget,
@@ -86,6 +92,7 @@ async def open_resources(
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
         authorize_url=links.for_user,
+        journal=journal,
     )
     oauth = OAuthService(links=links, tokens=service, strava=strava, engine=engine, clock=clock)
     sessions = Sessions(secret, ttl_seconds=settings.session_ttl_seconds, clock=clock)

@@ -14,7 +14,7 @@ from pydantic import SecretStr, ValidationError
 
 from tokensvc import logging as tokensvc_logging
 from tokensvc.config import ConfigError, Settings, encryption_keys, prepare
-from tokensvc.crypto import generate_key
+from tokensvc.crypto import generate_key, generate_notify_secret
 from tokensvc.service.sweeper import SweepReport
 
 app = typer.Typer(
@@ -155,9 +155,13 @@ async def _refresh_due(settings: Settings, *, show_progress: bool) -> SweepRepor
 
 
 @app.command("gen-key")
-def gen_key() -> None:
-    """Print a fresh encryption key for TOKENSVC_ENCRYPTION_KEYS."""
-    typer.echo(generate_key())
+def gen_key(
+    notify: Annotated[
+        bool, typer.Option("--notify", help="A signing secret for TOKENSVC_NOTIFY_SECRET (Standard Webhooks whsec_…)")
+    ] = False,
+) -> None:
+    """Print a fresh encryption key for TOKENSVC_ENCRYPTION_KEYS (or, with --notify, a notification secret)."""
+    typer.echo(generate_notify_secret() if notify else generate_key())
 
 
 @app.command("import")

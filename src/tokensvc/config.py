@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     strava_webhook_verify_token: SecretStr | None = None
     notify_url: str | None = None
     notify_secret: SecretStr | None = None
+    # Audit rows (refresh attempts, changes of state) older than this are purged by the background loop.
+    audit_retention_days: int = Field(default=90, ge=1, le=3650)
+    # Lets operators sign in to /dashboard with a password instead of an API key.
+    admin_password: SecretStr | None = None
     log_level: str = "INFO"
     # Each process opens at most 2 x this + 1 Postgres connections (transactions, hot reads, notifications);
     # replicas x (2 x this + 1) must stay under the server's max_connections (100 by default).
@@ -94,6 +98,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "TOKENSVC_LOCK_TIMEOUT_SECONDS must be longer than TOKENSVC_STRAVA_TIMEOUT_SECONDS, "
                 "so that a caller waiting for a refresh outlives the refresh's own HTTP call"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _notify_needs_secret(self) -> Settings:
+        if self.notify_url and self.notify_secret is None:
+            raise ValueError(
+                "TOKENSVC_NOTIFY_URL is set but TOKENSVC_NOTIFY_SECRET is not: notifications are signed "
+                "(Standard Webhooks); make a secret with `tokensvc gen-key --notify`"
             )
         return self
 

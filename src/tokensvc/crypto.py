@@ -124,3 +124,11 @@ def load_or_create_key_file(path: Path) -> tuple[str, bool]:
     finally:
         tmp.unlink(missing_ok=True)
     return key, True
+
+
+NOTIFY_SECRET_PREFIX = "whsec_"
+
+
+def generate_notify_secret() -> str:
+    """A Standard Webhooks signing secret: `whsec_` and 32 random bytes in base64."""
+    return NOTIFY_SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode()

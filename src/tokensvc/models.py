@@ -110,3 +110,93 @@ class OAuthStateUse(SQLModel, table=True):
 
 
 oauth_state_uses: sa.Table = OAuthStateUse.__table__  # type: ignore[attr-defined]
+
+
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
+
+
+class TokenEvent(SQLModel, table=True):
+    """The audit trail: one row per refresh attempt at Strava and per change of a user's state. Append-only (rows
+    leave only through the retention purge); never holds a token."""
+
+    __tablename__ = "token_events"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_BigId)
+    occurred_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    user_id: str = Field(max_length=64)
+    # refresh | connected | imported | needs_reauth | recovered | revoked | deauthorization_unconfirmed
+    kind: str = Field(max_length=32)
+    trigger: str | None = Field(default=None, max_length=32)
+    # refresh: succeeded | rejected | transient | rate_limited | misconfigured | unreadable | answer_lost
+    outcome: str | None = Field(default=None, max_length=32)
+    strava_status: int | None = Field(default=None)
+    duration_ms: int | None = Field(default=None)
+    detail: str | None = Field(default=None, max_length=200)
+
+
+# A user's history, newest first, is a range scan on (user_id, id).
+sa.Index("ix_token_events_user", TokenEvent.__table__.c.user_id, TokenEvent.__table__.c.id)  # type: ignore[attr-defined]
+
+token_events: sa.Table = TokenEvent.__table__  # type: ignore[attr-defined]
+
+
+class Notification(SQLModel, table=True):
+    """The transactional outbox: a notification is written in the same transaction as the change it reports and
+    delivered (signed, retried with backoff) by whichever replica claims it. `id` is the Standard Webhooks
+    `webhook-id`, stable across retries so receivers can drop duplicates."""
+
+    __tablename__ = "notifications"
+
+    id: str = Field(primary_key=True, max_length=40)
+    event_type: str = Field(max_length=32)
+    user_id: str = Field(max_length=64)
+    payload: str = Field(sa_type=sa.Text)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    next_attempt_at: int = Field(sa_type=sa.BigInteger)
+    attempts: int = Field(default=0)
+    delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = Field(default=None, max_length=200)
+
+
+# "What is due for delivery" scans undelivered rows only.
+sa.Index(
+    "ix_notifications_due",
+    Notification.__table__.c.next_attempt_at,  # type: ignore[attr-defined]
+    postgresql_where=sa.text("delivered_at IS NULL"),
+    sqlite_where=sa.text("delivered_at IS NULL"),
+)
+
+notifications: sa.Table = Notification.__table__  # type: ignore[attr-defined]
+
+
+class StravaWebhookEvent(SQLModel, table=True):
+    """A Strava push event worth acting on (athlete deauthorizations), stored before Strava gets its 200 and
+    processed in the background. `dedupe_key` makes Strava's retries one row."""
+
+    __tablename__ = "strava_webhook_events"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_BigId)
+    dedupe_key: str = Field(max_length=128, unique=True)
+    owner_id: int = Field(sa_type=sa.BigInteger)
+    object_type: str = Field(max_length=16)
+    aspect_type: str = Field(max_length=16)
+    event_time: int = Field(sa_type=sa.BigInteger)
+    subscription_id: int | None = Field(default=None, sa_type=sa.BigInteger)
+    payload: str = Field(sa_type=sa.Text)
+    received_at: datetime = Field(sa_type=UTCDateTime)
+    # pending | confirmed | unconfirmed | no_user
+    state: str = Field(default="pending", max_length=16)
+    attempts: int = Field(default=0)
+    next_attempt_at: int = Field(sa_type=sa.BigInteger)
+    processed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    result: str | None = Field(default=None, max_length=200)
+
+
+sa.Index(
+    "ix_strava_webhook_events_pending",
+    StravaWebhookEvent.__table__.c.next_attempt_at,  # type: ignore[attr-defined]
+    postgresql_where=sa.text("state = 'pending'"),
+    sqlite_where=sa.text("state = 'pending'"),
+)
+
+strava_webhook_events: sa.Table = StravaWebhookEvent.__table__  # type: ignore[attr-defined]

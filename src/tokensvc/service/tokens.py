@@ -40,12 +40,14 @@ from tokensvc.errors import (
 )
 from tokensvc.providers.strava import (
     ProviderConfigError,
+    ProviderError,
     ProviderRejectedError,
     ProviderTransientError,
     StravaClient,
     TokenGrant,
 )
 from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
+from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.status import Status, classify
 from tokensvc.store import tokens as store
@@ -89,8 +91,10 @@ class TokenService:
         buffer_seconds: int = 1800,
         write_budget_seconds: float = 30.0,
         authorize_url: AuthorizeUrlFactory | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._engine = engine
+        self.journal = journal or Journal(clock=clock)
         # Reads need no transaction: autocommit saves the BEGIN/ROLLBACK round trips.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._rows = rows or EngineReader(engine)
@@ -160,9 +164,11 @@ class TokenService:
             sweep_at=self.sweep_at(user_id, body.expires_at),
         )
         async with self._engine.begin() as conn:
+            previous = await store.lock_for_refresh(conn, user_id)
             row = await store.upsert(
                 conn, user_id, tokens, athlete_id=body.athlete_id, scopes=body.scopes, now=self._now_dt()
             )
+            await self.journal.stored(conn, user_id, kind="imported", previous_reason=_reason(previous))
         log.info("token.imported", user_id=user_id, expires_at=row.expires_at, version=row.version)
         return self._status(user_id, row)
 
@@ -172,9 +178,12 @@ class TokenService:
             raise ProviderUnavailable("Strava's code exchange returned no refresh token", retry_after=5)
         tokens = self._encrypt_grant(user_id, grant)
         async with self._engine.begin() as conn:
+            previous = await store.lock_for_refresh(conn, user_id)
             row = await store.upsert(
                 conn, user_id, tokens, athlete_id=grant.athlete_id, scopes=list(scopes), now=self._now_dt()
             )
+            await self.journal.stored(conn, user_id, kind="connected", previous_reason=_reason(previous))
+        log.info("token.connected", user_id=user_id, athlete_id=row.athlete_id, was=_reason(previous))
         return self._status(user_id, row)
 
     async def refresh(self, user_id: str, *, force: bool = False, trigger: str = "api") -> RefreshResult:
@@ -198,6 +207,7 @@ class TokenService:
             if row.access_token_enc is not None and row.reauth_reason is None:
                 await self._deauthorize_best_effort(row)
             await store.delete(conn, user_id)
+            await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
         log.info("token.deleted", user_id=user_id)
 
     async def drain(self) -> None:
@@ -267,6 +277,7 @@ class TokenService:
                 user_id,
                 force=force,
                 min_ttl=min_ttl,
+                trigger=trigger,
                 priority=priority,
                 look_first=trigger != "sweep",
                 strava_slots=strava_slots,
@@ -287,6 +298,7 @@ class TokenService:
         force: bool,
         min_ttl: int,
         priority: Priority,
+        trigger: str = "api",
         look_first: bool = True,
         strava_slots: asyncio.Semaphore | None = None,
     ) -> Outcome:
@@ -305,6 +317,7 @@ class TokenService:
         for _round in range(3):
             await self._budget.acquire(priority)
             called = False
+            started = time.perf_counter()
             grant: TokenGrant | None = None
             written: TokenRow | None = None
             dead = False
@@ -316,13 +329,21 @@ class TokenService:
                     )
                     if rejected_version == row.version:
                         # Nobody stored anything newer since Strava said no: the token really is dead.
-                        await store.mark_needs_reauth(
+                        flagged = await store.mark_needs_reauth(
                             conn,
                             user_id,
                             reason="refresh_token_invalid",
                             now=self._now_dt(),
                             expected_version=row.version,
                         )
+                        if flagged is not None:
+                            await self.journal.needs_reauth(
+                                conn,
+                                user_id,
+                                athlete_id=row.athlete_id,
+                                reason="refresh_token_invalid",
+                                trigger=trigger,
+                            )
                         dead = True
                     else:
                         if rejected_version is not None:
@@ -332,11 +353,21 @@ class TokenService:
                             message = MSG_STILL_VALID if rejected_version is None else MSG_SIBLING
                             return Outcome(row, refreshed=False, message=message)
                         called = True
+                        started = time.perf_counter()
                         try:
                             grant = await self._call_strava(user_id, row, strava_slots)
-                        except ProviderRejectedError:
+                        except ProviderRejectedError as exc:
                             rejected_version = row.version
+                            await self.journal.refresh_attempt(
+                                conn,
+                                user_id,
+                                trigger=trigger,
+                                outcome="rejected",
+                                strava_status=exc.status_code,
+                                duration_ms=_ms_since(started),
+                            )
                             continue  # ends this transaction, releasing the guard, and re-reads in a new one
+                        duration_ms = _ms_since(started)
                         written = await store.write_refresh(
                             conn,
                             user_id,
@@ -344,6 +375,16 @@ class TokenService:
                             expected_version=row.version,
                             now=self._now_dt(),
                         )
+                        if written is not None:
+                            await self.journal.refresh_attempt(
+                                conn,
+                                user_id,
+                                trigger=trigger,
+                                outcome="succeeded",
+                                strava_status=200,
+                                duration_ms=duration_ms,
+                                detail=f"after {row.failure_count} failures" if row.failure_count else None,
+                            )
             except (DBAPIError, OSError) as exc:
                 if grant is None:
                     raise
@@ -351,7 +392,7 @@ class TokenService:
                 log.error("token.refresh.write_failed_retrying", user_id=user_id, error=type(exc).__name__)
                 written = await self._persist_after_outage(user_id, row.version, self._encrypt_grant(user_id, grant))
             except (ProviderUnavailable, TokenUnreadable) as exc:
-                await self._after_failure(row, exc)
+                await self._after_failure(row, exc, trigger=trigger, duration_ms=_ms_since(started) if called else None)
                 raise
             finally:
                 if not called:
@@ -377,8 +418,11 @@ class TokenService:
             return Outcome(written, refreshed=True, message=MSG_REFRESHED, access_token=grant.access_token)
         raise ProviderUnavailable("the refresh token kept changing during the refresh; try again", retry_after=5)
 
-    async def _after_failure(self, row: TokenRow, exc: ProviderUnavailable | TokenUnreadable) -> None:
-        """Back off automatic attempts for this user (and pause everyone on a 429). Never masks `exc`."""
+    async def _after_failure(
+        self, row: TokenRow, exc: ProviderUnavailable | TokenUnreadable, *, trigger: str, duration_ms: int | None
+    ) -> None:
+        """Back off automatic attempts for this user (and pause everyone on a 429), and record the failed attempt.
+        Never masks `exc`."""
         now = int(self._clock())
         try:
             if isinstance(exc, ProviderRateLimited) and exc.from_strava:
@@ -387,6 +431,16 @@ class TokenService:
                 delay = backoff_seconds(row.failure_count + 1)
             async with self._engine.begin() as conn:
                 await store.record_failure(conn, row.user_id, error=exc.code, retry_at=now + delay)
+                cause = exc.__cause__
+                await self.journal.refresh_attempt(
+                    conn,
+                    row.user_id,
+                    trigger=trigger,
+                    outcome=_failure_outcome(exc),
+                    strava_status=cause.status_code if isinstance(cause, ProviderError) else None,
+                    duration_ms=duration_ms,
+                    detail=str(exc)[:200],
+                )
         except (DBAPIError, OSError) as bookkeeping:
             log.error("token.refresh.backoff_not_recorded", user_id=row.user_id, error=type(bookkeeping).__name__)
 
@@ -585,3 +639,23 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
         return int(expires_at), user_id
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise ValidationFailed("`cursor` is not a cursor this service issued") from exc
+
+
+def _reason(row: TokenRow | None) -> str | None:
+    return row.reauth_reason if row is not None else None
+
+
+def _ms_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
+
+
+def _failure_outcome(exc: TokenServiceError) -> str:
+    """The audit's name for a failed attempt (a lost answer is told apart: Strava may have rotated)."""
+    cause = exc.__cause__
+    if isinstance(cause, ProviderTransientError) and cause.answer_lost:
+        return "answer_lost"
+    if isinstance(exc, ProviderMisconfigured):
+        return "misconfigured"
+    if isinstance(exc, TokenUnreadable):
+        return "unreadable"
+    return _OUTCOME_BY_CODE.get(exc.code, exc.code)

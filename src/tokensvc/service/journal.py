@@ -1,0 +1,155 @@
+"""What the service records about each change: an audit row always, and a notification for the app when a user's
+connection changes state (`token.needs_reauth`, `token.recovered`, `token.revoked`).
+
+Every method takes the connection of the transaction that makes the change, so the record, the notification and
+the change commit together or not at all (the transactional outbox). One notification per change of state: the
+callers only call these when their UPDATE actually changed the state, never per attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tokensvc.store import journal as store
+from tokensvc.store.journal import EventRecord
+
+Clock = Callable[[], float]
+
+NEEDS_REAUTH = "token.needs_reauth"
+RECOVERED = "token.recovered"
+REVOKED = "token.revoked"
+
+
+def new_message_id() -> str:
+    """A Standard Webhooks `webhook-id`: unique, and the same on every delivery attempt of one notification."""
+    return f"msg_{secrets.token_hex(16)}"
+
+
+class Journal:
+    """Audit rows and outbox notifications. `notify` False (no TOKENSVC_NOTIFY_URL) records audit rows only."""
+
+    def __init__(self, *, clock: Clock = time.time, notify: bool = False, connect_url: str | None = None) -> None:
+        self._clock = clock
+        self.notify = notify
+        # Where the app can send a user to reconnect: the browser endpoint that starts the consent with the user's
+        # session. It does not expire, unlike a signed authorize URL (ten minutes), so a late delivery still works.
+        self._connect_url = connect_url
+
+    async def refresh_attempt(
+        self,
+        conn: AsyncConnection,
+        user_id: str,
+        *,
+        trigger: str,
+        outcome: str,
+        strava_status: int | None = None,
+        duration_ms: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """One call to Strava's token endpoint and how it ended."""
+        await store.append(
+            conn,
+            EventRecord(
+                user_id=user_id,
+                kind="refresh",
+                occurred_at=self._now(),
+                trigger=trigger,
+                outcome=outcome,
+                strava_status=strava_status,
+                duration_ms=duration_ms,
+                detail=detail,
+            ),
+        )
+
+    async def stored(self, conn: AsyncConnection, user_id: str, *, kind: str, previous_reason: str | None) -> None:
+        """Tokens stored by a connect (`connected`) or an import (`imported`); a user who needed to reconnect and
+        now has tokens again has recovered."""
+        await store.append(conn, EventRecord(user_id=user_id, kind=kind, occurred_at=self._now()))
+        if previous_reason is not None:
+            await self._changed(
+                conn,
+                user_id,
+                RECOVERED,
+                kind="recovered",
+                detail=f"was {previous_reason}",
+                data={
+                    "status": "valid",
+                    "previous_reason": previous_reason,
+                    "via": kind,
+                },
+            )
+
+    async def needs_reauth(
+        self, conn: AsyncConnection, user_id: str, *, athlete_id: int | None, reason: str, trigger: str | None = None
+    ) -> None:
+        """The user moved to `needs_reauth` (`refresh_token_invalid` or `deauthorized`)."""
+        await self._changed(
+            conn,
+            user_id,
+            NEEDS_REAUTH,
+            kind="needs_reauth",
+            trigger=trigger,
+            detail=reason,
+            data={
+                "status": "needs_reauth",
+                "reason": reason,
+                "athlete_id": athlete_id,
+                "connect_url": self._connect_url,
+            },
+        )
+
+    async def revoked(self, conn: AsyncConnection, user_id: str, *, athlete_id: int | None, reason: str) -> None:
+        """The user's tokens were revoked at Strava and deleted here (`DELETE …/tokens`); the user is `missing`."""
+        await self._changed(
+            conn,
+            user_id,
+            REVOKED,
+            kind="revoked",
+            detail=reason,
+            data={"status": "missing", "reason": reason, "athlete_id": athlete_id, "connect_url": self._connect_url},
+        )
+
+    async def note(self, conn: AsyncConnection, user_id: str, *, kind: str, detail: str | None = None) -> None:
+        """An audit row without a change of state (for example a deauthorization Strava did not confirm)."""
+        await store.append(conn, EventRecord(user_id=user_id, kind=kind, occurred_at=self._now(), detail=detail))
+
+    async def _changed(
+        self,
+        conn: AsyncConnection,
+        user_id: str,
+        event_type: str,
+        *,
+        kind: str,
+        data: dict[str, object],
+        trigger: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        now = self._now()
+        await store.append(
+            conn, EventRecord(user_id=user_id, kind=kind, occurred_at=now, trigger=trigger, detail=detail)
+        )
+        if not self.notify:
+            return
+        payload = {
+            "type": event_type,
+            "timestamp": now.isoformat().replace("+00:00", "Z"),
+            "data": {"user_id": user_id, **data},
+        }
+        await store.enqueue(
+            conn,
+            message_id=new_message_id(),
+            event_type=event_type,
+            user_id=user_id,
+            payload=json.dumps(payload, separators=(",", ":")),
+            created_at=now,
+            deliver_at=int(self._clock()),
+        )
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
