@@ -807,6 +807,7 @@ def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats:
         total = sum(classes.values())
         print(f"  {endpoint:14} {total:7,}  " + ", ".join(f"{c} {n:,}" for c, n in sorted(classes.items())))
     print(f"  total          {sum(t.requests.values()):7,}")
+    print("  ('unexpected reauth': a user the soak had not revoked; judged below, once stranded users are known)")
     calls = stats.get("calls", {})
     ledger_sent = sum(soak.refreshes_accepted.values())
     print("\n== Strava (sandbox)")
@@ -815,11 +816,12 @@ def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats:
         f" athlete calls {calls.get('athlete', 0):,} (token checks and webhook confirmations),"
         f" per user: {ledger_sent / max(1, len(soak.users)):.1f} rotations"
     )
-    print("\n== faults injected (on /oauth/token refresh calls)")
+    print("\n== faults injected (occurrences queued on Strava's refresh calls)")
     for kind, n in sorted(t.faults.items()):
         print(f"  {kind:26} {n}")
     if not t.faults["429 without Retry-After"]:
         print("  429 without Retry-After    0 (no quarter-hour boundary came up during the run: not injected)")
+    print(f"  (left unconsumed when traffic stopped: {t.faults_skipped['unconsumed']})")
     down = ", ".join(f"{b - a:.1f} s" for a, b in t.down_windows)
     print(f"  replica SIGKILL + restart  {t.restarts} (down {down or '-'})")
     print("\n== webhooks")
@@ -945,6 +947,8 @@ async def soak_main(args: argparse.Namespace, database_url: str, sandbox: Proces
         started = time.monotonic()
         await soak.run(seconds)
         print(f"traffic stopped after {time.monotonic() - started:.1f} s; clearing faults and settling", flush=True)
+        pending = (await soak.control("GET", "/faults"))["pending"]
+        soak.tally.faults_skipped["unconsumed"] = sum(int(f["remaining"]) for f in pending)
         await soak.control("DELETE", "/faults")
         await soak.control("POST", "/release")
         settle_s = await settle(soak, database_url, key)
