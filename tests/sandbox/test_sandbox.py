@@ -712,6 +712,31 @@ class TestStandalone:
             await asyncio.wait_for(process.wait(), timeout=30)
 
 
+class TestAccessLifetime:
+    async def test_every_later_refresh_mints_a_short_lived_token(self, client: httpx.AsyncClient) -> None:
+        """`/_control/access-lifetime` shortens every refresh's access token, so each refresh mints a new one."""
+        pair = await connect(client)
+        await client.post(f"/_control/athletes/{pair['athlete']['id']}/expire", json={"expires_at": START + 60})
+        response = await client.post("/_control/access-lifetime", json={"expires_in": 180})
+        assert response.status_code == 200
+        assert response.json() == {"expires_in": 180}
+        first = (await refresh(client, pair["refresh_token"])).json()
+        assert (first["expires_in"], first["expires_at"]) == (180, START + 180)
+        assert first["access_token"] != pair["access_token"]
+        second = (await refresh(client, first["refresh_token"])).json()
+        assert second["expires_in"] == 180
+        assert second["access_token"] != first["access_token"]
+
+    async def test_reset_restores_stravas_six_hours(self, client: httpx.AsyncClient) -> None:
+        """A reset forgets the knob; a non-positive lifetime is refused."""
+        await client.post("/_control/access-lifetime", json={"expires_in": 180})
+        await client.post("/_control/reset")
+        pair = await connect(client)
+        await client.post(f"/_control/athletes/{pair['athlete']['id']}/expire", json={"expires_at": START + 60})
+        assert (await refresh(client, pair["refresh_token"])).json()["expires_in"] == 21600
+        assert (await client.post("/_control/access-lifetime", json={"expires_in": 0})).status_code == 422
+
+
 class TestNextGrant:
     async def test_only_the_next_code_exchange_gets_the_short_lifetime(self, client: httpx.AsyncClient) -> None:
         """`/_control/next-grant` shortens the next exchange's token once; later grants and refreshes are normal."""

@@ -40,6 +40,12 @@ class NextGrant(BaseModel):
     expires_in: int
 
 
+class AccessLifetime(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expires_in: int = Field(ge=1)
+
+
 class Hold(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -99,6 +105,12 @@ def control_router(state: SandboxState) -> APIRouter:
     async def next_grant(body: NextGrant) -> NextGrant:
         """The next code exchange (one-shot) issues an access token expiring in `expires_in` seconds."""
         state.set_next_grant(body.expires_in)
+        return body
+
+    @router.post("/access-lifetime")
+    async def access_lifetime(body: AccessLifetime) -> AccessLifetime:
+        """Every later refresh issues access tokens living `expires_in` seconds (until reset), not Strava's 6 h."""
+        state.set_access_lifetime(body.expires_in)
         return body
 
     @router.get("/stats")

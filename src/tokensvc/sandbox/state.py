@@ -178,6 +178,7 @@ class SandboxState:
         self._codes: dict[str, _Code] = {}
         self._next_id = FIRST_ATHLETE_ID
         self._next_grant_expires_in: int | None = None
+        self.access_lifetime = ACCESS_TOKEN_LIFETIME
         self.reset()
 
     def now(self) -> int:
@@ -191,6 +192,7 @@ class SandboxState:
         self._athletes, self._access, self._refresh, self._codes = {}, {}, {}, {}
         self._next_id = FIRST_ATHLETE_ID
         self._next_grant_expires_in = None
+        self.access_lifetime = ACCESS_TOKEN_LIFETIME
         self.faults.clear()
         self.gate.release()
         self.rate.reset()
@@ -268,7 +270,7 @@ class SandboxState:
         record.accepted = True
         athlete = self._athletes[record.athlete_id]
         if not (athlete.access.alive and athlete.access.expires_at - now > ONE_HOUR):
-            athlete.access = self._mint_access(athlete.id, now + ACCESS_TOKEN_LIFETIME)
+            athlete.access = self._mint_access(athlete.id, now + self.access_lifetime)
             athlete.access_tokens.append(athlete.access)
         if self.rotate:
             self._rotate_refresh(athlete, "rotated")
@@ -312,6 +314,13 @@ class SandboxState:
         """
         self._next_grant_expires_in = expires_in
 
+    def set_access_lifetime(self, expires_in: int) -> None:
+        """Every access token a refresh mints from now on lives `expires_in` seconds (Strava: always 6 h).
+
+        Below one hour, every refresh mints a new access token, so a soak sees users come due again within minutes.
+        """
+        self.access_lifetime = expires_in
+
     def snapshot(self, athlete_id: int) -> AthleteSnapshot:
         """The athlete's newest pair in clear text, plus what tests need to judge it."""
         athlete = self._athlete(athlete_id)
@@ -337,7 +346,7 @@ class SandboxState:
         athlete = self._athlete(athlete_id)
         if athlete.revoked:
             raise ValueError(f"athlete {athlete_id} has revoked access")
-        athlete.access = self._mint_access(athlete.id, self.now() + ACCESS_TOKEN_LIFETIME)
+        athlete.access = self._mint_access(athlete.id, self.now() + self.access_lifetime)
         athlete.access_tokens.append(athlete.access)
         self._rotate_refresh(athlete, "rotated")
         return self.snapshot(athlete_id)

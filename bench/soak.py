@@ -1,0 +1,1067 @@
+"""Soak: three `tokensvc serve` replicas with their sweepers, mixed traffic and injected Strava faults for N minutes,
+then the reliability invariants I1-I6 (/work/shared/RELIABILITY.md) checked against the sandbox's ledger and the DB.
+
+Run from the repository root (Postgres on 127.0.0.1:5432, user postgres, trust):
+
+    .venv/bin/python bench/soak.py [--minutes 5] [--users 200] [--concurrency 12] [--token-lifetime 180]
+
+What it does (see bench/README.md, "bench/soak.py: mixed traffic and faults"):
+1. drops and recreates the database `tokensvc_soak`, migrates it, starts the sandbox and makes every access token a
+   refresh mints live `--token-lifetime` seconds (`/_control/access-lifetime`), so users come due every few minutes;
+2. starts 3 replicas on that database (same encryption key and session secret, sweeper every 5 s, refresh buffer
+   60 s, Strava timeout 3 s, `TOKENSVC_DB_POOL_SIZE` 5) and imports `--users` sandbox athletes with staggered expiry;
+3. for `--minutes`, `--concurrency` workers send access-token (sometimes the same user on all replicas at once),
+   refresh (forced or not), browser (`POST /proactive-token-refresh` with a session) and token-status calls to
+   random replicas; a chaos task revokes athletes at the sandbox and sends the genuine deauthorization webhook
+   (sometimes twice), sends forged ones for athletes that were not revoked, and reconnects revoked users; a fault
+   task injects Strava 5xx bursts, latency, lost answers, malformed 200s and 429s; one replica is SIGKILLed and
+   restarted mid-run;
+4. every response is classified (2xx, expected 409, 503 with Retry-After, or an I6 violation) and every access token
+   handed out is checked against min_ttl and its expiry (I4) and against the sandbox (`GET /api/v3/athlete`);
+5. stops traffic, clears the faults and waits (on observable state, with a deadline) until every user either holds
+   Strava's newest refresh token or is flagged; then checks I1 (ledger), I2/I3 (DB against the sandbox), I5 (logs,
+   `pg_dump`, error bodies) and I6, prints a summary and exits 1 when an invariant fails.
+Processes are stopped and the database dropped in a `finally`, whatever happens (SIGTERM and SIGHUP too).
+No token is ever printed: tokens are compared by value in memory and by sha256 against the ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg
+import httpx
+from benchlib import (
+    BenchError,
+    clean_env,
+    cpu_model,
+    drop_database,
+    free_port,
+    git_revision,
+    mem_total_gib,
+    package_version,
+    quoted_identifier,
+    recreate_database,
+    terminate_as_exit,
+)
+
+from tokensvc.crypto import TokenCipher, generate_key
+
+BENCH_DIR = Path(__file__).resolve().parent
+API_KEY = "soak-key"
+CLIENT_ID = "sandbox-client"
+CLIENT_SECRET = "sandbox-secret"  # the sandbox's built-in credentials (public on purpose)
+VERIFY_TOKEN = "soak-verify"
+USER_PREFIX = "soak-user-"
+SCOPES = "read,activity:read_all"
+REPLICAS = 3
+BUFFER_SECONDS = 60  # the smallest refresh buffer the service accepts
+SWEEP_INTERVAL_SECONDS = 5
+STRAVA_TIMEOUT_SECONDS = 3
+LOST_ANSWER_HANG_SECONDS = 5.0  # longer than the service's Strava timeout: the answer never arrives
+POOL_SIZE = 5
+RATE_LIMIT = "1000000,10000000"  # the shared budget: far above what the soak spends; 429s are injected instead
+MIN_TTLS = (10, 30, 60, 120)
+READY_DEADLINE_SECONDS = 60.0
+STOP_GRACE_SECONDS = 15.0
+SETTLE_DEADLINE_SECONDS = 150.0
+REQUEST_TIMEOUT_SECONDS = 30.0
+FAULT_EVERY_SECONDS = 6.0
+CHAOS_EVERY_SECONDS = 4.0
+RECONNECT_AFTER_SECONDS = 15.0
+RESTART_AFTER_SECONDS = 3.0
+NO_RETRY_AFTER_WINDOW = 25  # a 429 without Retry-After pauses until the quarter hour: only inject it this close
+HEX40 = re.compile(rb"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")
+VERSIONED_PACKAGES = ("tokensvc", "uvicorn", "fastapi", "sqlalchemy", "asyncpg", "httpx", "stamina", "structlog")
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def user_id(n: int) -> str:
+    return f"{USER_PREFIX}{n:05d}"
+
+
+# -- processes -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def start_sandbox(out_dir: Path) -> Process:
+    log = out_dir / "sandbox.log"
+    with log.open("wb") as sink:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tokensvc.sandbox", "--port", "0", "--client-id", CLIENT_ID],
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            env=clean_env(),
+            cwd=out_dir,
+        )
+    process = Process("sandbox", popen, "", log)
+    assert popen.stdout is not None
+    ready, _, _ = select.select([popen.stdout], [], [], READY_DEADLINE_SECONDS)
+    line = popen.stdout.readline().decode().strip() if ready else ""
+    if not line.startswith("SANDBOX_READY "):
+        process.stop()
+        raise BenchError(f"the sandbox did not start ({line!r}):\n{process.log_tail()}")
+    process.url = line.split(" ", 1)[1]
+    return process
+
+
+@dataclass
+class ReplicaConfig:
+    database_url: str
+    sandbox_url: str
+    key: str
+    session_secret: str
+    out_dir: Path
+
+
+def start_replica(config: ReplicaConfig, index: int, port: int) -> Process:
+    settings = {
+        "TOKENSVC_DATABASE_URL": config.database_url,
+        "TOKENSVC_STRAVA_BASE_URL": config.sandbox_url,
+        "TOKENSVC_STRAVA_CLIENT_ID": CLIENT_ID,
+        "TOKENSVC_STRAVA_CLIENT_SECRET": CLIENT_SECRET,
+        "TOKENSVC_STRAVA_TIMEOUT_SECONDS": str(STRAVA_TIMEOUT_SECONDS),
+        "TOKENSVC_API_KEYS": API_KEY,
+        "TOKENSVC_ENCRYPTION_KEYS": config.key,
+        "TOKENSVC_SESSION_SECRET": config.session_secret,  # one secret: a session minted on one replica works on all
+        "TOKENSVC_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "TOKENSVC_REFRESH_BUFFER_SECONDS": str(BUFFER_SECONDS),
+        "TOKENSVC_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS),
+        "TOKENSVC_STRAVA_RATE_LIMIT": RATE_LIMIT,
+        "TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN": VERIFY_TOKEN,
+        "TOKENSVC_DB_POOL_SIZE": str(POOL_SIZE),
+        "TOKENSVC_LOG_LEVEL": "INFO",  # the logs are scanned for tokens (I5): let them say as much as they do
+    }
+    log = config.out_dir / f"replica-{index}.log"
+    with log.open("ab") as sink:  # append: a restarted replica keeps the killed one's log for the I5 scan
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tokensvc", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=clean_env(**settings),
+            cwd=config.out_dir,
+        )
+    return Process(f"replica-{index}", popen, f"http://127.0.0.1:{port}", log)
+
+
+async def wait_ready(process: Process, http: httpx.AsyncClient) -> float:
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(READY_DEADLINE_SECONDS):
+            while True:
+                if not process.alive():
+                    raise BenchError(f"{process.name} exited with {process.popen.returncode}:\n{process.log_tail()}")
+                try:
+                    if (await http.get(f"{process.url}/readyz")).status_code == 200:
+                        return time.monotonic() - started
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise BenchError(f"{process.name} was not ready in time:\n{process.log_tail()}") from None
+
+
+def migrate(database_url: str, out_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tokensvc", "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=clean_env(TOKENSVC_DATABASE_URL=database_url, TOKENSVC_LOG_LEVEL="WARNING"),
+        cwd=out_dir,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"`tokensvc migrate` failed ({done.returncode}): {(done.stdout + done.stderr)[-1500:]}")
+
+
+# -- the world as the soak knows it ----------------------------------------------------------------------------
+
+
+@dataclass
+class User:
+    uid: str
+    athlete_id: int
+    revoked: bool = False
+    revocations: list[list[float]] = field(default_factory=list)  # [revoked_at, reconnected_at or inf]
+    session: str | None = None
+    reconnecting: bool = False
+
+    def revoked_during(self, start: float, end: float) -> bool:
+        return any(a <= end and b >= start for a, b in self.revocations)
+
+
+@dataclass
+class Tally:
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    i6: list[str] = field(default_factory=list)
+    i4: list[str] = field(default_factory=list)
+    i5_bodies: list[str] = field(default_factory=list)
+    unexpected_reauth: list[tuple[str, str]] = field(default_factory=list)  # (uid, endpoint)
+    served: int = 0
+    checked_at_sandbox: int = 0
+    served_after_revocation: int = 0  # a dead token handed out after we revoked, before the service learned of it
+    inconclusive: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    faults_skipped: Counter[str] = field(default_factory=Counter)
+    webhooks: Counter[str] = field(default_factory=Counter)
+    restarts: int = 0
+    down_windows: list[list[float]] = field(default_factory=list)  # per replica kill: [killed_at, ready_at]
+    down_replica: int | None = None
+    reconnects: int = 0
+    revocations: int = 0
+
+
+class Soak:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        replicas: list[Process],
+        sandbox: Process,
+        config: ReplicaConfig,
+        users: list[User],
+    ) -> None:
+        self.args = args
+        self.replicas = replicas
+        self.sandbox = sandbox
+        self.config = config
+        self.users = users
+        self.by_athlete = {u.athlete_id: u for u in users}
+        self.tally = Tally()
+        self.rng = random.Random(args.seed)
+        self.known_access: set[str] = set()  # sha256 of every access token the soak has seen
+        self.verified: set[str] = set()
+        self.check_slots = asyncio.Semaphore(4)
+        self.webhooks_available = True
+        self.stop = asyncio.Event()
+        self.last_stats: dict[str, Any] = {}
+        self.refreshes_accepted: dict[str, int] = {}
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+        self.http = httpx.AsyncClient(
+            timeout=REQUEST_TIMEOUT_SECONDS, limits=limits, headers={"Authorization": f"Bearer {API_KEY}"}
+        )
+        self.strava = httpx.AsyncClient(base_url=sandbox.url, timeout=REQUEST_TIMEOUT_SECONDS, limits=limits)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.strava.aclose()
+
+    # -- sandbox control --
+
+    async def control(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = await self.strava.request(method, f"/_control{path}", json=body)
+        if response.status_code != 200:
+            raise BenchError(f"sandbox {method} /_control{path}: {response.status_code} {response.text[:200]}")
+        return response.json()
+
+    # -- one request, classified --
+
+    def replica_url(self, index: int | None = None) -> tuple[int, str]:
+        i = self.rng.randrange(REPLICAS) if index is None else index
+        return i, self.replicas[i].url
+
+    def replica_down(self, index: int, start: float, end: float) -> bool:
+        if self.tally.down_replica != index:
+            return False
+        return any(a <= end and b >= start for a, b in self.tally.down_windows)
+
+    async def call(
+        self, endpoint: str, user: User | None, method: str, path: str, *, index: int | None = None, **kw: Any
+    ) -> tuple[httpx.Response | None, float]:
+        i, base = self.replica_url(index)
+        start = time.time()
+        try:
+            response = await self.http.request(method, f"{base}{path}", **kw)
+        except httpx.TransportError as exc:
+            end = time.time()
+            if self.replica_down(i, start, end) or (self.tally.down_replica == i and not self.replicas[i].alive()):
+                self.tally.requests[(endpoint, "replica down")] += 1
+            else:
+                self.tally.requests[(endpoint, "transport error")] += 1
+                self.tally.i6.append(f"{endpoint} on replica {i}: no answer ({type(exc).__name__})")
+            return None, start
+        self.classify(endpoint, user, response, start)
+        return response, start
+
+    def classify(self, endpoint: str, user: User | None, response: httpx.Response, start: float) -> None:
+        status = response.status_code
+        end = time.time()
+        if status >= 400:
+            self.scan_body(endpoint, response)
+        if 200 <= status < 300:
+            self.tally.requests[(endpoint, "2xx")] += 1
+        elif status in (409, 401) and self.needs_reauth(response):
+            if user is not None and user.revoked_during(start, end):
+                self.tally.requests[(endpoint, f"{status} revoked user")] += 1
+            else:
+                self.tally.requests[(endpoint, f"{status} unexpected reauth")] += 1
+                if user is not None:
+                    self.tally.unexpected_reauth.append((user.uid, endpoint))
+        elif status == 503 and response.headers.get("retry-after"):
+            self.tally.requests[(endpoint, "503 + Retry-After")] += 1
+        elif 400 <= status < 500:
+            self.tally.requests[(endpoint, f"{status}")] += 1
+            if endpoint != "webhook":  # every other call the soak makes is well formed
+                self.tally.i6.append(f"{endpoint}: unexpected {status} {response.text[:160]}")
+        else:
+            self.tally.requests[(endpoint, f"{status} (I6)")] += 1
+            self.tally.i6.append(f"{endpoint}: {status} without Retry-After: {response.text[:160]}")
+
+    @staticmethod
+    def needs_reauth(response: httpx.Response) -> bool:
+        try:
+            body = response.json()
+        except ValueError:
+            return False
+        return isinstance(body, dict) and body.get("needs_reauth") is True
+
+    def scan_body(self, endpoint: str, response: httpx.Response) -> None:
+        for match in HEX40.findall(response.content):
+            if sha(match.decode()) in self.known_access:
+                self.tally.i5_bodies.append(f"{endpoint}: an access token in a {response.status_code} body")
+
+    # -- traffic --
+
+    async def access_token(self, user: User, index: int | None = None) -> None:
+        min_ttl = self.rng.choice(MIN_TTLS)
+        response, start = await self.call(
+            "access-token", user, "GET", f"/v1/users/{user.uid}/access-token", params={"min_ttl": min_ttl}, index=index
+        )
+        if response is None or response.status_code != 200:
+            return
+        await self.check_token(user, response, min_ttl, start)
+
+    async def check_token(self, user: User, response: httpx.Response, min_ttl: int, start: float) -> None:
+        """I4: the token has the life asked for, is not expired, and is one the sandbox issued for this athlete."""
+        self.tally.served += 1
+        body = response.json()
+        token, expires_at, expires_in = body["access_token"], int(body["expires_at"]), int(body["expires_in"])
+        digest = sha(token)
+        self.known_access.add(digest)
+        received = time.time()
+        if "no-store" not in response.headers.get("cache-control", ""):
+            self.tally.i4.append(f"{user.uid}: access token without Cache-Control: no-store")
+        if expires_in < min_ttl or expires_at < int(start) + min_ttl - 1 or expires_at <= received:
+            self.tally.i4.append(f"{user.uid}: expires_in {expires_in} for min_ttl {min_ttl}")
+        if body.get("athlete_id") not in (None, user.athlete_id):
+            self.tally.i4.append(f"{user.uid}: token for athlete {body.get('athlete_id')}, not {user.athlete_id}")
+        if digest in self.verified and not user.revocations:
+            return
+        async with self.check_slots:
+            answer = await self.strava.get("/api/v3/athlete", headers={"Authorization": f"Bearer {token}"})
+        self.tally.checked_at_sandbox += 1
+        if answer.status_code == 200 and answer.json().get("id") == user.athlete_id:
+            self.verified.add(digest)
+        elif answer.status_code == 200:
+            self.tally.i4.append(f"{user.uid}: the sandbox says the token belongs to another athlete")
+        elif user.revoked_during(start, time.time()):
+            self.tally.served_after_revocation += 1
+        elif expires_at <= time.time() + 1:
+            self.tally.inconclusive += 1  # it expired between the answer and the check
+        else:
+            self.tally.i4.append(f"{user.uid}: the sandbox rejects the token handed out ({answer.status_code})")
+
+    async def refresh(self, user: User) -> None:
+        force = self.rng.random() < 0.5
+        endpoint = "refresh force" if force else "refresh"
+        await self.call(endpoint, user, "POST", f"/v1/users/{user.uid}/refresh", params={"force": str(force).lower()})
+
+    async def browser(self, user: User) -> None:
+        if user.session is None:
+            response, _ = await self.call("session", user, "POST", f"/v1/users/{user.uid}/session")
+            if response is None or response.status_code != 200:
+                return
+            user.session = response.json()["session_token"]
+        i, base = self.replica_url()
+        # The browser's own call: cookie, JSON, no API key.
+        headers = {
+            "Authorization": "",
+            "Content-Type": "application/json",
+            "Origin": base,
+            "Cookie": f"tokensvc_session={user.session}",
+        }
+        await self.call(
+            "browser",
+            user,
+            "POST",
+            "/proactive-token-refresh",
+            index=i,
+            content=b"{}",
+            headers=headers,
+        )
+
+    async def status(self, user: User) -> None:
+        await self.call("token-status", user, "GET", f"/v1/users/{user.uid}/token-status")
+
+    async def worker(self) -> None:
+        while not self.stop.is_set():
+            user = self.rng.choice(self.users)
+            roll = self.rng.random()
+            if roll < 0.08:  # the same user on every replica at the same moment
+                async with asyncio.TaskGroup() as group:
+                    for i in range(REPLICAS):
+                        for _ in range(2):
+                            group.create_task(self.access_token(user, i))
+            elif roll < 0.55:
+                await self.access_token(user)
+            elif roll < 0.65:
+                await self.refresh(user)
+            elif roll < 0.80:
+                await self.browser(user)
+            else:
+                await self.status(user)
+
+    # -- webhooks, revocations, reconnects --
+
+    def webhook_event(self, athlete_id: int) -> dict[str, Any]:
+        return {
+            "object_type": "athlete",
+            "object_id": athlete_id,
+            "aspect_type": "update",
+            "updates": {"authorized": "false"},
+            "owner_id": athlete_id,
+            "subscription_id": 1,
+            "event_time": int(time.time()),
+        }
+
+    async def probe_webhooks(self) -> None:
+        response = await self.http.get(
+            f"{self.replicas[0].url}/v1/webhooks/strava",
+            params={"hub.mode": "subscribe", "hub.challenge": "soak", "hub.verify_token": VERIFY_TOKEN},
+        )
+        self.webhooks_available = response.status_code != 404
+
+    async def send_webhook(self, user: User, kind: str) -> None:
+        if not self.webhooks_available:
+            return
+        response, _ = await self.call(
+            "webhook", None, "POST", "/v1/webhooks/strava", json=self.webhook_event(user.athlete_id)
+        )
+        if response is not None:
+            self.tally.webhooks[f"{kind} → {response.status_code}"] += 1
+
+    async def revoke(self, user: User) -> None:
+        user.revoked = True
+        user.revocations.append([time.time(), float("inf")])
+        await self.control("POST", f"/athletes/{user.athlete_id}/revoke")
+        self.tally.revocations += 1
+        await self.send_webhook(user, "genuine")
+        if self.rng.random() < 0.3:
+            await self.send_webhook(user, "duplicate")
+
+    async def reconnect(self, user: User) -> None:
+        """The athlete connects again (sandbox: a new pair) and the app imports the new tokens."""
+        seeded = await self.control(
+            "POST", "/athletes", {"athlete_id": user.athlete_id, "expires_in": self.args.token_lifetime}
+        )
+        self.known_access.add(sha(seeded["access_token"]))
+        body = {
+            "access_token": seeded["access_token"],
+            "refresh_token": seeded["refresh_token"],
+            "expires_at": seeded["expires_at"],
+            "athlete_id": user.athlete_id,
+            "scopes": SCOPES.split(","),
+        }
+        response, _ = await self.call("import", user, "PUT", f"/v1/users/{user.uid}/tokens", json=body)
+        if response is not None and response.status_code == 200:
+            user.revoked = False
+            user.revocations[-1][1] = time.time()
+            self.tally.reconnects += 1
+
+    async def chaos(self) -> None:
+        tick = 0
+        while not self.stop.is_set():
+            await self.sleep(CHAOS_EVERY_SECONDS)
+            if self.stop.is_set():
+                return
+            tick += 1
+            live = [u for u in self.users if not u.revoked]
+            if tick % 2 == 1 and live:
+                await self.revoke(self.rng.choice(live))
+            elif live:
+                target = self.rng.choice(live)
+                await self.send_webhook(target, "forged")
+            now = time.time()
+            for user in self.users:
+                if user.revoked and now - user.revocations[-1][0] > RECONNECT_AFTER_SECONDS:
+                    await self.reconnect(user)
+
+    # -- faults --
+
+    async def inject(self, name: str, spec: dict[str, Any]) -> None:
+        await self.control("POST", "/faults", {"endpoint": "refresh", **spec})
+        self.tally.faults[name] += spec.get("count", 1)
+
+    async def faults(self) -> None:
+        schedule = ["5xx burst", "lost answer", "latency", "malformed", "429 + Retry-After", "5xx burst", "latency"]
+        tick = 0
+        while not self.stop.is_set():
+            await self.sleep(FAULT_EVERY_SECONDS)
+            if self.stop.is_set():
+                return
+            kind = schedule[tick % len(schedule)]
+            tick += 1
+            if kind == "5xx burst":
+                await self.inject(kind, {"kind": "status", "status": self.rng.choice((500, 502, 503)), "count": 4})
+            elif kind == "latency":
+                await self.inject(kind, {"kind": "latency", "latency_ms": 1500, "count": 5})
+            elif kind == "malformed":
+                await self.inject(kind, {"kind": "malformed", "count": 2})
+            elif kind == "429 + Retry-After":
+                await self.inject(kind, {"kind": "status", "status": 429, "retry_after": 2, "count": 1})
+            elif kind == "lost answer":
+                await self.inject(kind, {"kind": "lost_answer", "hang_seconds": LOST_ANSWER_HANG_SECONDS})
+            # Without Retry-After the service rightly pauses every replica until the next quarter hour: inject it
+            # only just before one, so that the pause is short and the rest of the run still refreshes.
+            to_window = 900 - int(time.time()) % 900
+            if to_window <= NO_RETRY_AFTER_WINDOW and not self.tally.faults["429 without Retry-After"]:
+                await self.inject("429 without Retry-After", {"kind": "status", "status": 429, "count": 1})
+
+    async def killer(self, at: float) -> None:
+        await self.sleep(at)
+        if self.stop.is_set():
+            return
+        index = REPLICAS - 1
+        victim = self.replicas[index]
+        port = int(victim.url.rsplit(":", 1)[1])
+        self.tally.down_replica = index
+        window = [time.time(), float("inf")]
+        self.tally.down_windows.append(window)
+        victim.popen.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(victim.popen.wait)
+        await self.sleep(RESTART_AFTER_SECONDS)
+        replacement = start_replica(self.config, index, port)
+        self.replicas[index] = replacement
+        await wait_ready(replacement, self.http)
+        window[1] = time.time()
+        self.tally.restarts += 1
+
+    async def sleep(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self.stop.wait()
+        except TimeoutError:
+            pass
+
+    async def run(self, seconds: float) -> None:
+        await self.probe_webhooks()
+        tasks = [asyncio.create_task(self.worker()) for _ in range(self.args.concurrency)]
+        tasks += [
+            asyncio.create_task(self.chaos()),
+            asyncio.create_task(self.faults()),
+            asyncio.create_task(self.killer(seconds * 0.4)),
+        ]
+        await self.sleep(seconds)
+        self.stop.set()
+        await asyncio.gather(*tasks)
+
+
+# -- after the run ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    uid: str
+    refresh_sha: str | None
+    access_sha: str | None
+    athlete_id: int | None
+    reauth_reason: str | None
+
+
+async def read_rows(database_url: str, key: str) -> dict[str, Row]:
+    cipher = TokenCipher([key])
+    conn = await asyncpg.connect(database_url)
+    try:
+        records = await conn.fetch(
+            "SELECT user_id, access_token_enc, refresh_token_enc, athlete_id, reauth_reason FROM user_tokens"
+        )
+    finally:
+        await conn.close()
+    rows = {}
+    for r in records:
+        uid = r["user_id"]
+
+        def plain(value: str | None, field: Literal["access", "refresh"], uid: str = uid) -> str | None:
+            if value is None:
+                return None
+            return sha(cipher.decrypt(value, user_id=uid, field=field))
+
+        rows[uid] = Row(
+            uid,
+            plain(r["refresh_token_enc"], "refresh"),
+            plain(r["access_token_enc"], "access"),
+            r["athlete_id"],
+            r["reauth_reason"],
+        )
+    return rows
+
+
+async def answer_lost_users(database_url: str) -> set[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        records = await conn.fetch("SELECT DISTINCT user_id FROM token_events WHERE outcome = 'answer_lost'")
+    finally:
+        await conn.close()
+    return {r["user_id"] for r in records}
+
+
+async def settle(soak: Soak, database_url: str, key: str) -> float:
+    """Wait until every user holds the sandbox's newest refresh token or is flagged (deadline; nudges the slow)."""
+    started = time.monotonic()
+    nudged: set[str] = set()
+    while True:
+        rows = await read_rows(database_url, key)
+        ledger = await soak.control("GET", "/ledger")
+        pending = []
+        for user in soak.users:
+            row = rows.get(user.uid)
+            entries = ledger.get(str(user.athlete_id), [])
+            if row is None or not entries or row.reauth_reason is not None:
+                continue
+            if user.revoked and not soak.webhooks_available:
+                continue  # nothing tells the service before its next refresh; judged below
+            if row.refresh_sha != entries[-1]["sha256"]:
+                pending.append(user)
+        elapsed = time.monotonic() - started
+        if not pending or elapsed > SETTLE_DEADLINE_SECONDS:
+            return elapsed
+        if elapsed > 10:
+            for user in pending:
+                if user.uid not in nudged:  # its next attempt tells (a lost answer's user is flagged by it)
+                    nudged.add(user.uid)
+                    await soak.call("refresh force", user, "POST", f"/v1/users/{user.uid}/refresh?force=true")
+        await asyncio.sleep(1.0)
+
+
+@dataclass
+class Verdict:
+    ok: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    false_reauth: list[str] = field(default_factory=list)
+    stranded_lost_answer: list[str] = field(default_factory=list)
+    stranded_kill: list[str] = field(default_factory=list)
+    stranded_unflagged: list[str] = field(default_factory=list)
+    revoked_flagged: list[str] = field(default_factory=list)
+    revoked_unflagged: list[str] = field(default_factory=list)
+    i1: list[str] = field(default_factory=list)
+    i1_explained: int = 0
+
+
+def judge(soak: Soak, rows: dict[str, Row], ledger: dict[str, list[dict[str, Any]]], lost_users: set[str]) -> Verdict:
+    """I2/I3 per user, and I1 from the ledger, with every exception named by its cause."""
+    v = Verdict()
+    killed = soak.tally.restarts > 0
+    stranded: dict[int, int] = {}  # athlete id -> the index of the token the service was left holding
+    for user in soak.users:
+        row = rows.get(user.uid)
+        entries = ledger.get(str(user.athlete_id), [])
+        if row is None or not entries:
+            v.lost.append(f"{user.uid}: no row or no ledger")
+            continue
+        index = {e["sha256"]: e["index"] for e in entries}.get(row.refresh_sha or "")
+        newest = entries[-1]
+        flagged = row.reauth_reason is not None
+        if user.revoked:
+            (v.revoked_flagged if flagged else v.revoked_unflagged).append(user.uid)
+            continue
+        if index == newest["index"]:
+            (v.false_reauth if flagged else v.ok).append(user.uid)
+            continue
+        # The service holds an older token: Strava rotated and the service never stored the successor.
+        successor_unused = index is not None and index == newest["index"] - 1 and newest["sent"] == 0
+        if successor_unused and user.uid in lost_users:
+            stranded[user.athlete_id] = index if index is not None else -1
+            (v.stranded_lost_answer if flagged else v.stranded_unflagged).append(user.uid)
+        elif successor_unused and killed:
+            stranded[user.athlete_id] = index if index is not None else -1
+            (v.stranded_kill if flagged else v.stranded_unflagged).append(user.uid)
+        else:
+            v.lost.append(f"{user.uid}: holds token #{index}, Strava's newest is #{newest['index']}")
+    for violation in soak.last_stats.get("ledger_violations", []):
+        if stranded.get(violation["athlete_id"]) == violation["index"]:
+            v.i1_explained += 1  # the stranded token presented again: how the service learns it is dead
+        else:
+            v.i1.append(f"athlete {violation['athlete_id']}: token #{violation['index']} ({violation['died']}) resent")
+    return v
+
+
+def scan_secrets(paths: list[Path], dump: bytes, refresh_hashes: set[str], access_hashes: set[str]) -> list[str]:
+    hits = []
+    every = refresh_hashes | access_hashes
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        found = sum(1 for m in HEX40.findall(data) if sha(m.decode()) in every)
+        if found:
+            hits.append(f"{path.name}: {found} token(s) in clear")
+    found = sum(1 for m in HEX40.findall(dump) if sha(m.decode()) in every)
+    if found:
+        hits.append(f"pg_dump: {found} token(s) in clear")
+    return hits
+
+
+def pg_dump(pg: str, db_name: str) -> bytes:
+    done = subprocess.run(
+        ["pg_dump", "--dbname", f"{pg.rstrip('/')}/{db_name}"], capture_output=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"pg_dump failed: {done.stderr.decode(errors='replace')[-500:]}")
+    return done.stdout
+
+
+# -- output ----------------------------------------------------------------------------------------------------
+
+
+def print_environment(pg_version: str, args: argparse.Namespace) -> dict[str, Any]:
+    load = os.getloadavg()
+    env: dict[str, Any] = {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
+        "mem_total_gib": mem_total_gib(),
+        "kernel": platform.release(),
+        "loadavg_at_start": load,
+        "python": platform.python_version(),
+        "packages": {name: package_version(name) for name in VERSIONED_PACKAGES},
+        "postgres": pg_version,
+        "git": git_revision(),
+    }
+    print("== machine")
+    mem = f", {env['mem_total_gib']:.1f} GiB RAM" if env["mem_total_gib"] else ""
+    print(f"nproc {env['nproc']}, CPU: {env['cpu_model']}{mem}, kernel {env['kernel']}")
+    print(f"load average at start {', '.join(f'{x:.2f}' for x in load)}")
+    print("== versions")
+    print(f"python {env['python']}; postgres {pg_version}; tokensvc git {env['git']}")
+    print("  ".join(f"{k} {v}" for k, v in env["packages"].items()))
+    print("== settings")
+    print(
+        f"{args.minutes} min, {args.users} users, {args.concurrency} workers, {REPLICAS} replicas"
+        f" (sweeper every {SWEEP_INTERVAL_SECONDS} s, buffer {BUFFER_SECONDS} s, Strava timeout"
+        f" {STRAVA_TIMEOUT_SECONDS} s, pool {POOL_SIZE}), sandbox access tokens live {args.token_lifetime} s,"
+        f" min_ttl in {MIN_TTLS}, seed {args.seed}"
+    )
+    return env
+
+
+def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats: dict[str, Any]) -> dict[str, bool]:
+    t = soak.tally
+    print("\n== requests by endpoint and class")
+    endpoints = sorted({e for e, _ in t.requests})
+    for endpoint in endpoints:
+        classes = {c: n for (e, c), n in t.requests.items() if e == endpoint}
+        total = sum(classes.values())
+        print(f"  {endpoint:14} {total:7,}  " + ", ".join(f"{c} {n:,}" for c, n in sorted(classes.items())))
+    print(f"  total          {sum(t.requests.values()):7,}")
+    print("  ('unexpected reauth': a user the soak had not revoked; judged below, once stranded users are known)")
+    calls = stats.get("calls", {})
+    ledger_sent = sum(soak.refreshes_accepted.values())
+    print("\n== Strava (sandbox)")
+    print(
+        f"  refresh calls {calls.get('refresh', 0):,} (accepted {ledger_sent:,}: refresh tokens rotated),"
+        f" athlete calls {calls.get('athlete', 0):,} (token checks and webhook confirmations),"
+        f" per user: {ledger_sent / max(1, len(soak.users)):.1f} rotations"
+    )
+    print("\n== faults injected (occurrences queued on Strava's refresh calls)")
+    for kind, n in sorted(t.faults.items()):
+        print(f"  {kind:26} {n}")
+    if not t.faults["429 without Retry-After"]:
+        print("  429 without Retry-After    0 (no quarter-hour boundary came up during the run: not injected)")
+    print(f"  (left unconsumed when traffic stopped: {t.faults_skipped['unconsumed']})")
+    down = ", ".join(f"{b - a:.1f} s" for a, b in t.down_windows)
+    print(f"  replica SIGKILL + restart  {t.restarts} (down {down or '-'})")
+    print("\n== webhooks")
+    if not soak.webhooks_available:
+        print("  webhooks: not available in this build (GET /v1/webhooks/strava is 404); revoked users are found by")
+        print("  their next refresh instead")
+    else:
+        for kind, n in sorted(t.webhooks.items()):
+            print(f"  {kind:26} {n}")
+    print(f"  revocations {t.revocations}, reconnects (re-import) {t.reconnects}")
+    print("\n== access tokens handed out (I4)")
+    print(
+        f"  {t.served:,} served, {t.checked_at_sandbox:,} checked at the sandbox; {len(t.i4)} problems;"
+        f" dead after our revocation, before the service learned of it: {t.served_after_revocation};"
+        f" expired before the check (inconclusive): {t.inconclusive}"
+    )
+    explained = [(u, e) for u, e in t.unexpected_reauth if u in set(v.stranded_lost_answer + v.stranded_kill)]
+    false_responses = len(t.unexpected_reauth) - len(explained)
+    print(f"\n== outcome per user (DB against the sandbox, after settling for {settle_s:.1f} s)")
+    print(f"  holding Strava's newest refresh token   {len(v.ok)}")
+    print(f"  revoked by the soak, flagged            {len(v.revoked_flagged)}")
+    print(f"  revoked by the soak, not yet flagged    {len(v.revoked_unflagged)}")
+    print(f"  stranded by a lost answer (flagged)     {len(v.stranded_lost_answer)}")
+    print(f"  stranded by the SIGKILL (flagged)       {len(v.stranded_kill)}")
+    print(f"  stranded, NOT flagged                   {len(v.stranded_unflagged)}")
+    print(f"  LOST refresh tokens                     {len(v.lost)}   (must be 0)")
+    print(
+        f"  FALSE needs_reauth                      {len(v.false_reauth)} users,"
+        f" {false_responses} responses   (must be 0)"
+    )
+    print(
+        "  (stranded: Strava rotated, but its answer never reached the service: a read timeout, or the replica\n"
+        "   died between Strava's answer and the commit. The newest token was never presented anywhere (ledger),\n"
+        "   the service kept the one before it and, on its next attempt, Strava rejected that one, so the user is\n"
+        "   truthfully needs_reauth. The RELIABILITY matrix allows it. A lost refresh token is anything else:\n"
+        "   the service held an older token with no lost answer or kill to explain it.)"
+    )
+    for line in (v.lost + v.false_reauth + v.stranded_unflagged)[:10]:
+        print(f"    {line}")
+    if v.revoked_unflagged and soak.webhooks_available:
+        print(f"    revoked, unflagged: {v.revoked_unflagged[:10]}")
+    verdicts = {
+        "I1 one successor": not v.i1,
+        "I2 latest wins": not v.lost and not v.stranded_unflagged,
+        "I3 no false alarms": not v.false_reauth and false_responses == 0,
+        "I4 token life": not t.i4,
+        "I5 no secret in the clear": not i5 and not t.i5_bodies,
+        "I6 no 500": not t.i6,
+    }
+    print("\n== invariants")
+    print(f"  I1: ledger violations {len(v.i1) + v.i1_explained} ({v.i1_explained} the stranded token re-sent once)")
+    for line in v.i1[:5]:
+        print(f"    {line}")
+    for line in t.i4[:5]:
+        print(f"    I4: {line}")
+    for line in (i5 + t.i5_bodies)[:5]:
+        print(f"    I5: {line}")
+    for line in t.i6[:8]:
+        print(f"    I6: {line}")
+    for name, ok in verdicts.items():
+        print(f"  {name:28} {'PASS' if ok else 'FAIL'}")
+    return verdicts
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+
+
+async def seed_users(soak_args: argparse.Namespace, sandbox_url: str, replica_url: str) -> list[User]:
+    """Athletes at the sandbox, imported with staggered expiry so the sweeper has work from the first minute."""
+    rng = random.Random(soak_args.seed)
+    users: list[User] = []
+    semaphore = asyncio.Semaphore(10)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(timeout=30, headers=headers) as http:
+
+        async def one(n: int) -> None:
+            async with semaphore:
+                expires_in = rng.randint(BUFFER_SECONDS + 30, soak_args.token_lifetime)
+                response = await http.post(f"{sandbox_url}/_control/athletes", json={"expires_in": expires_in})
+                seeded = response.json()
+                uid = user_id(n)
+                body = {
+                    "access_token": seeded["access_token"],
+                    "refresh_token": seeded["refresh_token"],
+                    "expires_at": seeded["expires_at"],
+                    "athlete_id": seeded["athlete_id"],
+                    "scopes": SCOPES.split(","),
+                }
+                imported = await http.put(f"{replica_url}/v1/users/{uid}/tokens", json=body)
+                if imported.status_code != 200:
+                    raise BenchError(f"import {uid}: {imported.status_code} {imported.text[:200]}")
+                users.append(User(uid, int(seeded["athlete_id"])))
+
+        async with asyncio.TaskGroup() as group:
+            for n in range(soak_args.users):
+                group.create_task(one(n))
+    users.sort(key=lambda u: u.uid)
+    return users
+
+
+async def soak_main(args: argparse.Namespace, database_url: str, sandbox: Process, out_dir: Path) -> bool:
+    key = generate_key()
+    config = ReplicaConfig(database_url, sandbox.url, key, secrets.token_urlsafe(32), out_dir)
+    replicas: list[Process] = []
+    soak: Soak | None = None
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            await http.post(f"{sandbox.url}/_control/rate-limit", json={"limit_15min": 10**7, "limit_daily": 10**8})
+            for i in range(REPLICAS):
+                replicas.append(start_replica(config, i, free_port()))
+            for replica in replicas:
+                ready = await wait_ready(replica, http)
+                print(f"{replica.name} pid {replica.pid} on {replica.url}, ready in {ready:.1f} s")
+        users = await seed_users(args, sandbox.url, replicas[0].url)
+        print(f"imported {len(users)} sandbox athletes (expiring in {BUFFER_SECONDS + 30}..{args.token_lifetime} s)")
+        soak = Soak(args, replicas, sandbox, config, users)
+        for user in users:
+            snap = await soak.control("GET", f"/athletes/{user.athlete_id}")
+            soak.known_access.add(sha(snap["access_token"]))
+        await soak.control("POST", "/access-lifetime", {"expires_in": args.token_lifetime})
+        seconds = args.minutes * 60
+        print(f"\n== traffic for {seconds:.0f} s ...", flush=True)
+        started = time.monotonic()
+        await soak.run(seconds)
+        print(f"traffic stopped after {time.monotonic() - started:.1f} s; clearing faults and settling", flush=True)
+        pending = (await soak.control("GET", "/faults"))["pending"]
+        soak.tally.faults_skipped["unconsumed"] = sum(int(f["remaining"]) for f in pending)
+        await soak.control("DELETE", "/faults")
+        await soak.control("POST", "/release")
+        settle_s = await settle(soak, database_url, key)
+
+        rows = await read_rows(database_url, key)
+        ledger: dict[str, list[dict[str, Any]]] = await soak.control("GET", "/ledger")
+        stats: dict[str, Any] = await soak.control("GET", "/stats")
+        soak.last_stats = stats
+        soak.refreshes_accepted = {a: sum(1 for e in es if e["accepted"]) for a, es in ledger.items()}
+        for user in users:
+            snap = await soak.control("GET", f"/athletes/{user.athlete_id}")
+            soak.known_access.add(sha(snap["access_token"]))
+        lost_users = await answer_lost_users(database_url)
+        verdict = judge(soak, rows, ledger, lost_users)
+        dump = await asyncio.to_thread(pg_dump, args.pg, args.db_name)
+        refresh_hashes = {e["sha256"] for es in ledger.values() for e in es}
+        logs = [r.log for r in replicas]
+        i5 = scan_secrets(logs, dump, refresh_hashes, soak.known_access)
+        verdicts = print_summary(soak, verdict, i5, settle_s, stats)
+        report = {
+            "requests": {f"{e} | {c}": n for (e, c), n in soak.tally.requests.items()},
+            "faults": dict(soak.tally.faults),
+            "verdicts": verdicts,
+            "lost": verdict.lost,
+            "false_reauth": verdict.false_reauth,
+            "stranded_lost_answer": verdict.stranded_lost_answer,
+            "stranded_kill": verdict.stranded_kill,
+        }
+        (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        return all(verdicts.values())
+    finally:
+        if soak is not None:
+            await soak.close()
+        for replica in soak.replicas if soak is not None else replicas:
+            replica.stop()
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=5.0, help="how long the traffic runs")
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=12, help="traffic workers")
+    parser.add_argument(
+        "--token-lifetime", type=int, default=180, help="seconds each access token the sandbox mints lives"
+    )
+    parser.add_argument("--seed", type=int, default=20261127)
+    parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432", help="Postgres server URL")
+    parser.add_argument("--db-name", default="tokensvc_soak", help="database to (re)create and drop")
+    parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "out" / "soak", help="logs and results")
+    args = parser.parse_args(argv)
+    quoted_identifier(args.db_name)
+    if args.token_lifetime < BUFFER_SECONDS + 60 or args.token_lifetime > 3600:
+        parser.error(f"--token-lifetime must be {BUFFER_SECONDS + 60}..3600")
+    return args
+
+
+@contextmanager
+def exclusive_database(name: str) -> Iterator[None]:
+    path = Path(f"/tmp/tokensvc-bench-{name}.lock")
+    with path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BenchError(f"another run is using database {name} ({path} is locked)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir: Path = args.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("replica-*.log"):
+        old.unlink()  # the I5 scan reads these: only this run's
+    admin_url = f"{args.pg.rstrip('/')}/postgres"
+    database_url = f"{args.pg.rstrip('/')}/{args.db_name}"
+    sandbox: Process | None = None
+    created = False
+    with terminate_as_exit():
+        try:
+            with exclusive_database(args.db_name):
+                try:
+                    pg_version = asyncio.run(recreate_database(admin_url, args.db_name))
+                    created = True
+                    print_environment(pg_version, args)
+                    print("== setup")
+                    migrate(database_url, out_dir)
+                    sandbox = start_sandbox(out_dir)
+                    print(f"sandbox pid {sandbox.pid} on {sandbox.url}")
+                    passed = asyncio.run(soak_main(args, database_url, sandbox, out_dir))
+                finally:
+                    if sandbox is not None:
+                        sandbox.stop()
+                    if created:
+                        try:
+                            asyncio.run(drop_database(admin_url, args.db_name))
+                        except (OSError, asyncpg.PostgresError) as exc:
+                            print(f"warning: could not drop database {args.db_name}: {exc}", file=sys.stderr)
+        except BenchError as exc:
+            print(f"\nSOAK FAILED: {exc}", file=sys.stderr)
+            return 1
+    print(f"\nlogs and results.json: {out_dir}")
+    if not passed:
+        print("SOAK FAILED: an invariant failed (see above)", file=sys.stderr)
+        return 1
+    print("SOAK PASSED")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
