@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.service.signing import Clock
@@ -64,7 +63,7 @@ class Housekeeping:
         while not self._stopping.is_set():
             try:
                 await self.run_once()
-            except (DBAPIError, OSError) as exc:
+            except Exception as exc:  # a failed pass (database down, …) must not end the loop; the next one retries
                 log.warning("housekeeping.failed", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.interval_seconds)
