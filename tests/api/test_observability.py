@@ -57,9 +57,10 @@ class TestMetrics:
         await client.post(f"/v1/users/{user.user_id}/refresh")
         after = await scrape(client)
         refreshed = {"outcome": "refreshed", "trigger": "api"}
-        assert value(after, "tokensvc_refresh_total", **refreshed) - value(
-            before, "tokensvc_refresh_total", **refreshed
-        ) == 1
+        assert (
+            value(after, "tokensvc_refresh_total", **refreshed) - value(before, "tokensvc_refresh_total", **refreshed)
+            == 1
+        )
         assert value(after, "tokensvc_lock_wait_seconds_count") - value(before, "tokensvc_lock_wait_seconds_count") == 1
 
     async def test_db_wide_gauges_are_read_at_scrape_time(
@@ -131,7 +132,7 @@ class TestRequestIds:
     @pytest.mark.parametrize("incoming", ["", "x" * 65, "has space", 'quote"', "new\\nline", "ünï"])
     async def test_a_malformed_incoming_id_is_replaced(self, client: httpx.AsyncClient, incoming: str) -> None:
         """Anything else is replaced by a generated id (it could forge log content)."""
-        response = await client.get("/healthz", headers={"X-Request-ID": incoming.encode()})
+        response = await client.get("/healthz", headers=[(b"X-Request-ID", incoming.encode())])
         echoed = response.headers["x-request-id"]
         assert echoed != incoming
         assert len(echoed) == 32

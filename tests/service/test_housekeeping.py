@@ -67,9 +67,7 @@ class TestSchedule:
         housekeeping = Housekeeping(resources.engine, clock=clock, retention_days=90)
         housekeeping.start()
         try:
-            async with asyncio.timeout(10):
-                while await event_users(resources):
-                    await asyncio.sleep(0.01)  # condition wait with a deadline on the database's state
+            await asyncio.wait_for(housekeeping.passed.wait(), timeout=10)
         finally:
             await asyncio.wait_for(housekeeping.stop(), timeout=5)
         assert await event_users(resources) == []

@@ -35,6 +35,7 @@ class Housekeeping:
         self.interval_seconds = interval_seconds
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.passed = asyncio.Event()  # set after each pass of the loop (tests wait on it instead of sleeping)
 
     async def run_once(self) -> HousekeepingReport:
         """One pass (one transaction). Raises the database's errors."""
@@ -65,5 +66,6 @@ class Housekeeping:
                 await self.run_once()
             except Exception as exc:  # a failed pass (database down, …) must not end the loop; the next one retries
                 log.warning("housekeeping.failed", error=type(exc).__name__)
+            self.passed.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.interval_seconds)
