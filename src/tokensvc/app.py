@@ -16,19 +16,23 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
-from tokensvc.api import browser, health, oauth, operations, problems, tokens
+from tokensvc.api import audit, browser, health, oauth, operations, problems, tokens
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys
 from tokensvc.api.fastpath import AccessTokenFastPath
 from tokensvc.api.limits import BodySizeLimit
+from tokensvc.api.request_id import RequestId
 from tokensvc.config import Settings
 from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
+from tokensvc.service.audit import Audit
+from tokensvc.service.housekeeping import Housekeeping
 from tokensvc.service.journal import Journal
 from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.sessions import Sessions
+from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
 from tokensvc.service.tokens import Clock, TokenService
 from tokensvc.store.reader import open_reader
@@ -139,11 +143,18 @@ def create_app(
             app.state.sweeper = res.sweeper
             if run_sweeper:
                 res.sweeper.start()
+            app.state.audit = Audit(res.engine)
+            app.state.stats = StatsService(
+                res.engine, budget=res.budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
+            )
+            housekeeping = Housekeeping(res.engine, clock=clock, retention_days=settings.audit_retention_days)
+            housekeeping.start()
             # What start-up allocated lives as long as the process: keep it out of every garbage collection.
             gc.collect()
             gc.freeze()
             log.info("service.started", strava_base_url=settings.strava_base_url, sandbox=sandbox)
             yield
+            await housekeeping.stop()
         log.info("service.stopped")
 
     app = FastAPI(
@@ -163,6 +174,7 @@ def create_app(
     app.include_router(oauth.service_router)
     app.include_router(oauth.browser_router)
     app.include_router(browser.router)
+    app.include_router(audit.router)
     if sandbox:
         from tokensvc.sandbox import create_sandbox_app
 
@@ -175,6 +187,7 @@ def create_app(
         )
     app.add_middleware(BrowserCORS, origins=cors_origins)
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(RequestId)  # inside the fast path, so the hot call pays nothing for it
     if fast_path:
         app.add_middleware(AccessTokenFastPath, owner=app)  # outermost: the hot call skips everything else
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import sys
@@ -36,18 +37,39 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def configure(level: str = "INFO", *, json: bool | None = None) -> None:
-    """Set up structlog (and the stdlib root logger, for uvicorn and alembic) once per process."""
-    as_json = not sys.stderr.isatty() if json is None else json
-    shared: list[Any] = [
+def processors(*, json: bool) -> list[Any]:
+    """The processor chain every log line goes through: request context, level, time, redaction, rendering."""
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
+        structlog.processors.format_exc_info,
+        renderer,
     ]
-    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+
+
+def detached_context() -> contextvars.Context:
+    """A copy of the current context for a task that outlives its request: the request id moves to
+    `parent_request_id`, so the task's lines are not mistaken for the request's own (which has ended)."""
+    context = contextvars.copy_context()
+    context.run(_detach_request)
+    return context
+
+
+def _detach_request() -> None:
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id is not None:
+        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.bind_contextvars(parent_request_id=request_id)
+
+
+def configure(level: str = "INFO", *, json: bool | None = None) -> None:
+    """Set up structlog (and the stdlib root logger, for uvicorn and alembic) once per process."""
+    as_json = not sys.stderr.isatty() if json is None else json
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=processors(json=as_json),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REFRESH_TOTAL = Counter(
     "tokensvc_refresh_total",
@@ -15,3 +15,30 @@ REFRESH_SECONDS = Histogram(
     "Time from taking the refresh guard to the commit, for refreshes that called Strava",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+# -- observability (audit API branch): Strava calls, lock waits, and DB-wide gauges set at scrape time ----------
+
+STRAVA_REQUESTS = Counter(
+    "tokensvc_strava_requests_total",
+    "HTTP requests to Strava, by endpoint (token_refresh, token_exchange, deauthorize, api) and by status code "
+    "(or `error` when no response came back)",
+    ["endpoint", "status"],
+)
+LOCK_WAIT_SECONDS = Histogram(
+    "tokensvc_lock_wait_seconds",
+    "Time spent taking a user's cross-process refresh guard (the row lock on Postgres, the write lock on SQLite)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+# The gauges below describe the shared database, not this process: `/metrics` reads them fresh on every scrape
+# (service/stats.py), so every replica reports the same DB-wide value. Aggregate them with max(), not sum().
+USERS = Gauge("tokensvc_users", "Stored users by token status (DB-wide, read at scrape time)", ["status"])
+RATE_BUDGET_REMAINING = Gauge(
+    "tokensvc_rate_budget_remaining",
+    "Strava calls left in the current rate-limit window (15min or daily), shared by every replica",
+    ["window"],
+)
+RATE_LIMIT_PAUSED_UNTIL = Gauge(
+    "tokensvc_rate_limit_paused_until",
+    "Epoch seconds until which Strava calls are paused after a 429; 0 when not paused",
+)
+NOTIFICATIONS_PENDING = Gauge("tokensvc_notifications_pending", "Outbox notifications not yet delivered (DB-wide)")

@@ -118,3 +118,52 @@ class BrowserFailure(BaseModel):
     needs_reauth: bool
     token_status: TokenStatus | None
     authorize_url: str | None = None
+
+
+# -- the audit trail and /v1/stats -----------------------------------------------------------------------------
+
+
+class TokenEventOut(BaseModel):
+    """One audit row: a refresh attempt at Strava or a change of the user's state. Never any token material."""
+
+    id: int
+    occurred_at: datetime
+    kind: str = Field(description="refresh, connected, imported, needs_reauth, recovered, revoked, …")
+    trigger: str | None = Field(description="What started a refresh: api, access_token, background, sweep, browser")
+    outcome: str | None = Field(
+        description="For refreshes: succeeded, rejected, transient, rate_limited, answer_lost, misconfigured, "
+        "unreadable"
+    )
+    strava_status: int | None = Field(description="Strava's HTTP status, when it answered")
+    duration_ms: int | None
+    detail: str | None
+
+
+class EventPage(BaseModel):
+    items: list[TokenEventOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null on the last")
+
+
+class UserCounts(BaseModel):
+    total: int = Field(description="Stored users (users with status `missing` have no row and are not counted)")
+    valid: int
+    expiring_soon: int
+    expired: int
+    needs_reauth: int
+
+
+class RefreshCounts(BaseModel):
+    success: int
+    failure: int = Field(description="Attempts that failed for a transient reason (5xx, timeout, 429, …)")
+    reauth_required: int = Field(description="Attempts where Strava rejected the refresh token")
+
+
+class RefreshWindows(BaseModel):
+    last_24h: RefreshCounts
+
+
+class Stats(BaseModel):
+    """DB-wide counts: every replica answers the same."""
+
+    users: UserCounts
+    refresh: RefreshWindows

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlencode
@@ -20,6 +20,8 @@ from urllib.parse import urlencode
 import httpx
 import stamina
 import structlog
+
+from tokensvc import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -209,7 +211,7 @@ class StravaClient:
                 on=_NEVER_SENT, attempts=self._connect_attempts, timeout=15.0, wait_initial=0.1, wait_max=1.0
             ):
                 with attempt:
-                    response = await self._http.post(path, data=form)
+                    response = await self._observed(_endpoint_of(path, form), self._http.post(path, data=form))
         except _NEVER_SENT as exc:
             raise ProviderTransientError(f"could not connect to Strava: {type(exc).__name__}") from exc
         except httpx.TimeoutException as exc:
@@ -224,6 +226,17 @@ class StravaClient:
             self.last_rate_limit = usage
             if self._on_usage is not None:
                 self._on_usage(usage)
+        return response
+
+    @staticmethod
+    async def _observed(endpoint: Endpoint, request: Awaitable[httpx.Response]) -> httpx.Response:
+        """The one place every Strava request passes: count it by endpoint and status (`error`: no response)."""
+        try:
+            response = await request
+        except httpx.HTTPError:
+            metrics.STRAVA_REQUESTS.labels(endpoint=endpoint, status="error").inc()
+            raise
+        metrics.STRAVA_REQUESTS.labels(endpoint=endpoint, status=str(response.status_code)).inc()
         return response
 
     def _grant(self, response: httpx.Response, *, with_athlete: bool) -> TokenGrant:
@@ -288,6 +301,18 @@ class StravaClient:
             return ProviderRejectedError("access_token_invalid", status_code=status, errors=errors)
         # Anything unrecognised is not proof that the user's credential is dead (I3): treat it as transient.
         return ProviderTransientError(f"Strava answered {status}", status_code=status, errors=errors)
+
+
+Endpoint = Literal["token_refresh", "token_exchange", "deauthorize", "api"]
+
+
+def _endpoint_of(path: str, form: Mapping[str, str]) -> Endpoint:
+    """A small fixed label for a request (a metric label never carries a path with ids in it)."""
+    if path.endswith("/oauth/token"):
+        return "token_refresh" if form.get("grant_type") == "refresh_token" else "token_exchange"
+    if path.endswith("/oauth/deauthorize"):
+        return "deauthorize"
+    return "api"
 
 
 def _error_triples(response: httpx.Response) -> list[tuple[str, str, str]]:

@@ -367,6 +367,10 @@ class SandboxState:
     def ledger_json(self) -> dict[str, list[dict[str, Any]]]:
         return {str(aid): [entry.as_json() for entry in entries] for aid, entries in self.ledger.items()}
 
+    def issued_tokens(self) -> list[str]:
+        """Every access and refresh token minted since the last reset, for canary scans (nothing may print them)."""
+        return [*self._access, *self._refresh]
+
     def stats(self) -> dict[str, Any]:
         """Counters for assertions; `calls` counts requests that reached a handler, failed or faulted ones too.
 

@@ -38,6 +38,7 @@ from tokensvc.errors import (
     TokenUnreadable,
     ValidationFailed,
 )
+from tokensvc.logging import detached_context
 from tokensvc.providers.strava import (
     ProviderConfigError,
     ProviderError,
@@ -262,7 +263,8 @@ class TokenService:
             log.warning("token.refresh.background_failed", user_id=user_id, code=exc.code)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+        # Outlives the request that started it: its log lines name that request as the parent, not as their own.
+        task = asyncio.create_task(coro, context=detached_context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -284,9 +286,20 @@ class TokenService:
             )
         except TokenServiceError as exc:
             outcome_label = _OUTCOME_BY_CODE.get(exc.code, exc.code)
+            # One line per failed decision saying why (the specific event, if any, was logged where it happened).
+            log.warning("token.refresh.failed", user_id=user_id, trigger=trigger, outcome=outcome_label, code=exc.code)
             raise
         else:
             outcome_label = "refreshed" if outcome.refreshed else "not_needed"
+            if not outcome.refreshed:
+                reason = "refreshed_by_another_request" if outcome.message == MSG_SIBLING else "still_valid"
+                log.info(
+                    "token.refresh.skipped",
+                    user_id=user_id,
+                    trigger=trigger,
+                    reason=reason,
+                    expires_in=int(outcome.row.expires_at - self._clock()),
+                )
             return outcome
         finally:
             metrics.REFRESH_TOTAL.labels(outcome=outcome_label, trigger=trigger).inc()
@@ -323,10 +336,10 @@ class TokenService:
             dead = False
             try:
                 async with self._engine.begin() as conn:
-                    row = self._usable(
-                        user_id,
-                        await store.lock_for_refresh(conn, user_id),
-                    )
+                    waiting = time.perf_counter()
+                    locked = await store.lock_for_refresh(conn, user_id)
+                    metrics.LOCK_WAIT_SECONDS.observe(time.perf_counter() - waiting)
+                    row = self._usable(user_id, locked)
                     if rejected_version == row.version:
                         # Nobody stored anything newer since Strava said no: the token really is dead.
                         flagged = await store.mark_needs_reauth(

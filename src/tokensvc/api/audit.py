@@ -1,0 +1,43 @@
+"""The audit trail and the DB-wide stats on the service API (Bearer): thin routers over service/audit.py and
+service/stats.py."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from tokensvc.api.deps import UserId, require_api_key
+from tokensvc.api.problems import responses
+from tokensvc.schemas import EventPage, Stats
+from tokensvc.service.audit import Audit
+from tokensvc.service.stats import StatsService
+
+router = APIRouter(prefix="/v1", tags=["audit"], dependencies=[Depends(require_api_key)], responses=responses(401))
+
+
+async def get_audit(request: Request) -> Audit:
+    audit: Audit = request.app.state.audit
+    return audit
+
+
+async def get_stats(request: Request) -> StatsService:
+    stats: StatsService = request.app.state.stats
+    return stats
+
+
+@router.get("/users/{user_id}/events", response_model=EventPage, responses=responses(422, 503))
+async def user_events(
+    user_id: UserId,
+    audit: Annotated[Audit, Depends(get_audit)],
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page")] = None,
+) -> EventPage:
+    """A user's audit trail (refresh attempts and changes of state), newest first, with cursor pagination."""
+    return await audit.events(user_id, limit=limit, cursor=cursor)
+
+
+@router.get("/stats", response_model=Stats, responses=responses(503))
+async def stats(service: Annotated[StatsService, Depends(get_stats)]) -> Stats:
+    """Users by token status, and refresh attempts at Strava in the last 24 hours (DB-wide)."""
+    return await service.stats()

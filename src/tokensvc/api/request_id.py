@@ -1,0 +1,72 @@
+"""A request id on every log line of a request, echoed in `X-Request-ID`, and one `request.completed` line each.
+
+Pure ASGI (no BaseHTTPMiddleware task hop): the id is bound with `structlog.contextvars` for exactly the request's
+duration, in the task that serves it, and unbound afterwards. Tasks that outlive the request (background refreshes)
+carry it as `parent_request_id` instead (`logging.detached_context`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = structlog.get_logger(__name__)
+
+HEADER = b"x-request-id"
+# What we accept from a caller: short and plain, so it can never forge JSON, a new log line, or a header.
+_VALID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+
+
+class RequestId:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming(scope) or uuid.uuid4().hex
+        raw_id = request_id.encode("ascii")
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (HEADER, raw_id)]
+            await send(message)
+
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                log.info(
+                    "request.completed",
+                    method=scope["method"],
+                    path=_route_path(scope),
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                )
+
+
+def _incoming(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == HEADER:
+            return value.decode("ascii") if _VALID.fullmatch(value) else None
+    return None
+
+
+def _route_path(scope: Scope) -> str:
+    """The route's template (`/v1/users/{user_id}/events`) when one matched, so lines group by endpoint and carry
+    no query string; else the bare path."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if isinstance(template, str) and template and not hasattr(route, "routes"):  # a Mount's path is only a prefix
+        return str(scope.get("root_path", "")) + template
+    path: str = scope["path"]
+    return path

@@ -1,0 +1,56 @@
+"""Reading the audit trail: a user's history, newest first, in pages. Reads only (autocommit, no transaction)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokensvc.errors import ValidationFailed
+from tokensvc.schemas import EventPage, TokenEventOut
+from tokensvc.store import journal as store
+
+_CURSOR_PREFIX = "ev1:"
+
+
+class Audit:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def events(self, user_id: str, *, limit: int, cursor: str | None) -> EventPage:
+        """A page of the user's events, newest first (a user with none gets an empty page).
+
+        Raises ValidationFailed for a cursor this service did not issue."""
+        before_id = decode_cursor(cursor) if cursor else None
+        async with self._engine.connect() as conn:
+            rows = await store.list_for_user(conn, user_id, limit=limit, before_id=before_id)
+        items = [
+            TokenEventOut(
+                id=r.id,
+                occurred_at=r.occurred_at,
+                kind=r.kind,
+                trigger=r.trigger,
+                outcome=r.outcome,
+                strava_status=r.strava_status,
+                duration_ms=r.duration_ms,
+                detail=r.detail,
+            )
+            for r in rows
+        ]
+        return EventPage(items=items, next_cursor=encode_cursor(rows[-1].id) if len(rows) == limit else None)
+
+
+def encode_cursor(event_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{event_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        event_id = int(raw.removeprefix(_CURSOR_PREFIX)) if raw.startswith(_CURSOR_PREFIX) else 0
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise ValidationFailed("`cursor` is not a cursor this service issued") from exc
+    if event_id < 1:
+        raise ValidationFailed("`cursor` is not a cursor this service issued")
+    return event_id

@@ -1,0 +1,196 @@
+"""Metrics and request-id logs over HTTP (ASGI), on SQLite and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.test_tokens_api import put_user
+from tests.conftest import FakeClock
+from tests.logcapture import captured_logs
+from tokensvc.sandbox import FaultSpec, SandboxState
+from tokensvc.service.tokens import TokenService
+
+
+async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class TestMetrics:
+    async def test_strava_requests_are_counted_by_endpoint_and_status(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """A refresh (200), a failing refresh (503) and a deauthorization (200) each count once under their label."""
+        name = "tokensvc_strava_requests_total"
+        before = await scrape(client)
+        user = await put_user(client, sandbox, clock, expires_in=60)
+        await client.post(f"/v1/users/{user.user_id}/refresh")
+        sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=503))
+        await client.post(f"/v1/users/{user.user_id}/refresh?force=true")
+        await client.delete(f"/v1/users/{user.user_id}/tokens")
+        after = await scrape(client)
+        for endpoint, status in [("token_refresh", "200"), ("token_refresh", "503"), ("deauthorize", "200")]:
+            delta = value(after, name, endpoint=endpoint, status=status) - value(
+                before, name, endpoint=endpoint, status=status
+            )
+            assert delta == 1, (endpoint, status)
+
+    async def test_refresh_outcomes_and_lock_waits_are_recorded(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """`tokensvc_refresh_total{outcome,trigger}` and one lock-wait observation per guarded round."""
+        before = await scrape(client)
+        user = await put_user(client, sandbox, clock, expires_in=60)
+        await client.post(f"/v1/users/{user.user_id}/refresh")
+        after = await scrape(client)
+        refreshed = {"outcome": "refreshed", "trigger": "api"}
+        assert (
+            value(after, "tokensvc_refresh_total", **refreshed) - value(before, "tokensvc_refresh_total", **refreshed)
+            == 1
+        )
+        assert value(after, "tokensvc_lock_wait_seconds_count") - value(before, "tokensvc_lock_wait_seconds_count") == 1
+
+    async def test_db_wide_gauges_are_read_at_scrape_time(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Users by status and pending notifications follow the database; the rate budget and its pause follow
+        the shared budget row."""
+        await put_user(client, sandbox, clock, expires_in=6 * 3600)
+        soon = await put_user(client, sandbox, clock, expires_in=600)
+        samples = await scrape(client)
+        assert value(samples, "tokensvc_users", status="valid") == 1
+        assert value(samples, "tokensvc_users", status="expiring_soon") == 1
+        assert value(samples, "tokensvc_users", status="needs_reauth") == 0
+        full_15min = value(samples, "tokensvc_rate_budget_remaining", window="15min")
+        full_daily = value(samples, "tokensvc_rate_budget_remaining", window="daily")
+        assert full_15min > 0
+        assert full_daily > 0
+        assert value(samples, "tokensvc_rate_limit_paused_until") == 0
+
+        sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=429, retry_after=120))
+        assert (await client.post(f"/v1/users/{soon.user_id}/refresh")).status_code == 503
+        samples = await scrape(client)
+        assert value(samples, "tokensvc_rate_budget_remaining", window="15min") == full_15min - 1
+        assert value(samples, "tokensvc_rate_budget_remaining", window="daily") == full_daily - 1
+        assert value(samples, "tokensvc_rate_limit_paused_until") == clock() + 120
+        assert value(samples, "tokensvc_notifications_pending") == 0
+
+    async def test_no_user_id_appears_in_any_label(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Labels are small fixed sets: a user id never becomes one."""
+        user = await put_user(client, sandbox, clock, expires_in=60)
+        await client.post(f"/v1/users/{user.user_id}/refresh")
+        text = (await client.get("/metrics")).text
+        assert "tokensvc_strava_requests_total" in text
+        assert user.user_id not in text
+        assert str(user.athlete_id) not in text
+
+
+class TestRequestIds:
+    async def test_every_line_of_a_request_carries_its_id_and_one_completion_line(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """The id is generated, echoed, on every line the request logs, and gone once the request is over."""
+        user = await put_user(client, sandbox, clock, expires_in=60)
+        with captured_logs() as logs:
+            response = await client.post(f"/v1/users/{user.user_id}/refresh?force=false")
+            after = await client.get("/healthz")
+        request_id = response.headers["x-request-id"]
+        lines = [line for line in logs.lines() if line.get("request_id") == request_id]
+        assert [line["event"] for line in lines] == ["token.refresh.succeeded", "request.completed"]
+        completed = lines[-1]
+        assert completed["method"] == "POST"
+        assert completed["path"] == "/v1/users/{user_id}/refresh"
+        assert completed["status"] == 200
+        assert completed["level"] == "info"
+        assert completed["duration_ms"] >= 0
+        assert after.headers["x-request-id"] != request_id
+        assert all("request_id" in line for line in logs.lines())  # nothing logged outside a request here
+
+    @pytest.mark.parametrize("incoming", ["abc-123", "A.b_c-9", "x" * 64])
+    async def test_a_well_formed_incoming_id_is_honoured(self, client: httpx.AsyncClient, incoming: str) -> None:
+        """The caller's id is kept, so one id follows a call across services."""
+        with captured_logs() as logs:
+            response = await client.get("/v1/users/u1/token-status", headers={"X-Request-ID": incoming})
+        assert response.headers["x-request-id"] == incoming
+        assert [line["request_id"] for line in logs.events("request.completed")] == [incoming]
+
+    @pytest.mark.parametrize("incoming", ["", "x" * 65, "has space", 'quote"', "new\\nline", "ünï"])
+    async def test_a_malformed_incoming_id_is_replaced(self, client: httpx.AsyncClient, incoming: str) -> None:
+        """Anything else is replaced by a generated id (it could forge log content)."""
+        response = await client.get("/healthz", headers=[(b"X-Request-ID", incoming.encode())])
+        echoed = response.headers["x-request-id"]
+        assert echoed != incoming
+        assert len(echoed) == 32
+
+    async def test_errors_and_unknown_routes_are_logged_with_their_status_and_path_without_query(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """A 422, a 404 and a 401 each produce one completion line with the status sent."""
+        with captured_logs() as logs:
+            await client.get("/v1/users/bad%20id/token-status?secret=1")
+            await client.get("/v1/nowhere?x=1")
+            await client.get("/v1/stats", headers={"Authorization": ""})
+        summary = [(line["path"], line["status"]) for line in logs.events("request.completed")]
+        assert summary == [
+            ("/v1/users/{user_id}/token-status", 422),
+            ("/v1/nowhere", 404),
+            ("/v1/stats", 401),
+        ]
+
+    async def test_a_background_refresh_names_its_request_as_parent_not_as_its_own(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """The refresh an access-token call starts in the background outlives the request: its lines carry
+        `parent_request_id`, never the request's `request_id`."""
+        user = await put_user(client, sandbox, clock, expires_in=1200)  # due, but long enough for min_ttl=300
+        service: TokenService = client.app.state.token_service  # type: ignore[attr-defined]
+        with captured_logs() as logs:
+            # "+300" is valid but not plain digits: the fast path leaves it to the FastAPI route, inside the
+            # request-id middleware (fast-path hits carry no request id at all).
+            response = await client.get(f"/v1/users/{user.user_id}/access-token", params={"min_ttl": "+300"})
+            await asyncio.wait_for(service.drain(), timeout=10)
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        succeeded = logs.events("token.refresh.succeeded")
+        assert len(succeeded) == 1
+        assert succeeded[0]["parent_request_id"] == request_id
+        assert "request_id" not in succeeded[0]
+
+
+class TestRefreshDecisionLogs:
+    async def test_the_log_says_still_valid_refreshed_or_failed_and_why(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Each refresh decision leaves one line an operator can read: skipped (with reason), succeeded, failed."""
+        user = await put_user(client, sandbox, clock, expires_in=60)
+        with captured_logs() as logs:
+            await client.post(f"/v1/users/{user.user_id}/refresh")
+            await client.post(f"/v1/users/{user.user_id}/refresh")
+            sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=500))
+            await client.post(f"/v1/users/{user.user_id}/refresh?force=true")
+        decisions = [
+            (line["event"], line.get("reason") or line.get("outcome"))
+            for line in logs.lines()
+            if line["event"] in {"token.refresh.succeeded", "token.refresh.skipped", "token.refresh.failed"}
+        ]
+        assert decisions == [
+            ("token.refresh.succeeded", None),
+            ("token.refresh.skipped", "still_valid"),
+            ("token.refresh.failed", "transient"),
+        ]
+        assert logs.events("token.refresh.transient_failure")[0]["strava_status"] == 500
