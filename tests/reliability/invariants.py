@@ -137,10 +137,14 @@ class Harness:
         assert row.refresh_token_enc is not None
         return TokenCipher([self.encryption_key]).decrypt(row.refresh_token_enc, user_id=user_id, field="refresh")
 
-    async def check(self, replicas: Collection[Process], *, stranded: Collection[str] = ()) -> None:
+    async def check(
+        self, replicas: Collection[Process], *, stranded: Collection[str] = (), raced: Collection[str] = ()
+    ) -> None:
         """Assert I1-I6 for every seeded user. `stranded` users are the ones a test knowingly cut off between
         Strava's answer and the commit: for them the old refresh token may be presented once more (and rejected)
-        and the database cannot hold Strava's newest token, but they must be flagged `needs_reauth`."""
+        and the database cannot hold Strava's newest token, but they must be flagged `needs_reauth`. `raced` users
+        had their token rotated behind tokensvc's back by the test while a refresh was at Strava: the sandbox notes
+        the dead token's presentation, which is the race, not a second use (each token is still sent at most once)."""
         ledger: dict[str, list[dict[str, Any]]] = await self.http.control("GET", "/ledger")
         stats = await self.http.stats()
         rows = await self.rows()
@@ -174,11 +178,9 @@ class Harness:
             if row.reauth_reason is not None:
                 really = snapshot["revoked"] or (not stored_entry["alive"] and stored_entry["sent"] >= 1)
                 assert really, f"I3: {user_id} flagged {row.reauth_reason} but Strava never rejected its token"
-        if not stranded:
-            assert stats["ledger_violations"] == [], f"I1: {stats['ledger_violations']}"
-        else:
-            violators = {v["athlete_id"] for v in stats["ledger_violations"]}
-            assert violators <= {self.users[u] for u in stranded}, f"I1: {stats['ledger_violations']}"
+        excused = {self.users[u] for u in (*stranded, *raced)}
+        violators = {v["athlete_id"] for v in stats["ledger_violations"]}
+        assert violators <= excused, f"I1: {stats['ledger_violations']}"
         self._check_answers()
         await self._check_secrecy(replicas, ledger)
 
