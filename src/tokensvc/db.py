@@ -30,7 +30,10 @@ def make_engine(url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 
         url,
         pool_size=pool_size,
         max_overflow=0,
-        pool_pre_ping=False,
+        # A database restart leaves every pooled connection dead; without a ping the first transaction on each
+        # replica after the restart failed with 503 (tests/reliability). One round trip per checkout; the hot read
+        # path (store/reader.py) has its own pool and does not pay it.
+        pool_pre_ping=True,
         # Every lock wait (a refresh's row lock, an import behind it) gives up after the lock timeout: set once per
         # connection rather than by a statement in every transaction.
         connect_args={

@@ -26,7 +26,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tokensvc import metrics
+from tokensvc import failpoints, metrics
 from tokensvc.crypto import DecryptionError, Field, TokenCipher
 from tokensvc.errors import (
     ProviderMisconfigured,
@@ -398,6 +398,7 @@ class TokenService:
                                 duration_ms=duration_ms,
                                 detail=f"after {row.failure_count} failures" if row.failure_count else None,
                             )
+                            failpoints.hit("refresh.before_commit")  # tests only: a kill between Strava and commit
             except (DBAPIError, OSError) as exc:
                 if grant is None:
                     raise
