@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
 from tokensvc.api import browser, health, oauth, operations, problems, tokens
+from tokensvc.api import dashboard as dashboard_api
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys
 from tokensvc.api.fastpath import AccessTokenFastPath
@@ -25,6 +26,7 @@ from tokensvc.config import Settings
 from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
+from tokensvc.service.dashboard import DashboardService
 from tokensvc.service.journal import Journal
 from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.rate_budget import RateBudget
@@ -137,6 +139,9 @@ def create_app(
             app.state.oauth_service = res.oauth
             app.state.sessions = res.sessions
             app.state.sweeper = res.sweeper
+            app.state.dashboard = DashboardService(
+                engine=res.engine, budget=res.budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
+            )
             if run_sweeper:
                 res.sweeper.start()
             # What start-up allocated lives as long as the process: keep it out of every garbage collection.
@@ -163,6 +168,7 @@ def create_app(
     app.include_router(oauth.service_router)
     app.include_router(oauth.browser_router)
     app.include_router(browser.router)
+    dashboard_api.install(app, settings, clock=clock)
     if sandbox:
         from tokensvc.sandbox import create_sandbox_app
 
