@@ -6,13 +6,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.conftest import FakeClock, Seeded, seed_user
+from tests.conftest import FakeClock, Seeded, import_body, seed_athlete, seed_user
 from tokensvc.app import Resources
 from tokensvc.errors import NeedsReconnect, ProviderRateLimited, ProviderUnavailable
 from tokensvc.sandbox import SandboxState
 from tokensvc.sandbox.faults import FaultSpec
 from tokensvc.service.dashboard import AdminSessions, DashboardService, DashboardView, HourBar, reason_in_words
 from tokensvc.service.sessions import Sessions
+from tokensvc.service.tokens import TokenService
 
 HOUR = 3600
 
@@ -21,31 +22,37 @@ def dashboard(resources: Resources, clock: FakeClock) -> DashboardService:
     return DashboardService(engine=resources.engine, budget=resources.budget, clock=clock, buffer_seconds=1800)
 
 
-async def seed_mixed(resources: Resources, sandbox: SandboxState, clock: FakeClock) -> dict[str, Seeded]:
+async def seed_mixed(service: TokenService, sandbox: SandboxState, clock: FakeClock) -> dict[str, Seeded]:
     """Six users: one refreshed two hours ago, then (now) one valid, one expiring, one expired, one whose refresh
     token Strava rejects (needs_reauth) and one whose refresh hits a Strava 500 (a transient failure)."""
+
+    async def seed(expires_in: int) -> Seeded:
+        seeded = seed_athlete(sandbox, clock, expires_in=expires_in)
+        await service.import_tokens(seeded.user_id, import_body(seeded))
+        return seeded
+
     users: dict[str, Seeded] = {}
-    users["refreshed"] = await seed_user(resources, sandbox, clock, expires_in=100)
-    await resources.service.refresh(users["refreshed"].user_id, trigger="api")
+    users["refreshed"] = await seed(100)
+    await service.refresh(users["refreshed"].user_id, trigger="api")
     clock.advance(2 * HOUR)
-    users["valid"] = await seed_user(resources, sandbox, clock, expires_in=6 * HOUR)
-    users["expiring"] = await seed_user(resources, sandbox, clock, expires_in=600)
-    users["expired"] = await seed_user(resources, sandbox, clock, expires_in=-60)
-    users["rejected"] = await seed_user(resources, sandbox, clock, expires_in=100)
+    users["valid"] = await seed(6 * HOUR)
+    users["expiring"] = await seed(600)
+    users["expired"] = await seed(-60)
+    users["rejected"] = await seed(100)
     sandbox.revoke(users["rejected"].athlete_id)
     with pytest.raises(NeedsReconnect):
-        await resources.service.refresh(users["rejected"].user_id, trigger="sweep")
-    users["transient"] = await seed_user(resources, sandbox, clock, expires_in=100)
+        await service.refresh(users["rejected"].user_id, trigger="sweep")
+    users["transient"] = await seed(100)
     sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=500))
     with pytest.raises(ProviderUnavailable):
-        await resources.service.refresh(users["transient"].user_id, trigger="browser")
+        await service.refresh(users["transient"].user_id, trigger="browser")
     return users
 
 
 class TestDashboardView:
     async def test_counts_users_by_status(self, resources: Resources, sandbox: SandboxState, clock: FakeClock) -> None:
         """Each stored user is counted once, under the status the contract gives them now."""
-        await seed_mixed(resources, sandbox, clock)
+        await seed_mixed(resources.service, sandbox, clock)
         view = await dashboard(resources, clock).view()
         assert view.users == {
             "total": 6,
@@ -60,7 +67,7 @@ class TestDashboardView:
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         """24 hourly buckets ending with the current one; the success two hours ago, the reject and the 500 now."""
-        await seed_mixed(resources, sandbox, clock)
+        await seed_mixed(resources.service, sandbox, clock)
         view = await dashboard(resources, clock).view()
         now_hour = datetime.fromtimestamp(clock.now, UTC).replace(minute=0, second=0, microsecond=0)
         assert len(view.hours) == 24
@@ -74,7 +81,7 @@ class TestDashboardView:
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         """A day later the chart is empty, and the last-24-hours figures say so."""
-        await seed_mixed(resources, sandbox, clock)
+        await seed_mixed(resources.service, sandbox, clock)
         clock.advance(25 * HOUR)
         view = await dashboard(resources, clock).view()
         assert sum(h.total for h in view.hours) == 0
@@ -85,7 +92,7 @@ class TestDashboardView:
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         """Only the rejected user must reconnect; the transient failure is not a false alarm."""
-        users = await seed_mixed(resources, sandbox, clock)
+        users = await seed_mixed(resources.service, sandbox, clock)
         view = await dashboard(resources, clock).view()
         assert [(r.user_id, r.athlete_id, r.reason) for r in view.must_reconnect] == [
             (users["rejected"].user_id, users["rejected"].athlete_id, "Strava rejected the refresh token")
@@ -96,7 +103,7 @@ class TestDashboardView:
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         """The 500 and the rejection are listed (newest first); the success is not."""
-        users = await seed_mixed(resources, sandbox, clock)
+        users = await seed_mixed(resources.service, sandbox, clock)
         view = await dashboard(resources, clock).view()
         rows = [(f.user_id, f.trigger, f.outcome, f.strava_status) for f in view.failures]
         assert rows == [
