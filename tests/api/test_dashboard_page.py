@@ -132,6 +132,16 @@ class TestChart:
         plot_height = drawn.bottom - drawn.top
         assert drawn.bars[0].height == pytest.approx(0.7 * plot_height)
 
+    @pytest.mark.parametrize(("busiest", "labels"), [(1, ["0", "1"]), (3, ["0", "2", "5"]), (0, ["0", "1"])])
+    def test_each_y_label_sits_at_its_own_value(self, busiest: int, labels: list[str]) -> None:
+        """Labels are whole attempts, placed where that many attempts would reach."""
+        drawn = chart(hours(h0=(busiest, 0, 0)))
+        assert [tick.label for tick in drawn.y_ticks] == labels
+        top = int(labels[-1])
+        for tick in drawn.y_ticks:
+            expected = drawn.bottom - (drawn.bottom - drawn.top) * int(tick.label) / top
+            assert tick.position == pytest.approx(expected)
+
     def test_the_x_axis_labels_every_third_hour(self) -> None:
         """Eight labels, the first the oldest hour."""
         drawn = chart(hours())

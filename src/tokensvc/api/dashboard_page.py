@@ -99,9 +99,8 @@ def chart(hours: list[HourBar]) -> Chart:
             base -= height
             title = f"{hour.hour:%Y-%m-%d %H:00} UTC: {count} {series.replace('_', ' ')}"
             bars.append(Rect(series, round(x + slot * 0.15, 2), round(base, 2), round(slot * 0.7, 2), height, title))
-    y_ticks = [Tick(TOP + plot_h * (1 - f), str(round(top_value * f))) for f in (0, 0.5, 1)]
-    if top_value == 1:
-        y_ticks = [y_ticks[0], y_ticks[2]]  # no "0.5 attempts" label
+    # Whole attempts only, each label at its own height (a top of 5 gets 0, 2, 5).
+    y_ticks = [Tick(TOP + plot_h * (1 - v / top_value), str(v)) for v in sorted({0, top_value // 2, top_value})]
     totals = {series: sum(getattr(h, series) for h in hours) for series in SERIES}
     return Chart(WIDTH, HEIGHT, LEFT, TOP, TOP + plot_h, LEFT + plot_w, bars, y_ticks, x_ticks, totals)
 
