@@ -45,7 +45,7 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 class DashboardAuth:
     """Who may sign in (API keys or the admin password, as digests), the cookie signer, and the page's origin."""
 
-    secrets: ApiKeys
+    accepted: ApiKeys
     api_keys: ApiKeys
     sessions: AdminSessions
     origin: str
@@ -60,7 +60,7 @@ def install(app: FastAPI, settings: Settings, *, clock: Clock) -> None:
     secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
     public = urlsplit(settings.public_url or "")
     app.state.dashboard_auth = DashboardAuth(
-        secrets=ApiKeys([*api_keys, password] if password else api_keys),
+        accepted=ApiKeys([*api_keys, password] if password else api_keys),
         api_keys=ApiKeys(api_keys),
         sessions=AdminSessions(secret, ttl_seconds=ADMIN_TTL_SECONDS, clock=clock),
         origin=f"{public.scheme}://{public.netloc}",
@@ -133,7 +133,7 @@ async def login(request: Request, auth: AuthDep) -> Response:
         return refused
     form = await request.form(max_files=0, max_fields=4)
     secret = form.get("secret")
-    if not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET_LENGTH or not auth.secrets.accepts(secret):
+    if not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET_LENGTH or not auth.accepted.accepts(secret):
         log.warning("dashboard.login.failed", client=request.client.host if request.client else None)
         return _page(render_login(error="That is neither an API key nor the admin password."), 401)
     log.info("dashboard.login.succeeded", client=request.client.host if request.client else None)
