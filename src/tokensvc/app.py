@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
 from tokensvc.api import audit, browser, health, oauth, operations, problems, tokens
+from tokensvc.api import dashboard as dashboard_api
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys
 from tokensvc.api.fastpath import AccessTokenFastPath
@@ -27,6 +28,7 @@ from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
 from tokensvc.service.audit import Audit
+from tokensvc.service.dashboard import DashboardService
 from tokensvc.service.housekeeping import Housekeeping
 from tokensvc.service.journal import Journal
 from tokensvc.service.oauth import ConnectLinks, OAuthService
@@ -141,6 +143,9 @@ def create_app(
             app.state.oauth_service = res.oauth
             app.state.sessions = res.sessions
             app.state.sweeper = res.sweeper
+            app.state.dashboard = DashboardService(
+                engine=res.engine, budget=res.budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
+            )
             if run_sweeper:
                 res.sweeper.start()
             app.state.audit = Audit(res.engine)
@@ -175,6 +180,7 @@ def create_app(
     app.include_router(oauth.browser_router)
     app.include_router(browser.router)
     app.include_router(audit.router)
+    dashboard_api.install(app, settings, clock=clock)
     if sandbox:
         from tokensvc.sandbox import create_sandbox_app
 

@@ -1,0 +1,160 @@
+"""The operators' dashboard at /dashboard: server-rendered HTML behind an admin login (not part of the OpenAPI API).
+
+Sign in with one of TOKENSVC_API_KEYS or TOKENSVC_ADMIN_PASSWORD; the login sets a signed, expiring
+`tokensvc_admin` cookie (HttpOnly, SameSite=Strict, scoped to /dashboard). `Authorization: Bearer <api key>` also
+opens the page, for scripts and curl.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from tokensvc.api.dashboard_page import render_dashboard, render_login
+from tokensvc.api.deps import ApiKeys
+from tokensvc.config import Settings
+from tokensvc.service.dashboard import ADMIN_COOKIE, AdminSessions, DashboardService
+from tokensvc.service.signing import Clock
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "/dashboard"
+ADMIN_TTL_SECONDS = 8 * 3600
+MAX_SECRET_LENGTH = 1024
+# The pages need nothing but their own inline CSS: no script, no other origin, no framing.
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    # Not `no-referrer`: with it Chromium sends `Origin: null` on the form's POST, which the Origin check refuses.
+    "Referrer-Policy": "same-origin",
+}
+
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardAuth:
+    """Who may sign in (API keys or the admin password, as digests), the cookie signer, and the page's origin."""
+
+    accepted: ApiKeys
+    api_keys: ApiKeys
+    sessions: AdminSessions
+    origin: str
+    secure_cookie: bool
+
+
+def install(app: FastAPI, settings: Settings, *, clock: Clock) -> None:
+    """Mount the dashboard on `app` (prepared settings; the session secret signs the admin cookie too)."""
+    api_keys = [k.get_secret_value() for k in settings.api_keys]
+    password = settings.admin_password.get_secret_value() if settings.admin_password else ""
+    # `prepare` guarantees a session secret for `serve`; elsewhere a throwaway one makes logins last one process.
+    secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
+    public = urlsplit(settings.public_url or "")
+    app.state.dashboard_auth = DashboardAuth(
+        accepted=ApiKeys([*api_keys, password] if password else api_keys),
+        api_keys=ApiKeys(api_keys),
+        sessions=AdminSessions(secret, ttl_seconds=ADMIN_TTL_SECONDS, clock=clock),
+        origin=f"{public.scheme}://{public.netloc}",
+        secure_cookie=public.scheme == "https",
+    )
+    app.include_router(router)
+
+
+async def get_auth(request: Request) -> DashboardAuth:
+    auth: DashboardAuth = request.app.state.dashboard_auth
+    return auth
+
+
+async def get_dashboard(request: Request) -> DashboardService:
+    service: DashboardService = request.app.state.dashboard
+    return service
+
+
+AuthDep = Annotated[DashboardAuth, Depends(get_auth)]
+
+
+def _page(html: str, status_code: int = 200) -> HTMLResponse:
+    return HTMLResponse(html, status_code=status_code, headers=_HEADERS)
+
+
+def _see_other(path: str) -> RedirectResponse:
+    return RedirectResponse(path, status_code=303, headers=_HEADERS)
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+def _foreign_origin(request: Request, auth: AuthDep) -> HTMLResponse | None:
+    """A 403 page for a form posted from another origin (a browser sends Origin with every POST)."""
+    origin = request.headers.get("origin")
+    if origin is None or origin.rstrip("/") == auth.origin:
+        return None
+    log.warning("dashboard.post.foreign_origin", origin=origin[:200])
+    return _page(render_login(error="This form may only be sent from the dashboard's own pages."), 403)
+
+
+@router.get("", response_class=HTMLResponse)
+async def dashboard(
+    request: Request, auth: AuthDep, service: Annotated[DashboardService, Depends(get_dashboard)]
+) -> Response:
+    """The dashboard for a signed-in operator (cookie or API key); anyone else is sent to the sign-in form."""
+    presented = _bearer(request)
+    if presented is not None:
+        if not auth.api_keys.accepts(presented):
+            return _page(render_login(error="That API key is not valid."), 401)
+    elif not auth.sessions.verify(request.cookies.get(ADMIN_COOKIE)):
+        return _see_other(f"{PREFIX}/login")
+    return _page(render_dashboard(await service.view()))
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_form(request: Request, auth: AuthDep) -> Response:
+    """The sign-in form (straight to the dashboard when already signed in)."""
+    if auth.sessions.verify(request.cookies.get(ADMIN_COOKIE)):
+        return _see_other(PREFIX)
+    return _page(render_login())
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(request: Request, auth: AuthDep) -> Response:
+    """Check the secret (an API key or the admin password) and set the admin cookie."""
+    if (refused := _foreign_origin(request, auth)) is not None:
+        return refused
+    form = await request.form(max_files=0, max_fields=4)
+    secret = form.get("secret")
+    if not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET_LENGTH or not auth.accepted.accepts(secret):
+        log.warning("dashboard.login.failed", client=request.client.host if request.client else None)
+        return _page(render_login(error="That is neither an API key nor the admin password."), 401)
+    log.info("dashboard.login.succeeded", client=request.client.host if request.client else None)
+    response = _see_other(PREFIX)
+    response.set_cookie(
+        ADMIN_COOKIE,
+        auth.sessions.mint(),
+        max_age=auth.sessions.ttl_seconds,
+        path=PREFIX,
+        httponly=True,
+        samesite="strict",
+        secure=auth.secure_cookie,
+    )
+    return response
+
+
+@router.post("/logout", response_class=HTMLResponse)
+async def logout(request: Request, auth: AuthDep) -> Response:
+    """Forget the admin cookie."""
+    if (refused := _foreign_origin(request, auth)) is not None:
+        return refused
+    response = _see_other(f"{PREFIX}/login")
+    response.delete_cookie(ADMIN_COOKIE, path=PREFIX, httponly=True, samesite="strict", secure=auth.secure_cookie)
+    return response

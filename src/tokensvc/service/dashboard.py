@@ -1,0 +1,153 @@
+"""The operators' dashboard: who may see it (admin sessions) and what it shows (one read-only view model).
+
+Everything here is aggregates and ids from `store/stats.py` and the rate budget; no token is ever read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokensvc import __version__
+from tokensvc.service.rate_budget import BudgetState, RateBudget
+from tokensvc.service.signing import Clock, SignedTokens
+from tokensvc.service.status import Status
+from tokensvc.store import stats
+from tokensvc.store.stats import Failure, OutcomeCounts
+
+ADMIN_COOKIE = "tokensvc_admin"
+HOURS = 24
+RECONNECT_LIMIT = 50
+FAILURE_LIMIT = 25
+
+REASONS = {
+    "refresh_token_invalid": "Strava rejected the refresh token",
+    "deauthorized": "The athlete revoked access on Strava",
+}
+
+
+def reason_in_words(reason: str) -> str:
+    """Why a user must reconnect, as an operator reads it (an unknown code is shown as it is)."""
+    return REASONS.get(reason, reason)
+
+
+class AdminSessions:
+    """Signed, expiring admin logins for the dashboard cookie.
+
+    Signed under their own purpose (salt) and payload, so a user's browser session is never an admin session and
+    an admin cookie never authenticates a user endpoint.
+    """
+
+    def __init__(self, secret: str, *, ttl_seconds: int, clock: Clock) -> None:
+        self._tokens = SignedTokens(secret, purpose="admin", max_age=ttl_seconds, clock=clock)
+        self.ttl_seconds = ttl_seconds
+
+    def mint(self) -> str:
+        token, _expires_at = self._tokens.dumps({"admin": True})
+        return token
+
+    def verify(self, token: str | None) -> bool:
+        """True only for an unexpired, untampered admin token."""
+        if not token:
+            return False
+        payload = self._tokens.loads(token)
+        return payload is not None and payload.get("admin") is True
+
+
+@dataclass(frozen=True, slots=True)
+class HourBar:
+    """Refresh attempts that started within one hour (UTC)."""
+
+    hour: datetime
+    success: int
+    failure: int
+    reauth_required: int
+
+    @property
+    def total(self) -> int:
+        return self.success + self.failure + self.reauth_required
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectRow:
+    user_id: str
+    athlete_id: int | None
+    reason: str
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardView:
+    version: str
+    as_of: datetime
+    users: dict[str, int]  # total, valid, expiring_soon, expired, needs_reauth
+    last_24h: OutcomeCounts
+    hours: list[HourBar]  # HOURS buckets, oldest first, the last one the current hour
+    must_reconnect: list[ReconnectRow]
+    failures: list[Failure]
+    budget: BudgetState
+    notifications_pending: int
+
+
+def bucket_outcome(outcome: str) -> str:
+    """The chart's three series, as /v1/stats counts them: a rejection means reauth; anything else not a success
+    is a failure."""
+    if outcome == stats.SUCCESS:
+        return "success"
+    if outcome == stats.REJECTED:
+        return "reauth_required"
+    return "failure"
+
+
+class DashboardService:
+    """Assembles the dashboard from a handful of aggregate reads on one connection (no transaction kept open)."""
+
+    def __init__(self, *, engine: AsyncEngine, budget: RateBudget, clock: Clock, buffer_seconds: int) -> None:
+        self._engine = engine
+        self._budget = budget
+        self._clock = clock
+        self._buffer_seconds = buffer_seconds
+
+    async def view(self) -> DashboardView:
+        """The dashboard as of now. Raises SQLAlchemy errors when the database is unreachable."""
+        now = self._clock()
+        as_of = datetime.fromtimestamp(now, UTC)
+        first_hour = as_of.replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS - 1)
+        async with self._engine.connect() as conn:
+            by_status = await stats.users_by_status(conn, now=int(now), buffer_seconds=self._buffer_seconds)
+            last_24h = await stats.refresh_outcomes(conn, since=as_of - timedelta(hours=24))
+            by_hour = await stats.refresh_outcomes_by_hour(conn, since=first_hour)
+            reconnect = await stats.needs_reauth_users(conn, limit=RECONNECT_LIMIT)
+            failures = await stats.recent_failures(conn, limit=FAILURE_LIMIT)
+            pending = await stats.notifications_pending(conn)
+        budget = await self._budget.state()
+        users = {status.value: by_status[status] for status in _COUNTED}
+        return DashboardView(
+            version=__version__,
+            as_of=as_of,
+            users={"total": sum(users.values()), **users},
+            last_24h=last_24h,
+            hours=_hour_bars(first_hour, by_hour),
+            must_reconnect=[
+                ReconnectRow(r.user_id, r.athlete_id, reason_in_words(r.reason), r.since) for r in reconnect
+            ],
+            failures=failures,
+            budget=budget,
+            notifications_pending=pending,
+        )
+
+
+_COUNTED = (Status.VALID, Status.EXPIRING_SOON, Status.EXPIRED, Status.NEEDS_REAUTH)
+
+
+def _hour_bars(first_hour: datetime, rows: list[tuple[datetime, str, int]]) -> list[HourBar]:
+    counts: dict[datetime, dict[str, int]] = {
+        first_hour + timedelta(hours=i): {"success": 0, "failure": 0, "reauth_required": 0} for i in range(HOURS)
+    }
+    for hour, outcome, count in rows:
+        bucket = counts.get(hour.astimezone(UTC))
+        if bucket is not None:  # an attempt stamped in the future (clock skew between replicas) is left out
+            bucket[bucket_outcome(outcome)] += count
+    return [HourBar(hour, **series) for hour, series in counts.items()]
