@@ -15,3 +15,14 @@ REFRESH_SECONDS = Histogram(
     "Time from taking the refresh guard to the commit, for refreshes that called Strava",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+WEBHOOK_EVENTS_TOTAL = Counter(
+    "tokensvc_strava_webhook_events_total",
+    "Strava push events received, by kind (deauthorization, duplicate, ignored)",
+    ["kind"],
+)
+DEAUTHORIZATIONS_TOTAL = Counter(
+    "tokensvc_strava_deauthorizations_total",
+    "Deauthorization events processed, by outcome (confirmed, unconfirmed, no_user, retried)",
+    ["outcome"],
+)

@@ -103,7 +103,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "Invalid OAuth state",
         401: "Missing or wrong API key (service API) or session (browser)",
-        403: "Origin not allowed for a browser call",
+        403: "Origin not allowed for a browser call, or (webhooks) not this service's verify token",
         404: "Not found",
         409: "The user must (re)connect with Strava (`tokens_missing` or `reauth_required`)",
         413: "Request body over 64 KiB",
