@@ -75,9 +75,9 @@ class TestDeauthorizationWebhook:
             "subscription_id": 1,
             "updates": {"authorized": "false"},
         }
+        calls_before = (await http.get(f"{sandbox_process.url}/_control/stats")).json()["calls"]["athlete"]
         sent = await http.post(f"{sandbox_process.url}/_control/push", json=forged)
         assert sent.json()["statuses"] == [200]
-        calls_before = (await http.get(f"{sandbox_process.url}/_control/stats")).json()["calls"]["athlete"]
 
         async with asyncio.timeout(DEADLINE):  # until the service has asked the sandbox about the token
             while True:
