@@ -544,3 +544,19 @@ class TestServeSandbox:
         stderr = stderr_path.read_text()
         assert "service.stopped" in stderr
         assert "Traceback" not in stderr
+
+
+class TestStravaSubscription:
+    def test_create_without_a_verify_token_says_what_to_set(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """No TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN: exit 2 with the variable's name, before any Strava call."""
+        monkeypatch.setenv("TOKENSVC_STRAVA_CLIENT_ID", "cid")
+        monkeypatch.setenv("TOKENSVC_STRAVA_CLIENT_SECRET", "secret")
+        result = runner.invoke(app, ["strava-subscription", "create", "--callback-url", "https://x.test/cb"])
+        assert result.exit_code == 2
+        assert "TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN" in result.output
+
+    def test_without_app_credentials_every_subcommand_says_what_to_set(self) -> None:
+        for command in (["create"], ["show"], ["delete"]):
+            result = runner.invoke(app, ["strava-subscription", *command])
+            assert result.exit_code == 2
+            assert "TOKENSVC_STRAVA_CLIENT_ID" in result.output

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
-from tokensvc.api import audit, browser, health, oauth, operations, problems, tokens
+from tokensvc.api import audit, browser, health, oauth, operations, problems, tokens, webhooks
 from tokensvc.api import dashboard as dashboard_api
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys
@@ -37,6 +37,7 @@ from tokensvc.service.sessions import Sessions
 from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
 from tokensvc.service.tokens import Clock, TokenService
+from tokensvc.service.webhooks import StravaWebhooks
 from tokensvc.store.reader import open_reader
 
 log = structlog.get_logger(__name__)
@@ -52,6 +53,7 @@ class Resources:
     links: ConnectLinks
     oauth: OAuthService
     sessions: Sessions
+    webhooks: StravaWebhooks
 
 
 @asynccontextmanager
@@ -111,9 +113,20 @@ async def open_resources(
         lease_seconds=settings.sweep_lease_seconds,
         interval_seconds=settings.sweep_interval_seconds,
     )
+    verify_token = settings.strava_webhook_verify_token
+    strava_webhooks = StravaWebhooks(
+        engine=engine,
+        tokens=service,
+        strava=strava,
+        budget=budget,
+        verify_token=verify_token.get_secret_value() if verify_token else None,
+        clock=clock,
+        poll_interval_seconds=settings.webhook_poll_interval_seconds,
+    )
     try:
-        yield Resources(engine, strava, service, budget, sweeper, links, oauth, sessions)
+        yield Resources(engine, strava, service, budget, sweeper, links, oauth, sessions, webhooks=strava_webhooks)
     finally:
+        await strava_webhooks.stop()
         await sweeper.stop()
         await service.aclose()
         await rows.aclose()
@@ -154,6 +167,8 @@ def create_app(
             )
             housekeeping = Housekeeping(res.engine, clock=clock, retention_days=settings.audit_retention_days)
             housekeeping.start()
+            app.state.webhooks = res.webhooks
+            res.webhooks.start()  # when TOKENSVC_WEBHOOK_POLL_INTERVAL_SECONDS > 0
             # What start-up allocated lives as long as the process: keep it out of every garbage collection.
             gc.collect()
             gc.freeze()
@@ -181,6 +196,7 @@ def create_app(
     app.include_router(browser.router)
     app.include_router(audit.router)
     dashboard_api.install(app, settings, clock=clock)
+    app.include_router(webhooks.router)
     if sandbox:
         from tokensvc.sandbox import create_sandbox_app
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 import uvicorn
@@ -16,6 +17,11 @@ from tokensvc import logging as tokensvc_logging
 from tokensvc.config import ConfigError, Settings, encryption_keys, prepare
 from tokensvc.crypto import generate_key, generate_notify_secret
 from tokensvc.service.sweeper import SweepReport
+
+if TYPE_CHECKING:
+    from tokensvc.providers.strava import StravaClient
+
+_T = TypeVar("_T")
 
 app = typer.Typer(
     name="tokensvc",
@@ -212,3 +218,116 @@ async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list
             await res.service.import_tokens(user_id, body)
             imported += 1
     return imported, failures
+
+
+subscription_app = typer.Typer(
+    help="Manage the Strava push subscription that sends deauthorizations to /v1/webhooks/strava (one per app).",
+    no_args_is_help=True,
+)
+app.add_typer(subscription_app, name="strava-subscription")
+
+
+def _strava_settings() -> Settings:
+    settings = _load_settings()
+    if not settings.strava_client_id or settings.strava_client_secret is None:
+        raise _fail(
+            "set TOKENSVC_STRAVA_CLIENT_ID and TOKENSVC_STRAVA_CLIENT_SECRET: push subscriptions belong to the app"
+        )
+    return settings
+
+
+async def _with_strava(settings: Settings, action: Callable[[StravaClient], Awaitable[_T]]) -> _T:
+    from tokensvc.providers.strava import StravaClient
+
+    secret = settings.strava_client_secret.get_secret_value() if settings.strava_client_secret else ""
+    strava = StravaClient(
+        base_url=settings.strava_base_url,
+        client_id=settings.strava_client_id or "",
+        client_secret=secret,
+        timeout=settings.strava_timeout_seconds,
+    )
+    try:
+        return await action(strava)
+    finally:
+        await strava.aclose()
+
+
+def _strava_failure(exc: Exception) -> typer.Exit:
+    """Strava said no, or could not be reached: the reason on stderr, exit 1."""
+    typer.echo(f"tokensvc: {exc}", err=True)
+    return typer.Exit(code=1)
+
+
+@subscription_app.command("create")
+def subscription_create(
+    callback_url: Annotated[
+        str | None, typer.Option(help="Where Strava sends events; default <TOKENSVC_PUBLIC_URL>/v1/webhooks/strava")
+    ] = None,
+) -> None:
+    """Subscribe: Strava checks the callback (the running service must answer it), then sends events there."""
+    from tokensvc.providers.strava import ProviderError
+
+    settings = _strava_settings()
+    if settings.strava_webhook_verify_token is None:
+        raise _fail(
+            "set TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN (the same value as the running service's): Strava's check of "
+            "the callback presents it"
+        )
+    if callback_url is None:
+        if not settings.public_url:
+            raise _fail("pass --callback-url, or set TOKENSVC_PUBLIC_URL (the service's external base URL)")
+        callback_url = f"{settings.public_url.rstrip('/')}/v1/webhooks/strava"
+    verify_token = settings.strava_webhook_verify_token.get_secret_value()
+    url = callback_url
+    try:
+        subscription_id = asyncio.run(
+            _with_strava(settings, lambda strava: strava.create_subscription(url, verify_token))
+        )
+    except ProviderError as exc:
+        raise _strava_failure(exc) from exc
+    typer.echo(f"created push subscription {subscription_id} for {callback_url}")
+
+
+@subscription_app.command("show")
+def subscription_show() -> None:
+    """Print the app's push subscription (id and callback), or say there is none (exit 1)."""
+    from tokensvc.providers.strava import ProviderError
+
+    settings = _strava_settings()
+    try:
+        subscriptions = asyncio.run(_with_strava(settings, lambda strava: strava.list_subscriptions()))
+    except ProviderError as exc:
+        raise _strava_failure(exc) from exc
+    if not subscriptions:
+        typer.echo("no push subscription", err=True)
+        raise typer.Exit(code=1)
+    for subscription in subscriptions:
+        created = f" (created {subscription.created_at})" if subscription.created_at else ""
+        typer.echo(f"push subscription {subscription.id}: {subscription.callback_url}{created}")
+
+
+@subscription_app.command("delete")
+def subscription_delete(
+    subscription_id: Annotated[
+        int | None, typer.Argument(help="The subscription's id; default the app's one subscription")
+    ] = None,
+) -> None:
+    """Delete the push subscription; with no id, the app's only one. Nothing to delete is not an error."""
+    from tokensvc.providers.strava import ProviderError
+
+    settings = _strava_settings()
+
+    async def delete(strava: StravaClient) -> list[int]:
+        ids = [subscription_id] if subscription_id is not None else [s.id for s in await strava.list_subscriptions()]
+        for each in ids:
+            await strava.delete_subscription(each)
+        return ids
+
+    try:
+        deleted = asyncio.run(_with_strava(settings, delete))
+    except ProviderError as exc:
+        raise _strava_failure(exc) from exc
+    if not deleted:
+        typer.echo("no push subscription to delete")
+    for each in deleted:
+        typer.echo(f"deleted push subscription {each}")

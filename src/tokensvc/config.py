@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     redirect_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     strava_webhook_verify_token: SecretStr | None = None
+    # How often each replica looks for Strava webhook events due for (another) attempt; a new event wakes the
+    # replica that received it at once. 0 turns processing off in this process.
+    webhook_poll_interval_seconds: int = Field(default=30, ge=0)
     notify_url: str | None = None
     notify_secret: SecretStr | None = None
     # Audit rows (refresh attempts, changes of state) older than this are purged by the background loop.

@@ -114,3 +114,9 @@ class Forbidden(TokenServiceError):
 
 class UnsupportedMediaType(TokenServiceError):
     code, status, title = "unsupported_media_type", 415, "Unsupported media type"
+
+
+class WebhookForbidden(TokenServiceError):
+    """A Strava subscription check with a verify token that is not ours (or none is configured)."""
+
+    code, status, title = "forbidden", 403, "Forbidden"

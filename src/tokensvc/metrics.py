@@ -20,7 +20,8 @@ REFRESH_SECONDS = Histogram(
 
 STRAVA_REQUESTS = Counter(
     "tokensvc_strava_requests_total",
-    "HTTP requests to Strava, by endpoint (token_refresh, token_exchange, deauthorize, api) and by status code "
+    "HTTP requests to Strava, by endpoint (token_refresh, token_exchange, deauthorize, athlete, push_subscriptions, "
+    "api) and by status code "
     "(or `error` when no response came back)",
     ["endpoint", "status"],
 )
@@ -42,3 +43,13 @@ RATE_LIMIT_PAUSED_UNTIL = Gauge(
     "Epoch seconds until which Strava calls are paused after a 429; 0 when not paused",
 )
 NOTIFICATIONS_PENDING = Gauge("tokensvc_notifications_pending", "Outbox notifications not yet delivered (DB-wide)")
+WEBHOOK_EVENTS_TOTAL = Counter(
+    "tokensvc_strava_webhook_events_total",
+    "Strava push events received, by kind (deauthorization, duplicate, ignored)",
+    ["kind"],
+)
+DEAUTHORIZATIONS_TOTAL = Counter(
+    "tokensvc_strava_deauthorizations_total",
+    "Deauthorization events processed, by outcome (confirmed, unconfirmed, no_user, retried)",
+    ["outcome"],
+)

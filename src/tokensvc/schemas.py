@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints
 
 from tokensvc.service.status import Status
 
@@ -167,3 +167,43 @@ class Stats(BaseModel):
 
     users: UserCounts
     refresh: RefreshWindows
+
+
+_BIGINT = 2**63 - 1
+
+
+class StravaEvent(BaseModel):
+    """A Strava push event (STRAVA.md). Unknown object and aspect types are well-formed too: they are
+    acknowledged and ignored, so that Strava never retries an event tokensvc has no use for."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    object_type: str = Field(min_length=1, max_length=16)
+    object_id: int = Field(ge=0, le=_BIGINT)
+    aspect_type: str = Field(min_length=1, max_length=16)
+    updates: dict[str, JsonValue] = Field(default_factory=dict)
+    owner_id: int = Field(ge=1, le=_BIGINT)
+    subscription_id: int = Field(ge=0, le=_BIGINT)
+    event_time: int = Field(ge=0, le=_BIGINT)
+
+    @property
+    def is_deauthorization(self) -> bool:
+        """`athlete` / `update` with `updates.authorized` "false" (a string at Strava; a boolean is taken too)."""
+        authorized = self.updates.get("authorized")
+        return (
+            self.object_type == "athlete"
+            and self.aspect_type == "update"
+            and (authorized is False or (isinstance(authorized, str) and authorized.lower() == "false"))
+        )
+
+
+class WebhookAck(BaseModel):
+    received: bool = True
+
+
+class HubChallenge(BaseModel):
+    """The answer to Strava's subscription check: the challenge, echoed."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    challenge: str = Field(alias="hub.challenge")

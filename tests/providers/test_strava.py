@@ -16,7 +16,9 @@ from tokensvc.providers.strava import (
     ProviderConfigError,
     ProviderError,
     ProviderRejectedError,
+    ProviderRequestError,
     ProviderTransientError,
+    PushSubscription,
     RateLimitUsage,
     RejectedReason,
     StravaClient,
@@ -785,3 +787,72 @@ def test_every_provider_error_shares_one_root() -> None:
     """Callers can catch ProviderError for any of the three kinds."""
     for kind in (ProviderTransientError, ProviderRejectedError, ProviderConfigError):
         assert issubclass(kind, ProviderError)
+
+
+class TestCheckAccess:
+    @pytest.mark.parametrize(
+        ("status", "body", "alive"),
+        [
+            (200, {"id": ATHLETE_ID}, True),
+            (401, strava_error("Authorization Error", "Athlete", "access_token", "invalid"), False),
+            (401, strava_error("Authorization Error", "AccessToken", "activity:read_permission", "missing"), True),
+        ],
+    )
+    async def test_the_athlete_endpoint_says_whether_the_token_is_alive(
+        self, strava: StravaClient, strava_api: respx.MockRouter, status: int, body: dict[str, Any], alive: bool
+    ) -> None:
+        """GET /api/v3/athlete with the token as Bearer: 401 for the token is dead; a scope refusal is alive."""
+        route = strava_api.get("/api/v3/athlete").respond(status, json=body)
+        assert await strava.check_access(ACCESS) is alive
+        assert route.calls.last.request.headers["authorization"] == f"Bearer {ACCESS}"
+
+    @pytest.mark.parametrize("status", [429, 500, 503, 401])
+    async def test_anything_else_is_not_an_answer(
+        self, strava: StravaClient, strava_api: respx.MockRouter, status: int
+    ) -> None:
+        """429, 5xx and an unrecognised 401 are transient: never read as a revocation (I3)."""
+        strava_api.get("/api/v3/athlete").respond(status, json={"message": "x", "errors": []})
+        with pytest.raises(ProviderTransientError):
+            await strava.check_access(ACCESS)
+
+
+class TestPushSubscriptions:
+    async def test_create_sends_the_app_credentials_callback_and_verify_token(
+        self, strava: StravaClient, strava_api: respx.MockRouter
+    ) -> None:
+        route = strava_api.post("/api/v3/push_subscriptions").respond(201, json={"id": 120475})
+        assert await strava.create_subscription("https://svc.test/v1/webhooks/strava", "vt") == 120475
+        assert sent_form(route) == {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "callback_url": "https://svc.test/v1/webhooks/strava",
+            "verify_token": "vt",
+        }
+
+    async def test_a_refused_subscription_says_why(self, strava: StravaClient, strava_api: respx.MockRouter) -> None:
+        code = "GET to callback URL does not return 200"
+        body = strava_error("Bad Request", "PushSubscription", "callback url", code)
+        strava_api.post("/api/v3/push_subscriptions").respond(400, json=body)
+        with pytest.raises(ProviderRequestError, match="callback URL does not return 200"):
+            await strava.create_subscription("https://svc.test/v1/webhooks/strava", "vt")
+
+    async def test_wrong_app_credentials_are_a_configuration_error(
+        self, strava: StravaClient, strava_api: respx.MockRouter
+    ) -> None:
+        strava_api.get("/api/v3/push_subscriptions").respond(
+            401, json=strava_error("Authorization Error", "Application", "", "invalid")
+        )
+        with pytest.raises(ProviderConfigError):
+            await strava.list_subscriptions()
+
+    async def test_list_and_delete(self, strava: StravaClient, strava_api: respx.MockRouter) -> None:
+        listing = strava_api.get("/api/v3/push_subscriptions").respond(
+            200, json=[{"id": 7, "callback_url": "https://svc.test/cb", "created_at": "2027-01-15T10:00:00Z"}]
+        )
+        deleting = strava_api.delete("/api/v3/push_subscriptions/7").respond(204)
+        assert await strava.list_subscriptions() == [
+            PushSubscription(id=7, callback_url="https://svc.test/cb", created_at="2027-01-15T10:00:00Z")
+        ]
+        await strava.delete_subscription(7)
+        for route in (listing, deleting):
+            assert dict(route.calls.last.request.url.params) == {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}

@@ -595,7 +595,14 @@ class TestLedger:
             ]
         }
         stats = (await client.get("/_control/stats")).json()
-        assert stats["calls"] == {"authorize": 0, "exchange": 0, "refresh": 2, "deauthorize": 0, "athlete": 0}
+        assert stats["calls"] == {
+            "authorize": 0,
+            "exchange": 0,
+            "refresh": 2,
+            "deauthorize": 0,
+            "athlete": 0,
+            "subscriptions": 0,
+        }
         assert stats["ledger_violations"][0]["kind"] == "stale_refresh_token"
 
     async def test_revoked_tokens_are_not_violations(self, client: httpx.AsyncClient, sandbox: SandboxState) -> None:
@@ -656,7 +663,7 @@ class TestControl:
         assert (await client.get(f"/_control/athletes/{seeded['athlete_id']}")).status_code == 404
         stats = (await client.get("/_control/stats")).json()
         assert stats == {
-            "calls": {"authorize": 0, "exchange": 0, "refresh": 0, "deauthorize": 0, "athlete": 0},
+            "calls": {"authorize": 0, "exchange": 0, "refresh": 0, "deauthorize": 0, "athlete": 0, "subscriptions": 0},
             "refresh_by_athlete": {},
             "ledger_violations": [],
         }

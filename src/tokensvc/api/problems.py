@@ -61,8 +61,14 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(422, "validation_error", "Validation error", detail, errors=errors)
 
 
+# FastAPI's answer to a body it cannot even decode (not UTF-8): for the contract that is malformed JSON, a 422.
+_UNDECODABLE_BODY = "There was an error parsing the body"
+
+
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _UNDECODABLE_BODY:
+        return problem_response(422, "validation_error", "Validation error", "the body is not valid JSON text")
     code = _CODE_BY_HTTP_STATUS.get(exc.status_code, "http_error")
     title = code.replace("_", " ").capitalize()
     return problem_response(exc.status_code, code, title, str(exc.detail), headers=exc.headers)
@@ -103,7 +109,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "Invalid OAuth state",
         401: "Missing or wrong API key (service API) or session (browser)",
-        403: "Origin not allowed for a browser call",
+        403: "Origin not allowed for a browser call, or (webhooks) not this service's verify token",
         404: "Not found",
         409: "The user must (re)connect with Strava (`tokens_missing` or `reauth_required`)",
         413: "Request body over 64 KiB",

@@ -73,6 +73,11 @@ class ProviderConfigError(ProviderError):
     """Strava rejected the application's client id or secret."""
 
 
+class ProviderRequestError(ProviderError):
+    """Strava refused an application-level request as such (a push subscription that exists already, or whose
+    callback did not answer the challenge; an unknown subscription id). Retrying the same request will not help."""
+
+
 @dataclass(frozen=True, slots=True)
 class TokenGrant:
     """A token response. `refresh_token` is None when Strava sent none (then the stored one stays)."""
@@ -84,6 +89,15 @@ class TokenGrant:
 
     def __repr__(self) -> str:  # never let a token reach a log line through a repr
         return f"TokenGrant(expires_at={self.expires_at}, athlete_id={self.athlete_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class PushSubscription:
+    """The app's webhook subscription at Strava (there is at most one per app)."""
+
+    id: int
+    callback_url: str
+    created_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +219,107 @@ class StravaClient:
         if response.status_code != 200:
             raise self._classify(response)
 
+    async def check_access(self, access_token: str) -> bool:
+        """Whether Strava still honours an access token (`GET /api/v3/athlete`; rate-counted at Strava): False when
+        it answers 401 for the token (revoked, expired or unknown), True when it serves the athlete, or refuses only
+        for a missing scope (the token itself is alive).
+
+        Raises ProviderConfigError or ProviderTransientError.
+        """
+        response = await self._send("GET", "/api/v3/athlete", headers={"Authorization": f"Bearer {access_token}"})
+        if response.status_code == 200:
+            return True
+        error = self._classify(response)
+        if isinstance(error, ProviderRejectedError):
+            return error.reason == "scope_missing"
+        raise error
+
+    async def create_subscription(self, callback_url: str, verify_token: str) -> int:
+        """Create the app's push subscription; Strava first checks the callback with a challenge. Returns its id.
+
+        Raises ProviderRequestError (one exists already, or the callback did not verify), ProviderConfigError or
+        ProviderTransientError.
+        """
+        response = await self._send(
+            "POST",
+            "/api/v3/push_subscriptions",
+            data={**self._app_credentials(), "callback_url": callback_url, "verify_token": verify_token},
+        )
+        body = self._subscription_answer(response, expected=(200, 201))
+        raw_id = body.get("id") if isinstance(body, dict) else None
+        if not isinstance(raw_id, int) or isinstance(raw_id, bool):
+            raise ProviderTransientError("Strava's answer to the subscription carries no id", status_code=200)
+        return raw_id
+
+    async def list_subscriptions(self) -> list[PushSubscription]:
+        """The app's push subscriptions (Strava allows one). Raises ProviderConfigError or ProviderTransientError."""
+        response = await self._send("GET", "/api/v3/push_subscriptions", params=self._app_credentials())
+        body = self._subscription_answer(response, expected=(200,))
+        if not isinstance(body, list):
+            raise ProviderTransientError("Strava's subscription list is not a list", status_code=200)
+        return [
+            PushSubscription(
+                id=item["id"],
+                callback_url=str(item.get("callback_url", "")),
+                created_at=str(item["created_at"]) if item.get("created_at") is not None else None,
+            )
+            for item in body
+            if isinstance(item, dict) and isinstance(item.get("id"), int)
+        ]
+
+    async def delete_subscription(self, subscription_id: int) -> None:
+        """Delete the app's push subscription. Raises ProviderRequestError (unknown id), ProviderConfigError or
+        ProviderTransientError."""
+        response = await self._send(
+            "DELETE", f"/api/v3/push_subscriptions/{subscription_id}", params=self._app_credentials()
+        )
+        self._subscription_answer(response, expected=(200, 204))
+
+    def _app_credentials(self) -> dict[str, str]:
+        return {"client_id": self._client_id, "client_secret": self._client_secret}
+
+    def _subscription_answer(self, response: httpx.Response, *, expected: tuple[int, ...]) -> object:
+        if response.status_code in expected:
+            if response.status_code == 204 or not response.content:
+                return None
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise ProviderTransientError(
+                    f"Strava answered {response.status_code} with a body that is not JSON",
+                    status_code=response.status_code,
+                ) from exc
+        error = self._classify(response)
+        if response.status_code in (400, 404, 409) and not isinstance(error, ProviderConfigError):
+            triples = "; ".join(error.errors) or response.reason_phrase
+            raise ProviderRequestError(
+                f"Strava refused the request ({response.status_code}): {triples}",
+                status_code=response.status_code,
+                errors=error.errors,
+            )
+        raise error
+
     async def _post(self, path: str, form: Mapping[str, str]) -> httpx.Response:
+        return await self._send("POST", path, data=form)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
         try:
             async for attempt in stamina.retry_context(
                 on=_NEVER_SENT, attempts=self._connect_attempts, timeout=15.0, wait_initial=0.1, wait_max=1.0
             ):
                 with attempt:
-                    response = await self._observed(_endpoint_of(path, form), self._http.post(path, data=form))
+                    response = await self._observed(
+                        _endpoint_of(path, data or {}),
+                        self._http.request(method, path, data=data, params=params, headers=headers),
+                    )
         except _NEVER_SENT as exc:
             raise ProviderTransientError(f"could not connect to Strava: {type(exc).__name__}") from exc
         except httpx.TimeoutException as exc:
@@ -303,7 +411,7 @@ class StravaClient:
         return ProviderTransientError(f"Strava answered {status}", status_code=status, errors=errors)
 
 
-Endpoint = Literal["token_refresh", "token_exchange", "deauthorize", "api"]
+Endpoint = Literal["token_refresh", "token_exchange", "deauthorize", "athlete", "push_subscriptions", "api"]
 
 
 def _endpoint_of(path: str, form: Mapping[str, str]) -> Endpoint:
@@ -312,6 +420,10 @@ def _endpoint_of(path: str, form: Mapping[str, str]) -> Endpoint:
         return "token_refresh" if form.get("grant_type") == "refresh_token" else "token_exchange"
     if path.endswith("/oauth/deauthorize"):
         return "deauthorize"
+    if path.endswith("/api/v3/athlete"):
+        return "athlete"
+    if "/push_subscriptions" in path:
+        return "push_subscriptions"
     return "api"
 
 

@@ -98,8 +98,36 @@ def control_router(state: SandboxState) -> APIRouter:
 
     @router.post("/athletes/{athlete_id}/revoke")
     async def revoke(athlete_id: int) -> AthleteSnapshot:
+        """The athlete revokes access on strava.com; with a push subscription, Strava then sends the
+        deauthorization event to its callback (in the background; `GET /_control/deliveries` waits for it)."""
         known(athlete_id)
-        return state.revoke(athlete_id)
+        snapshot = state.revoke(athlete_id)
+        event = state.push.deauthorization(athlete_id, state.now())
+        if event is not None:
+            state.push.send_in_background(event)
+        return snapshot
+
+    @router.post("/push", response_model=None)
+    async def push(event: dict[str, Any]) -> JSONResponse:
+        """Send any event (a forged or repeated one, say) to the subscription's callback, as Strava would;
+        answers with the callback's statuses. 409 without a subscription."""
+        if state.push.subscription is None:
+            return JSONResponse({"detail": "no push subscription"}, status_code=409)
+        delivery = await state.push.send(event)
+        return JSONResponse(delivery.as_json())
+
+    @router.get("/deliveries", response_model=None)
+    async def deliveries(
+        count: Annotated[int, Query(ge=0)] = 0,
+        wait_seconds: Annotated[float, Query(alias="timeout", ge=0, le=300)] = 5.0,
+    ) -> JSONResponse:
+        """Every event sent so far; waits (on an event) until `count` have finished, 408 if that takes too long."""
+        try:
+            async with asyncio.timeout(wait_seconds):
+                await state.push.wait_delivered(count)
+        except TimeoutError:
+            return JSONResponse({"deliveries": [d.as_json() for d in state.push.deliveries]}, status_code=408)
+        return JSONResponse({"deliveries": [d.as_json() for d in state.push.deliveries]})
 
     @router.post("/next-grant")
     async def next_grant(body: NextGrant) -> NextGrant:

@@ -8,10 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Endpoint = Literal["authorize", "exchange", "refresh", "token", "deauthorize", "athlete"]
+Endpoint = Literal["authorize", "exchange", "refresh", "token", "deauthorize", "athlete", "subscriptions"]
 """What a request is, for counting and matching; `token` is a /oauth/token call with a missing/unknown grant."""
 
-Target = Literal["refresh", "exchange", "token", "deauthorize", "athlete", "any"]
+Target = Literal["refresh", "exchange", "token", "deauthorize", "athlete", "subscriptions", "any"]
 """What a fault or hold applies to: `token` covers every /oauth/token call, `any` every call but the consent page."""
 
 FaultKind = Literal["status", "latency", "lost_answer", "malformed"]

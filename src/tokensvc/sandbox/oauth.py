@@ -20,7 +20,7 @@ Handler = Callable[[], Response]
 _GRANTS: dict[str, Endpoint] = {"authorization_code": "exchange", "refresh_token": "refresh"}
 
 
-def _fault_response(fault: FaultSpec) -> Response:
+def fault_response(fault: FaultSpec) -> Response:
     """The answer a `status` or `malformed` fault gives instead of processing the request."""
     status = fault.status if fault.kind == "status" else 200
     if fault.body is not None:
@@ -53,7 +53,7 @@ async def _serve(state: SandboxState, endpoint: Endpoint, handler: Handler) -> R
     await state.gate.pass_through(endpoint)
     fault = state.faults.take(endpoint)
     if fault is not None and fault.kind in ("status", "malformed"):
-        return _fault_response(fault)
+        return fault_response(fault)
     if fault is not None and fault.kind == "latency":
         await asyncio.sleep(fault.latency_ms / 1000)
     response = _strava_errors(handler)
@@ -75,7 +75,7 @@ def _rated(state: SandboxState, handler: Handler, *, read: bool) -> Handler:
     return run
 
 
-async def _params(request: Request) -> dict[str, str]:
+async def request_params(request: Request) -> dict[str, str]:
     """Parameters from the query string and the body (form or JSON), as Strava accepts all of them."""
     params = dict(request.query_params)
     if request.headers.get("content-type", "").startswith("application/json"):
@@ -157,7 +157,7 @@ def strava_router(state: SandboxState) -> APIRouter:
 
     async def token(request: Request) -> Response:
         """Code exchange and refresh; no rate-limit headers, as Strava reportedly does not count these."""
-        params = await _params(request)
+        params = await request_params(request)
         endpoint = _GRANTS.get(params.get("grant_type") or "", "token")
 
         def handle() -> Response:
@@ -176,7 +176,7 @@ def strava_router(state: SandboxState) -> APIRouter:
     @router.post("/oauth/deauthorize", response_model=None)
     async def deauthorize(request: Request) -> Response:
         """Revoke the athlete's whole grant; rate-counted like any API call."""
-        access_token = _access_token(request, await _params(request))
+        access_token = _access_token(request, await request_params(request))
         handler = _rated(state, lambda: JSONResponse(state.deauthorize(access_token)), read=False)
         return await _serve(state, "deauthorize", handler)
 

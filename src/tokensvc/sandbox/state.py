@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, NotRequired
 
+import httpx
 from typing_extensions import TypedDict  # FastAPI (pydantic) rejects typing.TypedDict before Python 3.12
 
 from . import errors
 from .faults import Endpoint, FaultQueue, FaultSpec, Gate
+from .push import Push
 from .ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,14 @@ SCOPES: Final = (
     "activity:read_all",
     "activity:write",
 )
-CALL_KINDS: Final[tuple[Endpoint, ...]] = ("authorize", "exchange", "refresh", "deauthorize", "athlete")
+CALL_KINDS: Final[tuple[Endpoint, ...]] = (
+    "authorize",
+    "exchange",
+    "refresh",
+    "deauthorize",
+    "athlete",
+    "subscriptions",
+)
 
 Death = Literal["rotated", "reconnected", "revoked"]
 
@@ -147,7 +156,7 @@ class _Athlete:
     revoked: bool = False
 
 
-def _iso(epoch: int) -> str:
+def iso(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -161,6 +170,7 @@ class SandboxState:
         client_secret: str = "sandbox-secret",
         clock: Callable[[], float] = time.time,
         rotate: bool = True,
+        push_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -169,6 +179,7 @@ class SandboxState:
         self.faults = FaultQueue()
         self.gate = Gate()
         self.rate = RateLimiter()
+        self.push = Push(transport=push_transport)
         self.calls: dict[Endpoint, int] = {}
         self.refresh_by_athlete: dict[int, int] = {}
         self.violations: list[Violation] = []
@@ -196,6 +207,7 @@ class SandboxState:
         self.faults.clear()
         self.gate.release()
         self.rate.reset()
+        self.push.reset()
 
     def count_call(self, endpoint: Endpoint) -> None:
         if endpoint in self.calls:
@@ -461,8 +473,8 @@ class SandboxState:
             "sex": None,
             "premium": False,
             "summit": False,
-            "created_at": _iso(athlete.created_at),
-            "updated_at": _iso(athlete.created_at),
+            "created_at": iso(athlete.created_at),
+            "updated_at": iso(athlete.created_at),
             "badge_type_id": 0,
             "profile_medium": "avatar/athlete/medium.png",
             "profile": "avatar/athlete/large.png",

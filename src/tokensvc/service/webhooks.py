@@ -1,0 +1,304 @@
+"""Strava webhooks: the subscription check, and athlete deauthorizations, stored at once and applied in the
+background only once Strava confirms them.
+
+Events are unsigned, so an event is a hint, never proof. For every user connected as the athlete, the processor
+asks Strava about the user's own access token (obtained through the normal exactly-once refresh path): 401 means
+access really was revoked; 200 means it was not (a forged or stale event: the tokens are kept and the audit says
+so). A refresh token Strava already rejected counts as confirmed. Only then, in one transaction holding the user's
+refresh guard and only if the row is still the version that was checked, are the tokens discarded; a refresh
+that read the row earlier can no longer write (the guard and its version check stop it), so the deauthorization
+wins. A user already `deauthorized` is left alone, which makes Strava's retries (and replays) one effect.
+
+Each replica runs a processor: a new event wakes the replica that stored it, and a poll picks up events due for
+another attempt (after a transient failure) or left behind by a replica that died (its lease runs out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import random
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+import structlog
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokensvc import metrics
+from tokensvc.errors import ProviderRateLimited, ReauthRequired, RetryLater, TokensMissing, WebhookForbidden
+from tokensvc.providers.strava import ProviderConfigError, ProviderTransientError, StravaClient
+from tokensvc.schemas import StravaEvent
+from tokensvc.service.rate_budget import RateBudget
+from tokensvc.service.signing import Clock
+from tokensvc.service.tokens import TokenService, backoff_seconds
+from tokensvc.store import tokens as tokens_store
+from tokensvc.store import webhook_events as store
+from tokensvc.store.webhook_events import NewEvent, PendingEvent
+
+log = structlog.get_logger(__name__)
+
+DEAUTHORIZED = "deauthorized"
+# What one user's check ended with: tokens discarded now; discarded before (a duplicate); Strava still honours the
+# token; no such user (any more).
+UserOutcome = Literal["deauthorized", "already", "unconfirmed", "gone"]
+_APPLIED: Final = "deauthorized"
+_ALREADY: Final = "already"
+_UNCONFIRMED: Final = "unconfirmed"
+_GONE: Final = "gone"
+_MIN_TTL = 60  # enough life for the one confirmation call
+_ROUNDS = 3  # re-checks when the user's row changes between the check and the guard
+
+
+class _RetryLater(Exception):
+    """The event cannot be decided now (Strava or the budget unavailable); try it again later."""
+
+    def __init__(self, reason: str, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class StravaWebhooks:
+    """Receives Strava's push events and processes deauthorizations. Each method says where its transactions are."""
+
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        tokens: TokenService,
+        strava: StravaClient,
+        budget: RateBudget,
+        verify_token: str | None,
+        clock: Clock,
+        poll_interval_seconds: int = 30,
+        lease_seconds: int = 300,
+        batch_size: int = 20,
+    ) -> None:
+        self._engine = engine
+        self._tokens = tokens
+        self._strava = strava
+        self._budget = budget
+        self._verify_digest = hashlib.sha256(verify_token.encode()).digest() if verify_token else None
+        self._clock = clock
+        self.poll_interval_seconds = poll_interval_seconds
+        self.lease_seconds = lease_seconds
+        self.batch_size = batch_size
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- receiving ----------------------------------------------------------------------------------------------
+
+    def challenge(self, *, verify_token: str, challenge: str) -> str:
+        """The challenge to echo when `verify_token` is ours (digests compared in constant time).
+
+        Raises WebhookForbidden otherwise, and when no verify token is configured.
+        """
+        presented = hashlib.sha256(verify_token.encode()).digest()
+        if self._verify_digest is None or not hmac.compare_digest(presented, self._verify_digest):
+            log.warning("webhook.challenge_refused", configured=self._verify_digest is not None)
+            raise WebhookForbidden("the verify token is not this service's TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN")
+        log.info("webhook.challenge_answered")
+        return challenge
+
+    async def receive(self, event: StravaEvent) -> bool:
+        """Store a deauthorization (one transaction; a repeat of a stored one writes nothing) and wake the
+        processor; other events are only counted. True when the event was new and stored. No Strava call."""
+        if not event.is_deauthorization:
+            metrics.WEBHOOK_EVENTS_TOTAL.labels(kind="ignored").inc()
+            log.info(
+                "webhook.event_ignored",
+                object_type=event.object_type,
+                aspect_type=event.aspect_type,
+                owner_id=event.owner_id,
+            )
+            return False
+        new = NewEvent(
+            dedupe_key=f"athlete:{event.owner_id}:{event.event_time}:{event.subscription_id}",
+            owner_id=event.owner_id,
+            object_type=event.object_type,
+            aspect_type=event.aspect_type,
+            event_time=event.event_time,
+            subscription_id=event.subscription_id,
+            payload=event.model_dump_json(),
+        )
+        now = self._clock()
+        async with self._engine.begin() as conn:
+            stored = await store.insert(conn, new, received_at=datetime.fromtimestamp(now, UTC), due_at=int(now))
+        metrics.WEBHOOK_EVENTS_TOTAL.labels(kind="deauthorization" if stored else "duplicate").inc()
+        log.info("webhook.deauthorization_received", athlete_id=event.owner_id, duplicate=not stored)
+        if stored:
+            self.wake()
+        return stored
+
+    # -- processing ---------------------------------------------------------------------------------------------
+
+    async def process_once(self) -> int:
+        """Process every pending event that is due now, claimed in batches (one short transaction per claim, one
+        per user decision). Returns how many events were worked on. Raises database errors."""
+        processed = 0
+        while not self._stopping.is_set():
+            now = int(self._clock())
+            async with self._engine.begin() as conn:
+                claimed = await store.claim_pending(
+                    conn, now=now, limit=self.batch_size, lease_until=now + self.lease_seconds
+                )
+            if not claimed:
+                break
+            for event in claimed:
+                if self._stopping.is_set():
+                    break  # its lease runs out and another replica (or the next start) takes it
+                await self._process(event)
+                processed += 1
+        return processed
+
+    async def _process(self, event: PendingEvent) -> None:
+        async with self._engine.connect() as conn:
+            user_ids = await store.users_of_athlete(conn, event.owner_id)
+        outcomes: Counter[UserOutcome] = Counter()
+        try:
+            for user_id in user_ids:
+                outcomes[await self._deauthorize_user(user_id, event.owner_id)] += 1
+        except _RetryLater as exc:
+            delay = exc.retry_after or backoff_seconds(event.attempts + 1)
+            async with self._engine.begin() as conn:
+                await store.retry_later(
+                    conn, event.id, next_attempt_at=int(self._clock()) + delay, result=f"retrying: {exc}"
+                )
+            metrics.DEAUTHORIZATIONS_TOTAL.labels(outcome="retried").inc()
+            log.warning("webhook.deauthorization_retry", athlete_id=event.owner_id, in_seconds=delay, reason=str(exc))
+            return
+        if outcomes[_APPLIED] or outcomes[_ALREADY]:
+            state = "confirmed"
+        elif outcomes[_UNCONFIRMED]:
+            state = "unconfirmed"
+        else:
+            state = "no_user"
+        result = ", ".join(f"{name} {outcomes[name]}" for name in (_APPLIED, _ALREADY, _UNCONFIRMED, _GONE))
+        async with self._engine.begin() as conn:
+            await store.finish(conn, event.id, state=state, result=result, processed_at=self._now_dt())
+        metrics.DEAUTHORIZATIONS_TOTAL.labels(outcome=state).inc()
+        log.info("webhook.deauthorization_processed", athlete_id=event.owner_id, state=state, users=len(user_ids))
+
+    async def _deauthorize_user(self, user_id: str, athlete_id: int) -> UserOutcome:
+        """Confirm with Strava, then discard the user's tokens if the row is still the one that was checked."""
+        for _round in range(_ROUNDS):
+            async with self._engine.connect() as conn:
+                before = await tokens_store.get(conn, user_id)
+            if before is None or before.athlete_id != athlete_id:
+                return _GONE  # deleted, or reconnected as another athlete, since the event was stored
+            if before.reauth_reason == DEAUTHORIZED:
+                return _ALREADY
+            if before.reauth_reason is None:
+                try:
+                    token = await self._tokens.access_token(user_id, min_ttl=_MIN_TTL)
+                except ReauthRequired:
+                    continue  # Strava rejected the refresh token just now: the next round sees it
+                except TokensMissing:
+                    return _GONE
+                except RetryLater as exc:  # Strava or the budget unavailable, or keys missing: nothing changed
+                    raise _RetryLater(exc.code, exc.retry_after) from exc
+                async with self._engine.connect() as conn:
+                    after = await tokens_store.get(conn, user_id)
+                if after is None or after.version != before.version:
+                    continue  # refreshed (or changed) meanwhile: the token may not be the row's; look again
+                if await self._strava_honours(token.access_token):
+                    await self._unconfirmed(user_id, athlete_id)
+                    return _UNCONFIRMED
+            # Confirmed: the access token is refused, or the refresh token was already rejected.
+            applied = await self._apply(user_id, expected_version=before.version)
+            if applied is not None:
+                return applied
+        raise _RetryLater("the user's tokens kept changing while the deauthorization was checked")
+
+    async def _strava_honours(self, access_token: str) -> bool:
+        try:
+            await self._budget.acquire("on_demand")
+        except ProviderRateLimited as exc:
+            raise _RetryLater(exc.code, exc.retry_after) from exc
+        try:
+            return await self._strava.check_access(access_token)
+        except ProviderTransientError as exc:
+            delay = await self._budget.pause(exc.retry_after) if exc.rate_limited else None
+            raise _RetryLater(f"Strava unavailable ({exc.status_code or 'no answer'})", delay) from exc
+        except ProviderConfigError as exc:
+            raise _RetryLater("Strava rejected the application's credentials", 300) from exc
+
+    async def _unconfirmed(self, user_id: str, athlete_id: int) -> None:
+        async with self._engine.begin() as conn:
+            await self._tokens.journal.note(
+                conn,
+                user_id,
+                kind="deauthorization_unconfirmed",
+                detail=f"athlete {athlete_id}: Strava still honours the access token; tokens kept",
+            )
+        log.warning("webhook.deauthorization_unconfirmed", user_id=user_id, athlete_id=athlete_id)
+
+    async def _apply(self, user_id: str, *, expected_version: int) -> UserOutcome | None:
+        """One transaction holding the user's refresh guard (it waits for an in-flight refresh to commit): discard
+        the tokens and flag `deauthorized`, if the row is still at `expected_version`; None when it changed."""
+        async with self._engine.begin() as conn:
+            row = await tokens_store.lock_for_refresh(conn, user_id)
+            if row is None:
+                return _GONE
+            if row.reauth_reason == DEAUTHORIZED:
+                return _ALREADY
+            if row.version != expected_version:
+                return None
+            await tokens_store.mark_needs_reauth(
+                conn,
+                user_id,
+                reason=DEAUTHORIZED,
+                now=self._now_dt(),
+                expected_version=row.version,
+                discard_tokens=True,
+            )
+            if row.reauth_reason is None:
+                await self._tokens.journal.needs_reauth(
+                    conn, user_id, athlete_id=row.athlete_id, reason=DEAUTHORIZED, trigger="webhook"
+                )
+            else:  # already told to reconnect: a record of the change, but no second notification
+                await self._tokens.journal.note(
+                    conn, user_id, kind="needs_reauth", detail=f"{DEAUTHORIZED} (was {row.reauth_reason})"
+                )
+        log.info("token.deauthorized", user_id=user_id, athlete_id=row.athlete_id, was=row.reauth_reason)
+        return _APPLIED
+
+    # -- the background loop ------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Process now (a new event arrived in this replica)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Process pending events on every wake and every `poll_interval_seconds` (±10%) until `stop`."""
+        if self.poll_interval_seconds > 0 and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tokensvc-webhooks")
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()  # a wake during the pass below makes another pass at once
+            try:
+                await self.process_once()
+            except (DBAPIError, OSError) as exc:
+                log.error("webhook.processor.database_unavailable", error=type(exc).__name__)
+            except Exception:  # a pass's failure must not end the loop; the leases hand its events back later
+                log.exception("webhook.processor.crashed")
+            interval = self.poll_interval_seconds * random.uniform(0.9, 1.1)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        """Claim nothing more, let the event in hand finish, end the loop."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def _now_dt(self) -> datetime:
+        return datetime.fromtimestamp(int(self._clock()), UTC)

@@ -1,0 +1,320 @@
+"""Deauthorization webhooks: stored once, confirmed with Strava before anything changes, one effect however often
+they come, and stronger than a racing refresh. SQLite and Postgres, the sandbox over HTTP (ASGI)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from pydantic import SecretStr
+
+from tests.conftest import FakeClock, import_body, make_settings, seed_user, wait_for_lock_waiter
+from tokensvc.app import Resources, open_resources
+from tokensvc.config import Settings
+from tokensvc.crypto import generate_notify_secret
+from tokensvc.errors import ReauthRequired
+from tokensvc.sandbox import FaultSpec, SandboxState
+from tokensvc.schemas import StravaEvent
+from tokensvc.service.status import Status
+from tokensvc.store import journal as journal_store
+from tokensvc.store import webhook_events
+from tokensvc.store.webhook_events import StoredWebhookEvent
+
+VERIFY_TOKEN = "verify-me-please"
+SUBSCRIPTION_ID = 1001
+EVENT_TIME = 1_800_000_000
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    """Notifications on (to count them), the processor's loop off: tests process when they mean to."""
+    return make_settings(
+        database_url,
+        strava_webhook_verify_token=SecretStr(VERIFY_TOKEN),
+        notify_url="http://app.test/tokensvc-events",
+        notify_secret=SecretStr(generate_notify_secret()),
+        webhook_poll_interval_seconds=0,
+    )
+
+
+def deauthorization(athlete_id: int, *, event_time: int = EVENT_TIME, **changes: Any) -> StravaEvent:
+    body: dict[str, Any] = {
+        "aspect_type": "update",
+        "event_time": event_time,
+        "object_id": athlete_id,
+        "object_type": "athlete",
+        "owner_id": athlete_id,
+        "subscription_id": SUBSCRIPTION_ID,
+        "updates": {"authorized": "false"},
+    }
+    return StravaEvent.model_validate(body | changes)
+
+
+async def events(res: Resources) -> list[StoredWebhookEvent]:
+    async with res.engine.connect() as conn:
+        return await webhook_events.list_recent(conn, limit=100)
+
+
+async def token_columns(res: Resources, user_id: str) -> tuple[str | None, str | None, str | None]:
+    async with res.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.text(
+                    "SELECT access_token_enc, refresh_token_enc, reauth_reason FROM user_tokens WHERE user_id = :u"
+                ),
+                {"u": user_id},
+            )
+        ).one()
+    return row[0], row[1], row[2]
+
+
+async def notifications(res: Resources, user_id: str) -> list[str]:
+    async with res.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.text("SELECT event_type FROM notifications WHERE user_id = :u ORDER BY created_at"), {"u": user_id}
+        )
+        return [r[0] for r in rows]
+
+
+async def audit(res: Resources, user_id: str) -> list[tuple[str, str | None]]:
+    """The user's audit rows, oldest first, as (kind, detail)."""
+    async with res.engine.connect() as conn:
+        rows = await journal_store.list_for_user(conn, user_id, limit=100)
+    return [(r.kind, r.detail) for r in reversed(rows)]
+
+
+async def assert_deauthorized(res: Resources, user_id: str) -> None:
+    """needs_reauth (deauthorized), both token columns NULL, and access-token refuses with that reason."""
+    status = await res.service.status(user_id)
+    assert (status.status, status.reauth_reason) == (Status.NEEDS_REAUTH, "deauthorized")
+    assert await token_columns(res, user_id) == (None, None, "deauthorized")
+    with pytest.raises(ReauthRequired) as caught:
+        await res.service.access_token(user_id, min_ttl=0)
+    assert caught.value.extra["reauth_reason"] == "deauthorized"
+
+
+class TestConfirmedDeauthorization:
+    async def test_a_revoked_athlete_loses_its_tokens_once_strava_confirms(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Stored pending, then one check at Strava (401): deauthorized, tokens gone, one audit row, one notice."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        sandbox.revoke(user.athlete_id)
+        assert await resources.webhooks.receive(deauthorization(user.athlete_id)) is True
+        assert [e.state for e in await events(resources)] == ["pending"]
+        assert await resources.webhooks.process_once() == 1
+        await assert_deauthorized(resources, user.user_id)
+        (event,) = await events(resources)
+        assert (event.state, event.attempts, event.processed_at is not None) == ("confirmed", 1, True)
+        assert sandbox.calls["athlete"] == 1
+        assert sandbox.calls["refresh"] == 0
+        assert ("needs_reauth", "deauthorized") in await audit(resources, user.user_id)
+        assert await notifications(resources, user.user_id) == ["token.needs_reauth"]
+
+    async def test_an_expired_token_of_a_revoked_athlete_counts_as_confirmed_and_is_told_once(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """The check needs a token: the refresh is rejected (revoked), which confirms it; the user, first flagged
+        refresh_token_invalid, ends deauthorized with tokens gone, and hears of it once."""
+        user = await seed_user(resources, sandbox, clock, expires_in=-60)
+        sandbox.revoke(user.athlete_id)
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        await assert_deauthorized(resources, user.user_id)
+        assert sandbox.calls["refresh"] == 1
+        assert sandbox.calls["athlete"] == 0
+        kinds = await audit(resources, user.user_id)
+        assert ("needs_reauth", "refresh_token_invalid") in kinds
+        assert ("needs_reauth", "deauthorized (was refresh_token_invalid)") in kinds
+        assert await notifications(resources, user.user_id) == ["token.needs_reauth"]
+
+    async def test_every_user_of_the_athlete_is_deauthorized_and_others_are_left_alone(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Two users share the athlete: both lose their tokens; a user of another athlete keeps theirs."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        bystander = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        await resources.service.import_tokens("twin", import_body(user))
+        sandbox.revoke(user.athlete_id)
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        await assert_deauthorized(resources, user.user_id)
+        await assert_deauthorized(resources, "twin")
+        assert (await resources.service.status(bystander.user_id)).status is Status.VALID
+        assert (await events(resources))[0].result == "deauthorized 2, already 0, unconfirmed 0, gone 0"
+
+
+class TestDuplicates:
+    async def test_strava_retries_are_one_row_and_one_effect(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """The same event three times: one row; a later replay (another event_time): no second effect, no
+        second notification, and no Strava call at all."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        sandbox.revoke(user.athlete_id)
+        received = [await resources.webhooks.receive(deauthorization(user.athlete_id)) for _ in range(3)]
+        assert received == [True, False, False]
+        assert len(await events(resources)) == 1
+        await resources.webhooks.process_once()
+        calls = dict(sandbox.calls)
+        await resources.webhooks.receive(deauthorization(user.athlete_id, event_time=EVENT_TIME + 5))
+        await resources.webhooks.process_once()
+        replay, first = await events(resources)
+        assert (first.state, replay.state) == ("confirmed", "confirmed")
+        assert replay.result == "deauthorized 0, already 1, unconfirmed 0, gone 0"
+        assert dict(sandbox.calls) == calls
+        await assert_deauthorized(resources, user.user_id)
+        assert await notifications(resources, user.user_id) == ["token.needs_reauth"]
+        assert [a for a in await audit(resources, user.user_id) if a[0] == "needs_reauth"] == [
+            ("needs_reauth", "deauthorized")
+        ]
+
+
+class TestForgedEvents:
+    async def test_a_forged_event_keeps_healthy_tokens_and_says_so_in_the_audit(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """The athlete did not revoke: Strava still serves the token, so nothing changes but an audit row."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        (event,) = await events(resources)
+        assert event.state == "unconfirmed"
+        status = await resources.service.status(user.user_id)
+        assert (status.status, status.reauth_reason) == (Status.VALID, None)
+        token = await resources.service.access_token(user.user_id, min_ttl=0)
+        assert token.access_token == user.access_token
+        assert sandbox.calls["athlete"] == 1
+        assert (await audit(resources, user.user_id))[-1][0] == "deauthorization_unconfirmed"
+        assert await notifications(resources, user.user_id) == []
+
+    async def test_an_event_for_an_unknown_athlete_changes_nothing_and_calls_nobody(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """No user has the athlete: state no_user, no Strava call."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        await resources.webhooks.receive(deauthorization(987_654))
+        await resources.webhooks.process_once()
+        (event,) = await events(resources)
+        assert (event.state, event.owner_id) == ("no_user", 987_654)
+        assert sum(sandbox.calls.values()) == 0
+        assert (await resources.service.status(user.user_id)).status is Status.VALID
+
+    async def test_other_events_are_acknowledged_but_not_stored(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """An activity event, or an athlete update that is not a deauthorization, stores nothing."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        activity = deauthorization(user.athlete_id, object_type="activity", aspect_type="create", updates={})
+        renamed = deauthorization(user.athlete_id, updates={"title": "new name"})
+        assert await resources.webhooks.receive(activity) is False
+        assert await resources.webhooks.receive(renamed) is False
+        assert await events(resources) == []
+
+
+class TestStravaUnavailable:
+    async def test_a_failed_check_is_retried_later_and_then_applied(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Strava answers 503 to the check: tokens untouched, the event waits out its backoff, then applies."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        sandbox.revoke(user.athlete_id)
+        sandbox.add_fault(FaultSpec(endpoint="athlete", kind="status", status=503))
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        (event,) = await events(resources)
+        assert (event.state, event.attempts) == ("pending", 1)
+        assert event.next_attempt_at > clock()
+        assert (await resources.service.status(user.user_id)).reauth_reason is None
+        assert await resources.webhooks.process_once() == 0  # not due yet
+        clock.advance(event.next_attempt_at - clock())
+        assert await resources.webhooks.process_once() == 1
+        await assert_deauthorized(resources, user.user_id)
+        assert sandbox.calls["athlete"] == 2
+
+    async def test_a_rate_limited_check_waits_for_the_window(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Strava answers 429: the event is retried no sooner than Strava's Retry-After, tokens untouched."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        sandbox.revoke(user.athlete_id)
+        sandbox.add_fault(FaultSpec(endpoint="athlete", kind="status", status=429, retry_after=120))
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        (event,) = await events(resources)
+        assert (event.state, event.next_attempt_at) == ("pending", int(clock()) + 120)
+        assert (await resources.service.status(user.user_id)).reauth_reason is None
+
+
+class TestRaceWithRefresh:
+    async def test_a_refresh_in_flight_when_the_athlete_revokes_cannot_bring_tokens_back(
+        self,
+        settings: Settings,
+        resources: Resources,
+        sandbox: SandboxState,
+        clock: FakeClock,
+        strava_transport: httpx.AsyncBaseTransport,
+    ) -> None:
+        """Another replica's refresh is at Strava (held) when the athlete revokes and the event arrives; our
+        processor waits for that refresh's guard. On release the refresh is rejected, and the deauthorization
+        applies: tokens NULL, and no later refresh or access-token call revives them."""
+        user = await seed_user(resources, sandbox, clock, expires_in=-60)
+        async with open_resources(settings, clock=clock, strava_transport=strava_transport) as other:
+            sandbox.gate.hold("refresh")
+            refreshing = asyncio.create_task(other.service.access_token(user.user_id, min_ttl=300))
+            await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=10)
+            sandbox.revoke(user.athlete_id)
+
+            async def deliver_and_process() -> None:
+                await resources.webhooks.receive(deauthorization(user.athlete_id))
+                await resources.webhooks.process_once()
+
+            processing = asyncio.create_task(deliver_and_process())
+            if not settings.is_sqlite:  # SQLite's guard is the database write lock: the insert itself waits
+                await wait_for_lock_waiter(settings.database_url)
+            sandbox.gate.release()
+            with pytest.raises(ReauthRequired):
+                await refreshing
+            await asyncio.wait_for(processing, timeout=30)
+            await assert_deauthorized(resources, user.user_id)
+            refresh_calls = sandbox.calls["refresh"]
+            with pytest.raises(ReauthRequired):
+                await other.service.refresh(user.user_id, force=True)
+            with pytest.raises(ReauthRequired):
+                await other.service.access_token(user.user_id, min_ttl=0)
+            assert sandbox.calls["refresh"] == refresh_calls
+        await assert_deauthorized(resources, user.user_id)
+        assert (await events(resources))[0].state == "confirmed"
+
+    async def test_a_refresh_that_commits_during_the_check_is_checked_again_and_still_loses(
+        self,
+        settings: Settings,
+        resources: Resources,
+        sandbox: SandboxState,
+        clock: FakeClock,
+        strava_transport: httpx.AsyncBaseTransport,
+    ) -> None:
+        """Our check is at Strava (held) while another replica refreshes and commits a new version; then the
+        athlete revokes. The deauthorization sees the row changed under it, checks the newer row again, and
+        discards its tokens."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        async with open_resources(settings, clock=clock, strava_transport=strava_transport) as other:
+            sandbox.gate.hold("athlete")
+
+            async def deliver_and_process() -> None:
+                await resources.webhooks.receive(deauthorization(user.athlete_id))
+                await resources.webhooks.process_once()
+
+            processing = asyncio.create_task(deliver_and_process())
+            await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=10)
+            refreshed = await other.service.refresh(user.user_id, force=True)
+            assert refreshed.refreshed is True
+            sandbox.revoke(user.athlete_id)
+            sandbox.gate.release()
+            await asyncio.wait_for(processing, timeout=30)
+        await assert_deauthorized(resources, user.user_id)
+        assert sandbox.calls["athlete"] == 2  # the first answer was about a row that no longer existed
+        assert sandbox.stats()["ledger_violations"] == []
