@@ -26,6 +26,7 @@ from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
 from tokensvc.service.journal import Journal
+from tokensvc.service.notify import NotificationDeliverer
 from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.sessions import Sessions
@@ -139,11 +140,16 @@ def create_app(
             app.state.sweeper = res.sweeper
             if run_sweeper:
                 res.sweeper.start()
+            notifier = notification_deliverer(settings, res.engine, clock=clock)
+            if notifier is not None:
+                notifier.start()
             # What start-up allocated lives as long as the process: keep it out of every garbage collection.
             gc.collect()
             gc.freeze()
             log.info("service.started", strava_base_url=settings.strava_base_url, sandbox=sandbox)
             yield
+            if notifier is not None:
+                await notifier.stop()
         log.info("service.stopped")
 
     app = FastAPI(
@@ -178,6 +184,26 @@ def create_app(
     if fast_path:
         app.add_middleware(AccessTokenFastPath, owner=app)  # outermost: the hot call skips everything else
     return app
+
+
+def notification_deliverer(
+    settings: Settings, engine: AsyncEngine, *, clock: Clock, transport: httpx.AsyncBaseTransport | None = None
+) -> NotificationDeliverer | None:
+    """The outbox deliverer every replica runs when TOKENSVC_NOTIFY_URL is set (None otherwise)."""
+    if settings.notify_url is None or settings.notify_secret is None:
+        return None
+    return NotificationDeliverer(
+        engine=engine,
+        url=settings.notify_url,
+        secret=settings.notify_secret.get_secret_value(),
+        clock=clock,
+        timeout_seconds=settings.notify_timeout_seconds,
+        poll_seconds=settings.notify_poll_seconds,
+        concurrency=settings.notify_concurrency,
+        backoff_seconds=settings.notify_backoff_seconds,
+        backoff_max_seconds=settings.notify_backoff_max_seconds,
+        transport=transport,
+    )
 
 
 def _origin_of(url: str) -> str:

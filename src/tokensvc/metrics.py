@@ -15,3 +15,8 @@ REFRESH_SECONDS = Histogram(
     "Time from taking the refresh guard to the commit, for refreshes that called Strava",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+NOTIFICATIONS_TOTAL = Counter(
+    "tokensvc_notifications_total",
+    "Notification delivery attempts, by event type and result (delivered, failed: retried later)",
+    ["event_type", "result"],
+)
