@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
@@ -247,6 +248,7 @@ class TestRetries:
     ) -> None:
         """500, then (after the backoff, not before) 200: two attempts, one webhook-id, delivered once."""
         receiver.statuses = [500]
+        counted = {result: _notifications_counted(result) for result in ("delivered", "failed")}
         user = await seed_user(resources, sandbox, clock, expires_in=21600)
         await resources.service.delete(user.user_id)
 
@@ -273,6 +275,7 @@ class TestRetries:
         assert row["last_error"] is None
         async with resources.engine.connect() as conn:
             assert await notifications_pending(conn) == 0
+        assert {r: _notifications_counted(r) - n for r, n in counted.items()} == {"delivered": 1, "failed": 1}
 
     async def test_a_receiver_that_is_down_is_retried_and_the_error_names_no_body(
         self, settings: Settings, resources: Resources, sandbox: SandboxState, clock: FakeClock
@@ -296,6 +299,11 @@ class TestRetries:
         assert (report.failed, row["attempts"], row["last_error"], row["delivered_at"]) == (1, 1, "ConnectError", None)
         async with resources.engine.connect() as conn:
             assert await notifications_pending(conn) == 1
+
+
+def _notifications_counted(result: str) -> float:
+    labels = {"event_type": "token.revoked", "result": result}
+    return REGISTRY.get_sample_value("tokensvc_notifications_total", labels) or 0.0
 
 
 class TestBackoff:
