@@ -31,6 +31,7 @@ from tokensvc.service.audit import Audit
 from tokensvc.service.dashboard import DashboardService
 from tokensvc.service.housekeeping import Housekeeping
 from tokensvc.service.journal import Journal
+from tokensvc.service.notify import NotificationDeliverer
 from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.sessions import Sessions
@@ -169,12 +170,17 @@ def create_app(
             housekeeping.start()
             app.state.webhooks = res.webhooks
             res.webhooks.start()  # when TOKENSVC_WEBHOOK_POLL_INTERVAL_SECONDS > 0
+            notifier = notification_deliverer(settings, res.engine, clock=clock)
+            if notifier is not None:
+                notifier.start()
             # What start-up allocated lives as long as the process: keep it out of every garbage collection.
             gc.collect()
             gc.freeze()
             log.info("service.started", strava_base_url=settings.strava_base_url, sandbox=sandbox)
             yield
             await housekeeping.stop()
+            if notifier is not None:
+                await notifier.stop()
         log.info("service.stopped")
 
     app = FastAPI(
@@ -213,6 +219,26 @@ def create_app(
     if fast_path:
         app.add_middleware(AccessTokenFastPath, owner=app)  # outermost: the hot call skips everything else
     return app
+
+
+def notification_deliverer(
+    settings: Settings, engine: AsyncEngine, *, clock: Clock, transport: httpx.AsyncBaseTransport | None = None
+) -> NotificationDeliverer | None:
+    """The outbox deliverer every replica runs when TOKENSVC_NOTIFY_URL is set (None otherwise)."""
+    if settings.notify_url is None or settings.notify_secret is None:
+        return None
+    return NotificationDeliverer(
+        engine=engine,
+        url=settings.notify_url,
+        secret=settings.notify_secret.get_secret_value(),
+        clock=clock,
+        timeout_seconds=settings.notify_timeout_seconds,
+        poll_seconds=settings.notify_poll_seconds,
+        concurrency=settings.notify_concurrency,
+        backoff_seconds=settings.notify_backoff_seconds,
+        backoff_max_seconds=settings.notify_backoff_max_seconds,
+        transport=transport,
+    )
 
 
 def _origin_of(url: str) -> str:

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-from tokensvc.crypto import generate_key, load_or_create_key_file
+from tokensvc.crypto import check_notify_secret, generate_key, load_or_create_key_file
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./tokensvc.db"
 SANDBOX_API_KEY = "sandbox-key"
@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     webhook_poll_interval_seconds: int = Field(default=30, ge=0)
     notify_url: str | None = None
     notify_secret: SecretStr | None = None
+    # Delivery of notifications (service/notify.py): one POST's timeout; how often each replica looks for due rows
+    # (a change is delivered within about this long); retries back off from the first delay, doubling, up to the cap.
+    notify_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    notify_poll_seconds: float = Field(default=1.0, gt=0, le=300)
+    notify_concurrency: int = Field(default=4, ge=1, le=100)
+    notify_backoff_seconds: float = Field(default=5.0, gt=0, le=3600)
+    notify_backoff_max_seconds: float = Field(default=3600.0, gt=0, le=86400)
     # Audit rows (refresh attempts, changes of state) older than this are purged by the background loop.
     audit_retention_days: int = Field(default=90, ge=1, le=3650)
     # Lets operators sign in to /dashboard with a password instead of an API key.
@@ -88,6 +95,20 @@ class Settings(BaseSettings):
                 "TOKENSVC_SESSION_SECRET must be at least 32 characters (e.g. `python -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))'`)"
             )
+        return value
+
+    @field_validator("notify_secret")
+    @classmethod
+    def _notify_secret_format(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_notify_secret(value.get_secret_value())
+        return value
+
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url_is_http(cls, value: str | None) -> str | None:
+        if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc):
+            raise ValueError(f"TOKENSVC_NOTIFY_URL must be an http:// or https:// URL, got {value!r}")
         return value
 
     @field_validator("database_url")

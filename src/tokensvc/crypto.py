@@ -132,3 +132,20 @@ NOTIFY_SECRET_PREFIX = "whsec_"
 def generate_notify_secret() -> str:
     """A Standard Webhooks signing secret: `whsec_` and 32 random bytes in base64."""
     return NOTIFY_SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode()
+
+
+def check_notify_secret(secret: str) -> None:
+    """Refuse a signing secret that is not `whsec_` and 24 to 64 bytes in standard base64 (the Standard Webhooks
+    format every receiver's library expects).
+
+    Raises ValueError saying what to set.
+    """
+    hint = "make one with `tokensvc gen-key --notify`"
+    if not secret.startswith(NOTIFY_SECRET_PREFIX):
+        raise ValueError(f"TOKENSVC_NOTIFY_SECRET must start with {NOTIFY_SECRET_PREFIX!r}; {hint}")
+    try:
+        raw = base64.b64decode(secret.removeprefix(NOTIFY_SECRET_PREFIX), validate=True)
+    except binascii.Error:
+        raise ValueError(f"TOKENSVC_NOTIFY_SECRET is not valid base64 after {NOTIFY_SECRET_PREFIX!r}; {hint}") from None
+    if not 24 <= len(raw) <= 64:
+        raise ValueError(f"TOKENSVC_NOTIFY_SECRET must hold 24 to 64 random bytes, got {len(raw)}; {hint}")

@@ -53,3 +53,8 @@ DEAUTHORIZATIONS_TOTAL = Counter(
     "Deauthorization events processed, by outcome (confirmed, unconfirmed, no_user, retried)",
     ["outcome"],
 )
+NOTIFICATIONS_TOTAL = Counter(
+    "tokensvc_notifications_total",
+    "Notification delivery attempts, by event type and result (delivered, failed: retried later)",
+    ["event_type", "result"],
+)
