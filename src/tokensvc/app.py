@@ -55,6 +55,20 @@ class Resources:
     oauth: OAuthService
     sessions: Sessions
     webhooks: StravaWebhooks
+    notifier: NotificationDeliverer | None
+    housekeeping: Housekeeping
+    audit: Audit
+    stats: StatsService
+    dashboard: DashboardService
+
+    def start_background(self, *, sweeper: bool = True) -> None:
+        """Start every replica's background loops; `open_resources` stops them on the way out."""
+        if sweeper:
+            self.sweeper.start()  # when TOKENSVC_SWEEP_INTERVAL_SECONDS > 0
+        self.webhooks.start()  # when TOKENSVC_WEBHOOK_POLL_INTERVAL_SECONDS > 0
+        if self.notifier is not None:
+            self.notifier.start()
+        self.housekeeping.start()
 
 
 @asynccontextmanager
@@ -124,9 +138,31 @@ async def open_resources(
         clock=clock,
         poll_interval_seconds=settings.webhook_poll_interval_seconds,
     )
+    notifier = notification_deliverer(settings, engine, clock=clock)
+    housekeeping = Housekeeping(engine, clock=clock, retention_days=settings.audit_retention_days)
     try:
-        yield Resources(engine, strava, service, budget, sweeper, links, oauth, sessions, webhooks=strava_webhooks)
+        yield Resources(
+            engine=engine,
+            strava=strava,
+            service=service,
+            budget=budget,
+            sweeper=sweeper,
+            links=links,
+            oauth=oauth,
+            sessions=sessions,
+            webhooks=strava_webhooks,
+            notifier=notifier,
+            housekeeping=housekeeping,
+            audit=Audit(engine),
+            stats=StatsService(engine, budget=budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds),
+            dashboard=DashboardService(
+                engine=engine, budget=budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
+            ),
+        )
     finally:
+        await housekeeping.stop()
+        if notifier is not None:
+            await notifier.stop()
         await strava_webhooks.stop()
         await sweeper.stop()
         await service.aclose()
@@ -157,30 +193,16 @@ def create_app(
             app.state.oauth_service = res.oauth
             app.state.sessions = res.sessions
             app.state.sweeper = res.sweeper
-            app.state.dashboard = DashboardService(
-                engine=res.engine, budget=res.budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
-            )
-            if run_sweeper:
-                res.sweeper.start()
-            app.state.audit = Audit(res.engine)
-            app.state.stats = StatsService(
-                res.engine, budget=res.budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
-            )
-            housekeeping = Housekeeping(res.engine, clock=clock, retention_days=settings.audit_retention_days)
-            housekeeping.start()
+            app.state.dashboard = res.dashboard
+            app.state.audit = res.audit
+            app.state.stats = res.stats
             app.state.webhooks = res.webhooks
-            res.webhooks.start()  # when TOKENSVC_WEBHOOK_POLL_INTERVAL_SECONDS > 0
-            notifier = notification_deliverer(settings, res.engine, clock=clock)
-            if notifier is not None:
-                notifier.start()
+            res.start_background(sweeper=run_sweeper)
             # What start-up allocated lives as long as the process: keep it out of every garbage collection.
             gc.collect()
             gc.freeze()
             log.info("service.started", strava_base_url=settings.strava_base_url, sandbox=sandbox)
             yield
-            await housekeeping.stop()
-            if notifier is not None:
-                await notifier.stop()
         log.info("service.stopped")
 
     app = FastAPI(
