@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from tests.conftest import FakeClock, make_settings, seed_athlete
 from tests.logcapture import CapturedLogs, captured_logs
+from tokensvc.app import notification_deliverer
 from tokensvc.config import Settings
 from tokensvc.models import notifications, token_events
 from tokensvc.sandbox import FaultSpec, SandboxState
@@ -36,6 +37,7 @@ class Run:
     client: httpx.AsyncClient
     logs: CapturedLogs
     users: list[str]
+    clock: FakeClock
     bodies: list[str] = field(default_factory=list)  # every response body except access tokens handed out
     handed_out: list[str] = field(default_factory=list)  # access tokens the service returned, as it should
     imported: list[str] = field(default_factory=list)  # canaries the test sent in
@@ -79,6 +81,32 @@ async def _bodies(run: Run) -> str:
     return "\n".join(run.bodies)
 
 
+async def _dashboard(run: Run) -> str:
+    response = await run.client.get("/dashboard")  # the client's API key signs in, as a script would
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+async def _delivered(run: Run) -> str:
+    """Every notification as the app's receiver gets it: headers and body."""
+    received: list[str] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        received.append(f"{dict(request.headers)!r} {request.content.decode()}")
+        return httpx.Response(204)
+
+    app = run.client.app  # type: ignore[attr-defined]
+    deliverer = notification_deliverer(
+        app.state.settings, app.state.engine, clock=run.clock, transport=httpx.MockTransport(receive)
+    )
+    assert deliverer is not None
+    run.clock.advance(2 * 3600)  # past any backoff the app's own deliverer (receiver unreachable) may have set
+    while (await deliverer.deliver_due()).delivered:
+        pass
+    assert received, "no notification was delivered"
+    return "\n".join(received)
+
+
 SOURCES: dict[str, Source] = {
     "logs": _logs,
     "metrics": _metrics,
@@ -86,8 +114,8 @@ SOURCES: dict[str, Source] = {
     "notifications": _table(notifications),
     "api responses": _api_reads,
     "error and other bodies": _bodies,
-    # "dashboard": _page("/dashboard"),
-    # "delivered notifications": _delivered,
+    "dashboard": _dashboard,
+    "delivered notifications": _delivered,
 }
 
 
@@ -157,7 +185,7 @@ async def test_no_token_appears_anywhere_but_the_access_token_response(
 ) -> None:
     """Zero hits for any token, issued or imported, in every scanned source."""
     with captured_logs() as logs:
-        run = Run(client=client, logs=logs, users=[])
+        run = Run(client=client, logs=logs, users=[], clock=clock)
         await drive(client, sandbox, clock, run)
         scanned = await SOURCES[source](run)
 
