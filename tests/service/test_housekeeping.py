@@ -9,9 +9,9 @@ import sqlalchemy as sa
 
 from tests.conftest import FakeClock
 from tokensvc.app import Resources
-from tokensvc.models import oauth_state_uses, token_events
+from tokensvc.models import notifications, oauth_state_uses, token_events
 from tokensvc.service.housekeeping import Housekeeping
-from tokensvc.store import oauth_states
+from tokensvc.store import journal, oauth_states, outbox, webhook_events
 
 DAY = 86_400
 
@@ -55,6 +55,37 @@ class TestRetention:
         async with resources.engine.connect() as conn:
             nonces = (await conn.execute(sa.select(oauth_state_uses.c.nonce))).scalars().all()
         assert nonces == ["kept"]
+
+    async def test_delivered_notifications_and_processed_webhook_events_go_after_the_retention(
+        self, resources: Resources, clock: FakeClock
+    ) -> None:
+        """Old delivered notifications and processed events are purged; undelivered and pending ones never are."""
+        old = datetime.fromtimestamp(clock(), UTC)
+        async with resources.engine.begin() as conn:
+            for message_id in ("msg_delivered", "msg_pending"):
+                await journal.enqueue(
+                    conn,
+                    message_id=message_id,
+                    event_type="token.needs_reauth",
+                    user_id="u",
+                    payload="{}",
+                    created_at=old,
+                    deliver_at=int(clock()),
+                )
+            await outbox.mark_delivered(conn, "msg_delivered", at=old)
+            for event_time in (1, 2):
+                event = webhook_events.NewEvent(
+                    f"athlete:7:{event_time}:1", 7, "athlete", "update", event_time, 1, "{}"
+                )
+                await webhook_events.insert(conn, event, received_at=old, due_at=int(clock()))
+            processed = (await webhook_events.list_recent(conn, limit=10))[-1]
+            await webhook_events.finish(conn, processed.id, state="confirmed", result="ok", processed_at=old)
+        clock.advance(31 * DAY)
+        report = await Housekeeping(resources.engine, clock=clock, retention_days=30).run_once()
+        assert (report.notifications_purged, report.webhook_events_purged) == (1, 1)
+        async with resources.engine.connect() as conn:
+            assert (await conn.execute(sa.select(notifications.c.id))).scalars().all() == ["msg_pending"]
+            assert [e.state for e in await webhook_events.list_recent(conn, limit=10)] == ["pending"]
 
 
 class TestSchedule:

@@ -1,10 +1,12 @@
-"""Periodic housekeeping in every replica: drop audit rows past the retention and OAuth state nonces past their
-expiry. Both are idempotent deletes, so replicas need no coordination; each pass is one short transaction."""
+"""Periodic housekeeping in every replica: drop audit rows, delivered notifications and processed Strava webhook
+events past the retention, and OAuth state nonces past their expiry. All are idempotent deletes, so replicas need
+no coordination; each pass is one short transaction."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +14,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.service.signing import Clock
-from tokensvc.store import journal, oauth_states
+from tokensvc.store import journal, oauth_states, outbox, webhook_events
 
 log = structlog.get_logger(__name__)
 
@@ -23,6 +25,8 @@ HOUR = 3600
 class HousekeepingReport:
     events_purged: int
     states_purged: int
+    notifications_purged: int = 0
+    webhook_events_purged: int = 0
 
 
 class Housekeeping:
@@ -40,11 +44,15 @@ class Housekeeping:
     async def run_once(self) -> HousekeepingReport:
         """One pass (one transaction). Raises the database's errors."""
         now = self._clock()
+        before = datetime.fromtimestamp(now, UTC) - self.retention
         async with self._engine.begin() as conn:
-            events = await journal.purge_events(conn, before=datetime.fromtimestamp(now, UTC) - self.retention)
-            states = await oauth_states.purge_expired(conn, now=int(now))
-        report = HousekeepingReport(events_purged=events, states_purged=states)
-        log.info("housekeeping.done", events_purged=events, states_purged=states, retention_days=self.retention.days)
+            report = HousekeepingReport(
+                events_purged=await journal.purge_events(conn, before=before),
+                states_purged=await oauth_states.purge_expired(conn, now=int(now)),
+                notifications_purged=await outbox.purge_delivered(conn, before=before),
+                webhook_events_purged=await webhook_events.purge_processed(conn, before=before),
+            )
+        log.info("housekeeping.done", retention_days=self.retention.days, **dataclasses.asdict(report))
         return report
 
     def start(self) -> None:

@@ -60,3 +60,9 @@ async def mark_failed(conn: AsyncConnection, message_id: str, *, error: str, ret
         .where(n.c.id == message_id, n.c.delivered_at.is_(None))
         .values(attempts=n.c.attempts + 1, next_attempt_at=retry_at, last_error=error[:200])
     )
+
+
+async def purge_delivered(conn: AsyncConnection, *, before: datetime) -> int:
+    """Forget notifications delivered before `before` (undelivered ones are never purged: none is lost)."""
+    result = await conn.execute(sa.delete(n).where(n.c.delivered_at.is_not(None), n.c.delivered_at < before))
+    return int(result.rowcount or 0)

@@ -135,3 +135,10 @@ _COLUMNS = (
     w.c.processed_at,
     w.c.result,
 )
+
+
+async def purge_processed(conn: AsyncConnection, *, before: datetime) -> int:
+    """Forget events processed before `before` (Strava's retries come within minutes, so the dedupe key need not
+    outlive the retention); pending events are never purged."""
+    result = await conn.execute(sa.delete(w).where(w.c.state != "pending", w.c.processed_at < before))
+    return int(result.rowcount or 0)
