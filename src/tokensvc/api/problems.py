@@ -63,6 +63,11 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI's only 400: a body it could not even decode (not UTF-8). To a caller that is malformed JSON: 422.
+        return problem_response(
+            422, "validation_error", "Validation error", "the request body is not valid JSON (UTF-8)", errors=[]
+        )
     code = _CODE_BY_HTTP_STATUS.get(exc.status_code, "http_error")
     title = code.replace("_", " ").capitalize()
     return problem_response(exc.status_code, code, title, str(exc.detail), headers=exc.headers)
