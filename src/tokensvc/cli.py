@@ -16,6 +16,7 @@ from pydantic import SecretStr, ValidationError
 from tokensvc import logging as tokensvc_logging
 from tokensvc.config import ConfigError, Settings, encryption_keys, prepare
 from tokensvc.crypto import generate_key, generate_notify_secret
+from tokensvc.service.keys import BatchDone, KeyRotator, RotationReport
 from tokensvc.service.sweeper import SweepReport
 
 if TYPE_CHECKING:
@@ -331,3 +332,62 @@ def subscription_delete(
         typer.echo("no push subscription to delete")
     for each in deleted:
         typer.echo(f"deleted push subscription {each}")
+
+
+@app.command("rotate-keys")
+def rotate_keys(
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=10_000, help="Rows re-encrypted per (short) transaction")
+    ] = 500,
+) -> None:
+    """Re-encrypt every stored token under the newest key of TOKENSVC_ENCRYPTION_KEYS ("new,old"), in batches.
+
+    Safe while replicas serve (configure them with the same "new,old" keys first): rows a refresh holds are skipped
+    and taken later, and a refresh's newer tokens are never overwritten. Idempotent. Exits 1 when a row cannot be
+    decrypted with any configured key (its user id is printed) or stayed locked; then remove the old key only after
+    a run that exits 0.
+    """
+    settings = _storage_settings()
+    if len(settings.encryption_keys) < 2:
+        typer.echo(
+            "note: only one encryption key is configured; rows under any other key cannot be read. To rotate, set "
+            'TOKENSVC_ENCRYPTION_KEYS="<new key>,<old key>"',
+            err=True,
+        )
+    report = asyncio.run(_rotate_keys(settings, batch_size))
+    typer.echo(f"re-encrypted {report.reencrypted} rows under key {report.key_id} in {report.passes} pass(es)")
+    if report.unreadable:
+        shown = sorted(report.unreadable)
+        listed = ", ".join(shown[:50]) + (f" and {len(shown) - 50} more" if len(shown) > 50 else "")
+        typer.echo(
+            f"tokensvc: the tokens of {len(shown)} user(s) cannot be decrypted with any configured key (left "
+            f"untouched; keep the old key until they are reconnected or re-imported): {listed}",
+            err=True,
+        )
+    if report.still_locked:
+        typer.echo(
+            f"tokensvc: {report.still_locked} row(s) stayed locked by refreshes in flight; run rotate-keys again",
+            err=True,
+        )
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+async def _rotate_keys(settings: Settings, batch_size: int) -> RotationReport:
+    from tokensvc.crypto import TokenCipher
+    from tokensvc.db import make_engine
+
+    def progress(batch: BatchDone) -> None:
+        typer.echo(f"batch: re-encrypted {batch.reencrypted} rows ({batch.total} so far)")
+
+    engine = make_engine(settings.database_url, pool_size=2, lock_timeout_seconds=settings.lock_timeout_seconds)
+    try:
+        rotator = KeyRotator(
+            engine=engine,
+            cipher=TokenCipher([k.get_secret_value() for k in settings.encryption_keys]),
+            batch_size=batch_size,
+            locked_wait_seconds=2 * settings.lock_timeout_seconds,
+        )
+        return await rotator.rotate(on_batch=progress)
+    finally:
+        await engine.dispose()

@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema
 
 from tokensvc.service.status import Status
 
@@ -21,8 +21,24 @@ def _split_commas(value: object) -> object:
     return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
 
 
-# Strava writes scopes comma-separated; a JSON list is accepted too.
-Scopes = Annotated[list[Scope], BeforeValidator(_split_commas), Field(max_length=16)]
+# Strava writes scopes comma-separated; a JSON list is accepted too (and the OpenAPI says both).
+Scopes = Annotated[
+    list[Scope],
+    BeforeValidator(_split_commas),
+    Field(max_length=16),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": r"^[a-z_]+(:[a-z_]+)?$", "maxLength": 64},
+                    "maxItems": 16,
+                },
+                {"type": "string", "description": "comma-separated, as Strava writes them"},
+            ]
+        }
+    ),
+]
 
 
 class TokenStatus(BaseModel):
@@ -42,7 +58,8 @@ class TokenStatus(BaseModel):
 class TokenImport(BaseModel):
     """Tokens moved in from an existing app (or replaced)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `true` is not athlete 1, nor "17" a time (lax coercion stored such values; found by Schemathesis).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     access_token: TokenText
     refresh_token: TokenText
@@ -90,7 +107,7 @@ class Problem(BaseModel):
 
 
 class ConnectRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     redirect_to: str | None = Field(
         default=None, max_length=2048, description="Where to send the browser afterwards; must be allow-listed"

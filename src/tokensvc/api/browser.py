@@ -27,6 +27,13 @@ UNAVAILABLE_MESSAGE = "Strava is unavailable right now; your connection is kept.
         503: {"model": BrowserFailure, "description": "Transient failure; nothing changed"},
         **responses(403, 413, 415),
     },
+    # The dashboard posts JSON (the content type is what keeps cross-site forms out); the body itself is ignored.
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {"description": "Ignored; send `{}`"}}},
+        }
+    },
 )
 async def proactive_token_refresh(
     _guard: Annotated[None, Depends(browser_post_guard)],

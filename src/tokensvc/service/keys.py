@@ -1,0 +1,155 @@
+"""Encryption-key rotation: re-encrypt every stored token under the newest configured key, while the service runs.
+
+Run with `TOKENSVC_ENCRYPTION_KEYS="new,old"` (the service's replicas configured the same way first, so that they
+read rows under either key). Rows go in batches of one short transaction each: lock the batch (skipping rows an
+in-flight refresh holds), decrypt each ciphertext with whichever configured key it names, encrypt it with the newest,
+write it back under the lock, commit. Rows skipped because they were locked are taken on a later pass. A row no
+configured key can read is left untouched and reported by user id (never by ciphertext).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokensvc.crypto import DecryptionError, Field, TokenCipher
+from tokensvc.store import keys as store
+from tokensvc.store.keys import SealedRow
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    """One committed batch: rows re-encrypted in it, and in the whole run so far."""
+
+    reencrypted: int
+    total: int
+
+
+@dataclass(slots=True)
+class RotationReport:
+    """What a run did. `unreadable` maps user id to the field no configured key could decrypt; `still_locked`
+    counts rows that stayed locked by refreshes until the run gave up on them (run again)."""
+
+    key_id: str
+    reencrypted: int = 0
+    unreadable: dict[str, Field] = field(default_factory=dict)
+    still_locked: int = 0
+    passes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.unreadable and not self.still_locked
+
+
+class KeyRotator:
+    """Moves every row to the cipher's current key. Each batch is its own transaction; nothing else is held."""
+
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        cipher: TokenCipher,
+        batch_size: int = 500,
+        locked_wait_seconds: float = 60.0,
+        retry_delay_seconds: float = 0.2,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self._engine = engine
+        self._cipher = cipher
+        self._batch_size = batch_size
+        self._locked_wait = locked_wait_seconds
+        self._retry_delay = retry_delay_seconds
+
+    async def rotate(self, *, on_batch: Callable[[BatchDone], None] | None = None) -> RotationReport:
+        """Re-encrypt every row not fully under the current key; idempotent (a second run finds nothing to do).
+
+        Passes over the table until no row is left but unreadable ones, waiting (up to `locked_wait_seconds`) for
+        rows that in-flight refreshes kept locked. Raises only what the database raises.
+        """
+        report = RotationReport(key_id=self._cipher.current_key_id)
+        give_up_at = time.monotonic() + self._locked_wait
+        delay = self._retry_delay
+        while True:
+            report.passes += 1
+            await self._one_pass(report, on_batch)
+            left = await self._left_over(report)
+            if not left:
+                break
+            if time.monotonic() >= give_up_at:
+                report.still_locked = left
+                log.warning("key_rotation.gave_up_on_locked_rows", rows=left, passes=report.passes)
+                break
+            log.info("key_rotation.waiting_for_locked_rows", rows=left, passes=report.passes)
+            await asyncio.sleep(delay)  # a backoff for rows held by refreshes in flight, not a synchronisation
+            delay = min(delay * 2, 2.0)
+        log.info(
+            "key_rotation.finished",
+            key_id=report.key_id,
+            reencrypted=report.reencrypted,
+            unreadable=len(report.unreadable),
+            still_locked=report.still_locked,
+            passes=report.passes,
+        )
+        return report
+
+    async def _one_pass(self, report: RotationReport, on_batch: Callable[[BatchDone], None] | None) -> None:
+        after = ""
+        current = self._cipher.current_key_id
+        while True:
+            written = 0
+            async with self._engine.begin() as conn:
+                rows = await store.lock_batch(conn, current_key_id=current, after=after, limit=self._batch_size)
+                for row in rows:
+                    sealed = self._reseal(row, report)
+                    if sealed is None:
+                        continue
+                    access, refresh = sealed
+                    if await store.write_sealed(
+                        conn, row, access_token_enc=access, refresh_token_enc=refresh, key_id=current
+                    ):
+                        written += 1
+            if not rows:
+                return
+            report.reencrypted += written
+            after = rows[-1].user_id
+            if on_batch is not None:
+                on_batch(BatchDone(reencrypted=written, total=report.reencrypted))
+            if len(rows) < self._batch_size:  # skipped (locked) rows do not count towards the limit: this was the end
+                return
+
+    def _reseal(self, row: SealedRow, report: RotationReport) -> tuple[str | None, str | None] | None:
+        """Both ciphertexts under the current key, or None (and the user reported) when one cannot be read."""
+        sealed: dict[Field, str | None] = {}
+        fields: tuple[tuple[Field, str | None], ...] = (
+            ("access", row.access_token_enc),
+            ("refresh", row.refresh_token_enc),
+        )
+        for field_name, ciphertext in fields:
+            if ciphertext is None:
+                sealed[field_name] = None
+                continue
+            try:
+                plaintext = self._cipher.decrypt(ciphertext, user_id=row.user_id, field=field_name)
+            except DecryptionError as exc:
+                if row.user_id not in report.unreadable:
+                    log.error("token.decrypt_failed", user_id=row.user_id, field=field_name, error=str(exc))
+                report.unreadable[row.user_id] = field_name
+                return None
+            sealed[field_name] = self._cipher.encrypt(plaintext, user_id=row.user_id, field=field_name)
+        return sealed["access"], sealed["refresh"]
+
+    async def _left_over(self, report: RotationReport) -> int:
+        """Rows still needing rotation that are not known to be unreadable (that is: rows that were locked)."""
+        async with self._engine.connect() as conn:
+            ids = await store.pending(
+                conn, current_key_id=self._cipher.current_key_id, limit=len(report.unreadable) + self._batch_size
+            )
+        return sum(1 for user_id in ids if user_id not in report.unreadable)
