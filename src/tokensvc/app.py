@@ -39,7 +39,8 @@ from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
 from tokensvc.service.tokens import Clock, TokenService
 from tokensvc.service.webhooks import StravaWebhooks
-from tokensvc.store.reader import open_reader
+from tokensvc.store.reader import RowReader, open_reader
+from tokensvc.store.token_cache import CachedReader
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +61,7 @@ class Resources:
     audit: Audit
     stats: StatsService
     dashboard: DashboardService
+    rows: RowReader
 
     def start_background(self, *, sweeper: bool = True) -> None:
         """Start every replica's background loops; `open_resources` stops them on the way out."""
@@ -100,7 +102,16 @@ async def open_resources(
         allowlist=settings.redirect_allowlist,
         clock=clock,
     )
-    rows = open_reader(engine, size=settings.db_pool_size)
+    rows: RowReader = open_reader(engine, size=settings.db_pool_size)
+    if settings.token_cache and engine.dialect.name == "postgresql":
+        buffer = settings.refresh_buffer_seconds
+        rows = CachedReader(
+            rows,
+            dsn=engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+            # only `valid` rows: anything due for a refresh, or flagged, is read from the database every time
+            keep=lambda row: row.reauth_reason is None and row.expires_at - clock() > buffer,
+        )
+        rows.start()
     journal = Journal(
         clock=clock,
         notify=settings.notify_url is not None,
@@ -158,6 +169,7 @@ async def open_resources(
             dashboard=DashboardService(
                 engine=engine, budget=budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
             ),
+            rows=rows,
         )
     finally:
         await housekeeping.stop()

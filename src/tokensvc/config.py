@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     # Each process opens at most 2 x this + 1 Postgres connections (transactions, hot reads, notifications);
     # replicas x (2 x this + 1) must stay under the server's max_connections (100 by default).
     db_pool_size: int = Field(default=10, ge=1, le=500)
+    # Postgres: keep valid tokens in memory, dropped on every change through LISTEN/NOTIFY (one more connection).
+    token_cache: bool = True
     # Row-lock wait for a refresh: longer than one Strava call, so a waiter outlives the holder's HTTP timeout.
     lock_timeout_seconds: float = Field(default=30.0, gt=0)
 

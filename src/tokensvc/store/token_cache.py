@@ -1,0 +1,161 @@
+"""An in-process cache of valid token rows, kept true across replicas by Postgres LISTEN/NOTIFY (Postgres only).
+
+Every change to a user's row NOTIFYs `tokensvc_token_changes` with the user id (a trigger, migration 0005), whoever
+writes it. Each replica LISTENs on one connection of its own and drops that user's entry when told. So a replica
+serves a cached row only while nobody has changed it, give or take the notification's delivery (well under a
+millisecond on one network; an access token replaced by a refresh stays valid at Strava until its own expiry).
+
+What keeps it honest when the notifications cannot be trusted:
+- the cache is used only while the listener is connected; losing the connection empties it and bypasses it until
+  the listener is back (and has emptied it again);
+- a read that raced a notification is not cached (an epoch counter moves on every notification and reset);
+- an entry lives at most `max_age_seconds`, which bounds staleness even if a connection dies silently, and the
+  listener pings its connection so that such a death is noticed;
+- only rows the caller's `keep` accepts are cached or served (the service keeps `valid` rows only: a row that is
+  due for a refresh, or flagged, is always read from the database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import structlog
+
+from tokensvc.store.reader import RowReader
+from tokensvc.store.tokens import TokenRow
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "tokensvc_token_changes"
+
+
+class CachedReader:
+    """A `RowReader` in front of another, for Postgres. `start()` begins listening; until the listener is
+    connected every read goes to the database."""
+
+    def __init__(
+        self,
+        inner: RowReader,
+        *,
+        dsn: str,
+        keep: Callable[[TokenRow], bool],
+        max_entries: int = 100_000,
+        max_age_seconds: float = 30.0,
+        ping_seconds: float = 5.0,
+    ) -> None:
+        self._inner = inner
+        self._dsn = dsn
+        self._keep = keep
+        self._max_entries = max_entries
+        self._max_age = max_age_seconds
+        self._ping_seconds = ping_seconds
+        self._entries: dict[str, tuple[TokenRow, float]] = {}
+        self._epoch = 0
+        self.live = False
+        self.listening = asyncio.Event()  # set while the listener is connected (tests wait on it)
+        self.changed = asyncio.Event()  # set on every notification and reset (tests wait on it)
+        self.last_notified: str | None = None
+        self._stopping = asyncio.Event()
+        self._interrupt = asyncio.Event()  # ends the current connection's wait: lost, or closing
+        self._task: asyncio.Task[None] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    async def get(self, user_id: str) -> TokenRow | None:
+        if self.live:
+            entry = self._entries.get(user_id)
+            if entry is not None:
+                row, cached_at = entry
+                if self._keep(row) and time.monotonic() - cached_at < self._max_age:
+                    self.hits += 1
+                    return row
+                self._entries.pop(user_id, None)
+        self.misses += 1
+        epoch = self._epoch
+        fresh = await self._inner.get(user_id)
+        if fresh is not None and self.live and epoch == self._epoch and self._keep(fresh):
+            if len(self._entries) >= self._max_entries:
+                self._entries.pop(next(iter(self._entries)))  # the oldest insertion goes first
+            self._entries[user_id] = (fresh, time.monotonic())
+        return fresh
+
+    def holds(self, user_id: str) -> bool:
+        return user_id in self._entries
+
+    def forget(self, user_id: str) -> None:
+        """This user's row changed: drop it, and keep any read in flight from caching what it saw."""
+        self._epoch += 1
+        self._entries.pop(user_id, None)
+        self.last_notified = user_id
+        self.changed.set()
+
+    def _reset(self, *, live: bool) -> None:
+        self._epoch += 1
+        self._entries.clear()
+        self.live = live
+        if live:
+            self.listening.set()
+        else:
+            self.listening.clear()
+        self.changed.set()
+
+    # -- the listener -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._listen_forever(), name="tokensvc-token-cache")
+
+    async def _listen_forever(self) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                await self._listen_once()
+                delay = 0.1
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("token_cache.listener_down", error=type(exc).__name__, retry_in_seconds=delay)
+            finally:
+                self._reset(live=False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _listen_once(self) -> None:
+        """Listen until the connection is lost (or a ping fails, or `aclose`)."""
+        self._interrupt = interrupt = asyncio.Event()
+
+        def on_notification(_conn: Any, _pid: int, _channel: str, user_id: str) -> None:
+            self.forget(user_id)
+
+        def on_termination(_conn: Any) -> None:
+            self._reset(live=False)  # at once: the notifications stopped with the connection
+            interrupt.set()
+
+        conn = await asyncpg.connect(self._dsn, timeout=5, server_settings={"application_name": "tokensvc-token-cache"})
+        try:
+            conn.add_termination_listener(on_termination)
+            await conn.add_listener(CHANNEL, on_notification)
+            self._reset(live=True)  # nothing cached before the LISTEN can be trusted: start empty
+            log.info("token_cache.listening")
+            while not interrupt.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupt.wait(), timeout=self._ping_seconds)
+                if not interrupt.is_set():
+                    await conn.fetchval("SELECT 1", timeout=self._ping_seconds)
+        finally:
+            self._reset(live=False)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=2)
+
+    async def aclose(self) -> None:
+        self._stopping.set()
+        self._interrupt.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._inner.aclose()
