@@ -108,10 +108,11 @@ class TestRequestIds:
         user = await put_user(client, sandbox, clock, expires_in=60)
         with captured_logs() as logs:
             response = await client.post(f"/v1/users/{user.user_id}/refresh?force=false")
-            after = await client.get("/healthz")
+            after = await client.get("/v1/stats")
         request_id = response.headers["x-request-id"]
         lines = [line for line in logs.lines() if line.get("request_id") == request_id]
         assert [line["event"] for line in lines] == ["token.refresh.succeeded", "request.completed"]
+        assert after.status_code == 200
         completed = lines[-1]
         assert completed["method"] == "POST"
         assert completed["path"] == "/v1/users/{user_id}/refresh"
@@ -134,10 +135,20 @@ class TestRequestIds:
     @pytest.mark.parametrize("incoming", ["", "x" * 65, "has space", 'quote"', "new\\nline", "ünï"])
     async def test_a_malformed_incoming_id_is_replaced(self, client: httpx.AsyncClient, incoming: str) -> None:
         """Anything else is replaced by a generated id (it could forge log content)."""
-        response = await client.get("/healthz", headers=[(b"X-Request-ID", incoming.encode())])
+        response = await client.get("/v1/stats", headers=[(b"X-Request-ID", incoming.encode())])
         echoed = response.headers["x-request-id"]
         assert echoed != incoming
         assert len(echoed) == 32
+
+    async def test_probes_are_not_logged(self, client: httpx.AsyncClient) -> None:
+        """Load balancers and Prometheus call these every few seconds: no line, no id."""
+        with captured_logs() as logs:
+            for path in ("/healthz", "/readyz", "/metrics"):
+                response = await client.get(path)
+                assert response.status_code == 200
+                assert "x-request-id" not in response.headers
+            await client.get("/v1/stats")
+        assert [line["path"] for line in logs.events("request.completed")] == ["/v1/stats"]
 
     async def test_errors_and_unknown_routes_are_logged_with_their_status_and_path_without_query(
         self, client: httpx.AsyncClient

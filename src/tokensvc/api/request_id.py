@@ -19,6 +19,8 @@ log = structlog.get_logger(__name__)
 HEADER = b"x-request-id"
 # What we accept from a caller: short and plain, so it can never forge JSON, a new log line, or a header.
 _VALID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+# Probes (load balancers, Prometheus) call these every few seconds: a line each would drown the log.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RequestId:
@@ -26,7 +28,7 @@ class RequestId:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in PROBES:
             await self.app(scope, receive, send)
             return
         request_id = _incoming(scope) or uuid.uuid4().hex
