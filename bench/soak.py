@@ -240,6 +240,9 @@ class User:
     revocations: list[list[float]] = field(default_factory=list)  # [revoked_at, reconnected_at or inf]
     session: str | None = None
     reconnecting: bool = False
+    # When a response (from any replica) first showed the current revocation in the database: from then on no
+    # replica may hand out the dead token (each replica's token cache is dropped by Postgres NOTIFY on the change).
+    change_seen_at: float | None = None
 
     def revoked_during(self, start: float, end: float) -> bool:
         return any(a <= end and b >= start for a, b in self.revocations)
@@ -255,6 +258,7 @@ class Tally:
     served: int = 0
     checked_at_sandbox: int = 0
     served_after_revocation: int = 0  # a dead token handed out after we revoked, before the service learned of it
+    stale_after_change: list[str] = field(default_factory=list)  # … handed out after a replica had reported it
     inconclusive: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     faults_skipped: Counter[str] = field(default_factory=Counter)
@@ -340,6 +344,8 @@ class Soak:
     def classify(self, endpoint: str, user: User | None, response: httpx.Response, start: float) -> None:
         status = response.status_code
         end = time.time()
+        if user is not None and user.revoked and user.change_seen_at is None and self.shows_deauthorized(response):
+            user.change_seen_at = end
         if status >= 400:
             self.scan_body(endpoint, response)
         if 200 <= status < 300:
@@ -360,6 +366,18 @@ class Soak:
         else:
             self.tally.requests[(endpoint, f"{status} (I6)")] += 1
             self.tally.i6.append(f"{endpoint}: {status} without Retry-After: {response.text[:160]}")
+
+    @staticmethod
+    def shows_deauthorized(response: httpx.Response) -> bool:
+        """The answer reveals that the deauthorization reached the database (a 409/401, or a status)."""
+        try:
+            body = response.json()
+        except ValueError:
+            return False
+        if not isinstance(body, dict):
+            return False
+        status = body.get("token_status") if isinstance(body.get("token_status"), dict) else body
+        return body.get("reauth_reason") == "deauthorized" or status.get("reauth_reason") == "deauthorized"
 
     @staticmethod
     def needs_reauth(response: httpx.Response) -> bool:
@@ -409,7 +427,13 @@ class Soak:
         elif answer.status_code == 200:
             self.tally.i4.append(f"{user.uid}: the sandbox says the token belongs to another athlete")
         elif user.revoked_during(start, time.time()):
-            self.tally.served_after_revocation += 1
+            if user.change_seen_at is not None and start > user.change_seen_at:
+                self.tally.stale_after_change.append(
+                    f"{user.uid}: a revoked token handed out {start - user.change_seen_at:.3f} s after a replica"
+                    " had reported the deauthorization"
+                )
+            else:
+                self.tally.served_after_revocation += 1
         elif expires_at <= time.time() + 1:
             self.tally.inconclusive += 1  # it expired between the answer and the check
         else:
@@ -519,6 +543,7 @@ class Soak:
         response, _ = await self.call("import", user, "PUT", f"/v1/users/{user.uid}/tokens", json=body)
         if response is not None and response.status_code == 200:
             user.revoked = False
+            user.change_seen_at = None
             user.revocations[-1][1] = time.time()
             self.tally.reconnects += 1
 
@@ -838,6 +863,12 @@ def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats:
         f" dead after our revocation, before the service learned of it: {t.served_after_revocation};"
         f" expired before the check (inconclusive): {t.inconclusive}"
     )
+    print(
+        f"  revoked tokens handed out after a replica had already reported the deauthorization (stale cache):"
+        f" {len(t.stale_after_change)}   (must be 0)"
+    )
+    for line in t.stale_after_change[:5]:
+        print(f"    {line}")
     explained = [(u, e) for u, e in t.unexpected_reauth if u in set(v.stranded_lost_answer + v.stranded_kill)]
     false_responses = len(t.unexpected_reauth) - len(explained)
     print(f"\n== outcome per user (DB against the sandbox, after settling for {settle_s:.1f} s)")
@@ -867,7 +898,7 @@ def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats:
         "I1 one successor": not v.i1,
         "I2 latest wins": not v.lost and not v.stranded_unflagged,
         "I3 no false alarms": not v.false_reauth and false_responses == 0,
-        "I4 token life": not t.i4,
+        "I4 token life, nothing stale": not t.i4 and not t.stale_after_change,
         "I5 no secret in the clear": not i5 and not t.i5_bodies,
         "I6 no 500": not t.i6,
     }
