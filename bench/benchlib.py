@@ -6,6 +6,7 @@ import hashlib
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
@@ -20,6 +22,8 @@ from types import FrameType
 import asyncpg
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+STOP_GRACE_SECONDS = 15.0
+READY_DEADLINE_SECONDS = 60.0
 
 
 class BenchError(Exception):
@@ -171,3 +175,59 @@ def terminate_as_exit() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@dataclass
+class Process:
+    """A child process the benchmark started: its log file, and the URL it serves once ready."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def start_sandbox(out_dir: Path, *, client_id: str) -> Process:
+    """`python -m tokensvc.sandbox --port 0`, ready once it printed `SANDBOX_READY <url>` (bounded wait)."""
+    log = out_dir / "sandbox.log"
+    with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tokensvc.sandbox", "--port", "0", "--client-id", client_id],
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            env=clean_env(),
+            cwd=out_dir,
+        )
+    process = Process("sandbox", popen, "", log)
+    assert popen.stdout is not None
+    ready, _, _ = select.select([popen.stdout], [], [], READY_DEADLINE_SECONDS)
+    line = popen.stdout.readline().decode().strip() if ready else ""
+    if not line.startswith("SANDBOX_READY "):
+        process.stop()
+        raise BenchError(f"the sandbox did not start ({line!r}):\n{process.log_tail()}")
+    process.url = line.split(" ", 1)[1]
+    return process

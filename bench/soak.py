@@ -37,7 +37,6 @@ import platform
 import random
 import re
 import secrets
-import select
 import signal
 import subprocess
 import sys
@@ -52,7 +51,9 @@ from typing import Any, Literal
 import asyncpg
 import httpx
 from benchlib import (
+    READY_DEADLINE_SECONDS,
     BenchError,
+    Process,
     clean_env,
     cpu_model,
     drop_database,
@@ -62,6 +63,7 @@ from benchlib import (
     package_version,
     quoted_identifier,
     recreate_database,
+    start_sandbox,
     terminate_as_exit,
 )
 
@@ -82,8 +84,6 @@ LOST_ANSWER_HANG_SECONDS = 5.0  # longer than the service's Strava timeout: the 
 POOL_SIZE = 5
 RATE_LIMIT = "1000000,10000000"  # the shared budget: far above what the soak spends; 429s are injected instead
 MIN_TTLS = (10, 30, 60, 120)
-READY_DEADLINE_SECONDS = 60.0
-STOP_GRACE_SECONDS = 15.0
 SETTLE_DEADLINE_SECONDS = 150.0
 REQUEST_TIMEOUT_SECONDS = 30.0
 FAULT_EVERY_SECONDS = 6.0
@@ -104,59 +104,6 @@ def user_id(n: int) -> str:
 
 
 # -- processes -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-
-def start_sandbox(out_dir: Path) -> Process:
-    log = out_dir / "sandbox.log"
-    with log.open("wb") as sink:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "tokensvc.sandbox", "--port", "0", "--client-id", CLIENT_ID],
-            stdout=subprocess.PIPE,
-            stderr=sink,
-            env=clean_env(),
-            cwd=out_dir,
-        )
-    process = Process("sandbox", popen, "", log)
-    assert popen.stdout is not None
-    ready, _, _ = select.select([popen.stdout], [], [], READY_DEADLINE_SECONDS)
-    line = popen.stdout.readline().decode().strip() if ready else ""
-    if not line.startswith("SANDBOX_READY "):
-        process.stop()
-        raise BenchError(f"the sandbox did not start ({line!r}):\n{process.log_tail()}")
-    process.url = line.split(" ", 1)[1]
-    return process
 
 
 @dataclass
@@ -376,7 +323,8 @@ class Soak:
             return False
         if not isinstance(body, dict):
             return False
-        status = body.get("token_status") if isinstance(body.get("token_status"), dict) else body
+        nested = body.get("token_status")
+        status: dict[str, Any] = nested if isinstance(nested, dict) else body
         return body.get("reauth_reason") == "deauthorized" or status.get("reauth_reason") == "deauthorized"
 
     @staticmethod
@@ -1072,7 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print_environment(pg_version, args)
                     print("== setup")
                     migrate(database_url, out_dir)
-                    sandbox = start_sandbox(out_dir)
+                    sandbox = start_sandbox(out_dir, client_id=CLIENT_ID)
                     print(f"sandbox pid {sandbox.pid} on {sandbox.url}")
                     passed = asyncio.run(soak_main(args, database_url, sandbox, out_dir))
                 finally:

@@ -39,7 +39,6 @@ import random
 import re
 import resource
 import secrets
-import select
 import signal
 import subprocess
 import sys
@@ -55,7 +54,9 @@ from typing import Any
 import asyncpg
 import httpx
 from benchlib import (
+    READY_DEADLINE_SECONDS,
     BenchError,
+    Process,
     ProfilerError,
     clean_env,
     cpu_model,
@@ -69,6 +70,7 @@ from benchlib import (
     process_ticks,
     quoted_identifier,
     recreate_database,
+    start_sandbox,
     terminate_as_exit,
 )
 
@@ -89,8 +91,6 @@ DUE_EXPIRES_IN = 300  # due users: the access token expires in 5 minutes (inside
 NOT_DUE_EXPIRES_IN = 6 * 3600  # the others: a fresh Strava token (6 h), next due in ~5 h
 NOT_DUE_ATHLETE_BASE = 50_000_000  # athlete ids of not-due users (they have no sandbox athlete: never refreshed)
 RATE_LIMIT = "1000000,10000000"  # the shared Strava budget, far above what the bench spends (see README)
-READY_DEADLINE_SECONDS = 60.0
-STOP_GRACE_SECONDS = 15.0
 SWEEP_TIMEOUT_SECONDS = 1800.0
 RSS_SAMPLE_SECONDS = 0.1
 TIMELINE_SECONDS = 1.0
@@ -434,60 +434,6 @@ async def make_due_again(database_url: str) -> int:
 
 
 # -- processes -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-
-def start_sandbox(out_dir: Path) -> Process:
-    """`python -m tokensvc.sandbox --port 0`, ready once it printed `SANDBOX_READY <url>` (bounded wait)."""
-    log = out_dir / "sandbox.log"
-    with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "tokensvc.sandbox", "--port", "0", "--client-id", CLIENT_ID],
-            stdout=subprocess.PIPE,
-            stderr=sink,
-            env=clean_env(),
-            cwd=out_dir,
-        )
-    process = Process("sandbox", popen, "", log)
-    assert popen.stdout is not None
-    ready, _, _ = select.select([popen.stdout], [], [], READY_DEADLINE_SECONDS)
-    line = popen.stdout.readline().decode().strip() if ready else ""
-    if not line.startswith("SANDBOX_READY "):
-        process.stop()
-        raise BenchError(f"the sandbox did not start ({line!r}):\n{process.log_tail()}")
-    process.url = line.split(" ", 1)[1]
-    return process
 
 
 def start_server(args: argparse.Namespace, database_url: str, sandbox_url: str, key: str, out_dir: Path) -> Process:
@@ -1079,7 +1025,7 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         seconds = migrate(database_url, out_dir)
         print(f"migrated {args.db_name} with `tokensvc migrate` in {seconds:.1f} s")
 
-        sandbox = start_sandbox(out_dir)
+        sandbox = start_sandbox(out_dir, client_id=CLIENT_ID)
         print(f"sandbox pid {sandbox.pid} on {sandbox.url}")
         started = time.monotonic()
         athletes = asyncio.run(seed_athletes(sandbox.url, args.due, args.seed_concurrency))
