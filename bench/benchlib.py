@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import platform
@@ -12,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 import asyncpg
+import httpx
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 STOP_GRACE_SECONDS = 15.0
@@ -231,3 +235,28 @@ def start_sandbox(out_dir: Path, *, client_id: str) -> Process:
         raise BenchError(f"the sandbox did not start ({line!r}):\n{process.log_tail()}")
     process.url = line.split(" ", 1)[1]
     return process
+
+
+async def wait_ready(process: Process, *, path: str = "/readyz", http: httpx.AsyncClient | None = None) -> float:
+    """Poll `path` until it answers 200 (connection errors only, within a deadline); the seconds it took."""
+    started = time.monotonic()
+    async with contextlib.AsyncExitStack() as stack:
+        client: httpx.AsyncClient = (
+            http if http is not None else await stack.enter_async_context(httpx.AsyncClient(timeout=2))
+        )
+        try:
+            async with asyncio.timeout(READY_DEADLINE_SECONDS):
+                while True:
+                    if not process.alive():
+                        raise BenchError(
+                            f"{process.name} exited with {process.popen.returncode}:\n{process.log_tail()}"
+                        )
+                    try:
+                        if (await client.get(f"{process.url}{path}")).status_code == 200:
+                            return time.monotonic() - started
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise BenchError(f"{process.name} did not answer {path} in time:\n{process.log_tail()}") from None
+    raise AssertionError("unreachable")

@@ -51,7 +51,6 @@ from typing import Any, Literal
 import asyncpg
 import httpx
 from benchlib import (
-    READY_DEADLINE_SECONDS,
     BenchError,
     Process,
     clean_env,
@@ -65,6 +64,7 @@ from benchlib import (
     recreate_database,
     start_sandbox,
     terminate_as_exit,
+    wait_ready,
 )
 
 from tokensvc.crypto import TokenCipher, generate_key
@@ -143,23 +143,6 @@ def start_replica(config: ReplicaConfig, index: int, port: int) -> Process:
             cwd=config.out_dir,
         )
     return Process(f"replica-{index}", popen, f"http://127.0.0.1:{port}", log)
-
-
-async def wait_ready(process: Process, http: httpx.AsyncClient) -> float:
-    started = time.monotonic()
-    try:
-        async with asyncio.timeout(READY_DEADLINE_SECONDS):
-            while True:
-                if not process.alive():
-                    raise BenchError(f"{process.name} exited with {process.popen.returncode}:\n{process.log_tail()}")
-                try:
-                    if (await http.get(f"{process.url}/readyz")).status_code == 200:
-                        return time.monotonic() - started
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise BenchError(f"{process.name} was not ready in time:\n{process.log_tail()}") from None
 
 
 def migrate(database_url: str, out_dir: Path) -> None:
@@ -242,13 +225,23 @@ class Soak:
         self.last_stats: dict[str, Any] = {}
         self.refreshes_accepted: dict[str, int] = {}
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
-        self.http = httpx.AsyncClient(
-            timeout=REQUEST_TIMEOUT_SECONDS, limits=limits, headers={"Authorization": f"Bearer {API_KEY}"}
-        )
+        # One client per replica: a killed replica's pooled connections go with its client, so the restarted
+        # process is not blamed for the old one's dead sockets.
+        self.clients = [self.new_client() for _ in range(REPLICAS)]
+        self.http = self.clients[0]
         self.strava = httpx.AsyncClient(base_url=sandbox.url, timeout=REQUEST_TIMEOUT_SECONDS, limits=limits)
 
+    @staticmethod
+    def new_client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=REQUEST_TIMEOUT_SECONDS,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
+
     async def close(self) -> None:
-        await self.http.aclose()
+        for client in self.clients:
+            await client.aclose()
         await self.strava.aclose()
 
     # -- sandbox control --
@@ -276,7 +269,7 @@ class Soak:
         i, base = self.replica_url(index)
         start = time.time()
         try:
-            response = await self.http.request(method, f"{base}{path}", **kw)
+            response = await self.clients[i].request(method, f"{base}{path}", **kw)
         except httpx.TransportError as exc:
             end = time.time()
             if self.replica_down(i, start, end) or (self.tally.down_replica == i and not self.replicas[i].alive()):
@@ -559,7 +552,9 @@ class Soak:
         await self.sleep(RESTART_AFTER_SECONDS)
         replacement = start_replica(self.config, index, port)
         self.replicas[index] = replacement
-        await wait_ready(replacement, self.http)
+        stale, self.clients[index] = self.clients[index], self.new_client()
+        await stale.aclose()
+        await wait_ready(replacement, http=self.clients[index])
         window[1] = time.time()
         self.tally.restarts += 1
 
@@ -690,6 +685,16 @@ def judge(soak: Soak, rows: dict[str, Row], ledger: dict[str, list[dict[str, Any
         flagged = row.reauth_reason is not None
         if user.revoked:
             (v.revoked_flagged if flagged else v.revoked_unflagged).append(user.uid)
+            continue
+        if row.refresh_sha is None and flagged:
+            # Tokens discarded by a deauthorization event (a forged one, for a user a lost answer or the kill had
+            # already stranded: with its access token expired, Strava's rejection was the only answer). Stranded
+            # all the same if Strava's newest token was never presented.
+            if newest["sent"] == 0 and (user.uid in lost_users or killed):
+                stranded[user.athlete_id] = newest["index"] - 1
+                (v.stranded_lost_answer if user.uid in lost_users else v.stranded_kill).append(user.uid)
+            else:
+                v.lost.append(f"{user.uid}: tokens discarded ({row.reauth_reason}) with no revocation or lost answer")
             continue
         if index == newest["index"]:
             (v.false_reauth if flagged else v.ok).append(user.uid)
@@ -912,7 +917,7 @@ async def soak_main(args: argparse.Namespace, database_url: str, sandbox: Proces
             for i in range(REPLICAS):
                 replicas.append(start_replica(config, i, free_port()))
             for replica in replicas:
-                ready = await wait_ready(replica, http)
+                ready = await wait_ready(replica, http=http)
                 print(f"{replica.name} pid {replica.pid} on {replica.url}, ready in {ready:.1f} s")
         users = await seed_users(args, sandbox.url, replicas[0].url)
         print(f"imported {len(users)} sandbox athletes (expiring in {BUFFER_SECONDS + 30}..{args.token_lifetime} s)")

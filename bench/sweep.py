@@ -54,7 +54,6 @@ from typing import Any
 import asyncpg
 import httpx
 from benchlib import (
-    READY_DEADLINE_SECONDS,
     BenchError,
     Process,
     ProfilerError,
@@ -72,6 +71,7 @@ from benchlib import (
     recreate_database,
     start_sandbox,
     terminate_as_exit,
+    wait_ready,
 )
 
 from tokensvc.config import normalize_database_url
@@ -463,25 +463,6 @@ def start_server(args: argparse.Namespace, database_url: str, sandbox_url: str, 
             cwd=out_dir,  # no stray .env from the work tree
         )
     return Process("server", popen, f"http://127.0.0.1:{port}", log)
-
-
-async def wait_ready(server: Process) -> float:
-    """Poll /healthz (connection errors only, within a deadline); returns the seconds it took."""
-    started = time.monotonic()
-    async with httpx.AsyncClient(timeout=2) as http:
-        try:
-            async with asyncio.timeout(READY_DEADLINE_SECONDS):
-                while True:
-                    if not server.alive():
-                        raise BenchError(f"the server exited with {server.popen.returncode}:\n{server.log_tail()}")
-                    try:
-                        if (await http.get(f"{server.url}/healthz")).status_code == 200:
-                            return time.monotonic() - started
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
-        except TimeoutError:
-            raise BenchError(f"the server did not answer /healthz in time:\n{server.log_tail()}") from None
 
 
 # -- sandbox -------------------------------------------------------------------------------------------------
@@ -1076,7 +1057,7 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         asyncio.run(inject_latency(sandbox.url, args.latency_ms, args.due))
         print(f"sandbox: every refresh now waits {args.latency_ms} ms (latency fault x{args.due:,})")
         server = start_server(args, database_url, sandbox.url, key, out_dir)
-        ready = asyncio.run(wait_ready(server))
+        ready = asyncio.run(wait_ready(server, path="/healthz"))
         print(f"server pid {server.pid} on {server.url}, ready in {ready:.1f} s (log: {server.log})")
         time.sleep(1.0)  # let start-up settle before the CPU and memory baselines
 

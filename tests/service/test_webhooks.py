@@ -173,6 +173,57 @@ class TestDuplicates:
         ]
 
 
+class TestUsersAlreadyFlagged:
+    """A user flagged `refresh_token_invalid` before the event came (stranded by another client's rotation, or a
+    lost answer): that rejection proves the refresh token dead, not a revocation, so Strava is asked about the stored
+    access token (another client's rotation leaves it alive)."""
+
+    async def stranded(self, resources: Resources, sandbox: SandboxState, clock: FakeClock) -> Any:
+        user = await seed_user(resources, sandbox, clock, expires_in=600)
+        sandbox.rotate_athlete(user.athlete_id)  # another client refreshes: our refresh token dies
+        with pytest.raises(ReauthRequired):
+            await resources.service.refresh(user.user_id)
+        assert (await resources.service.status(user.user_id)).reauth_reason == "refresh_token_invalid"
+        return user
+
+    async def test_a_forged_event_does_not_turn_a_rejected_token_into_a_revocation(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        user = await self.stranded(resources, sandbox, clock)
+        before = await token_columns(resources, user.user_id)
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        (event,) = await events(resources)
+        assert event.state == "unconfirmed"
+        assert await token_columns(resources, user.user_id) == before  # still refresh_token_invalid, tokens kept
+        assert sandbox.calls["athlete"] == 1
+        assert await notifications(resources, user.user_id) == ["token.needs_reauth"]  # only the first flag's
+
+    async def test_a_real_revocation_of_a_flagged_user_is_confirmed_by_its_access_token(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        user = await self.stranded(resources, sandbox, clock)
+        sandbox.revoke(user.athlete_id)
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        await assert_deauthorized(resources, user.user_id)
+        assert (await events(resources))[0].state == "confirmed"
+        assert await notifications(resources, user.user_id) == ["token.needs_reauth"]  # told once, not twice
+
+    async def test_once_its_access_token_has_expired_the_earlier_rejection_is_taken_as_the_answer(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Nothing is left to ask Strava: the user must reconnect either way, the dead tokens go, and the reason
+        becomes the event's (no second notification)."""
+        user = await self.stranded(resources, sandbox, clock)
+        clock.advance(700)
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        await assert_deauthorized(resources, user.user_id)
+        assert sandbox.calls["athlete"] == 0
+        assert await notifications(resources, user.user_id) == ["token.needs_reauth"]
+
+
 class TestForgedEvents:
     async def test_a_forged_event_keeps_healthy_tokens_and_says_so_in_the_audit(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock

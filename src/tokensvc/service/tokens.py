@@ -537,6 +537,13 @@ class TokenService:
             )
         return row
 
+    def live_access_token(self, row: TokenRow, *, min_ttl: int) -> str | None:
+        """The row's stored access token in the clear if it has `min_ttl` seconds left, else None; no Strava call,
+        no refresh (for asking Strava about a user who can no longer be refreshed). Raises TokenUnreadable."""
+        if row.access_token_enc is None or row.expires_at - self._clock() < min_ttl:
+            return None
+        return self._decrypt(row, "access")
+
     async def _get(self, user_id: str) -> TokenRow | None:
         return await self._rows.get(user_id)
 

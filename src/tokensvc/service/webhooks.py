@@ -183,7 +183,15 @@ class StravaWebhooks:
         log.info("webhook.deauthorization_processed", athlete_id=event.owner_id, state=state, users=len(user_ids))
 
     async def _deauthorize_user(self, user_id: str, athlete_id: int) -> UserOutcome:
-        """Confirm with Strava, then discard the user's tokens if the row is still the one that was checked."""
+        """Confirm with Strava, then discard the user's tokens if the row is still the one that was checked.
+
+        A refresh token Strava rejects while this event is checked confirms it. A user flagged
+        `refresh_token_invalid` before the event came is another matter: that rejection proves the refresh token
+        dead (a lost answer strands a user the same way), not that the athlete revoked access, so the stored access
+        token is asked about while it is alive (another client's rotation leaves it alive, a revocation does not);
+        once it has expired, the earlier rejection is the only answer Strava gave, and it is taken.
+        """
+        rejected_now = False
         for _round in range(_ROUNDS):
             async with self._engine.connect() as conn:
                 before = await tokens_store.get(conn, user_id)
@@ -195,6 +203,7 @@ class StravaWebhooks:
                 try:
                     token = await self._tokens.access_token(user_id, min_ttl=_MIN_TTL)
                 except ReauthRequired:
+                    rejected_now = True
                     continue  # Strava rejected the refresh token just now: the next round sees it
                 except TokensMissing:
                     return _GONE
@@ -207,7 +216,19 @@ class StravaWebhooks:
                 if await self._strava_honours(token.access_token):
                     await self._unconfirmed(user_id, athlete_id)
                     return _UNCONFIRMED
-            # Confirmed: the access token is refused, or the refresh token was already rejected.
+            elif not rejected_now:
+                try:
+                    stored = self._tokens.live_access_token(before, min_ttl=_MIN_TTL)
+                except RetryLater as exc:
+                    raise _RetryLater(exc.code, exc.retry_after) from exc
+                if stored is None:
+                    # Nothing left to ask: Strava's rejection of the refresh token is the only answer there is.
+                    # The user must reconnect either way, and the tokens discarded were dead.
+                    log.info("webhook.deauthorization_on_rejection", user_id=user_id, was=before.reauth_reason)
+                elif await self._strava_honours(stored):
+                    await self._unconfirmed(user_id, athlete_id)
+                    return _UNCONFIRMED
+            # Confirmed: the access token is refused, or the refresh token was rejected while checking this event.
             applied = await self._apply(user_id, expected_version=before.version)
             if applied is not None:
                 return applied
