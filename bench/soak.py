@@ -667,6 +667,9 @@ class Verdict:
     revoked_unflagged: list[str] = field(default_factory=list)
     i1: list[str] = field(default_factory=list)
     i1_explained: int = 0
+    # Users stranded at some point of the run (a lost answer or the kill), whatever became of them afterwards (a
+    # revocation and a reconnect heal a stranded user): their 409s while stranded were the truth.
+    stranded_earlier: set[str] = field(default_factory=set)
 
 
 def judge(soak: Soak, rows: dict[str, Row], ledger: dict[str, list[dict[str, Any]]], lost_users: set[str]) -> Verdict:
@@ -709,11 +712,19 @@ def judge(soak: Soak, rows: dict[str, Row], ledger: dict[str, list[dict[str, Any
             (v.stranded_kill if flagged else v.stranded_unflagged).append(user.uid)
         else:
             v.lost.append(f"{user.uid}: holds token #{index}, Strava's newest is #{newest['index']}")
+    users_by_athlete = {user.athlete_id: user.uid for user in soak.users}
     for violation in soak.last_stats.get("ledger_violations", []):
-        if stranded.get(violation["athlete_id"]) == violation["index"]:
+        athlete, index = violation["athlete_id"], violation["index"]
+        uid = users_by_athlete.get(athlete, "")
+        successor = next((e for e in ledger.get(str(athlete), []) if e["index"] == index + 1), None)
+        # Stranded at the time, however the user ends: the token's successor was issued by Strava but never
+        # presented by anyone (its answer was lost, or the process died before storing it).
+        stranded_then = successor is not None and successor["sent"] == 0 and (uid in lost_users or killed)
+        if stranded.get(athlete) == index or stranded_then:
             v.i1_explained += 1  # the stranded token presented again: how the service learns it is dead
+            v.stranded_earlier.add(uid)
         else:
-            v.i1.append(f"athlete {violation['athlete_id']}: token #{violation['index']} ({violation['died']}) resent")
+            v.i1.append(f"athlete {athlete}: token #{index} ({violation['died']}) resent")
     return v
 
 
@@ -822,7 +833,8 @@ def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats:
     )
     for line in t.stale_after_change[:5]:
         print(f"    {line}")
-    explained = [(u, e) for u, e in t.unexpected_reauth if u in set(v.stranded_lost_answer + v.stranded_kill)]
+    stranded_users = set(v.stranded_lost_answer + v.stranded_kill) | v.stranded_earlier
+    explained = [(u, e) for u, e in t.unexpected_reauth if u in stranded_users]
     false_responses = len(t.unexpected_reauth) - len(explained)
     print(f"\n== outcome per user (DB against the sandbox, after settling for {settle_s:.1f} s)")
     print(f"  holding Strava's newest refresh token   {len(v.ok)}")
