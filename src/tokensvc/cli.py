@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
+KEEP_ALIVE_SECONDS = 75
+
 app = typer.Typer(
     name="tokensvc",
     help="Keeps Strava OAuth tokens fresh for every user of an application.",
@@ -97,6 +99,10 @@ def serve(
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=10,
+        # Longer than the idle timeout of clients' pools (httpx: 5 s, the same as uvicorn's default, so a request
+        # could meet the server's close on a reused connection) and of load balancers (typically 60 s): the
+        # caller, not the server, should be the one to close an idle connection.
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
 
 
