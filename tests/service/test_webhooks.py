@@ -299,6 +299,30 @@ class TestStravaUnavailable:
         assert (event.state, event.next_attempt_at) == ("pending", int(clock()) + 120)
         assert (await resources.service.status(user.user_id)).reauth_reason is None
 
+    async def test_checks_draw_on_the_background_share_so_callers_keep_theirs(
+        self, database_url: str, sandbox: SandboxState, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
+    ) -> None:
+        """A flood of (unsigned) events may spend the sweep's 80 % of the window, never the rest: with that share
+        spent, the check waits for the next window while a caller's refresh still gets its Strava call."""
+        settings = make_settings(
+            database_url,
+            strava_webhook_verify_token=SecretStr(VERIFY_TOKEN),
+            webhook_poll_interval_seconds=0,
+            strava_rate_limit="5,100",  # the background share: 4 calls per 15 minutes
+        )
+        async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:
+            user = await seed_user(res, sandbox, clock, expires_in=20_000)
+            for _ in range(4):
+                await res.budget.acquire("sweep")
+            await res.webhooks.receive(deauthorization(user.athlete_id))
+            await res.webhooks.process_once()
+            (event,) = await events(res)
+            assert event.state == "pending"
+            assert sandbox.calls["athlete"] == 0
+            result = await res.service.refresh(user.user_id, force=True)
+            assert result.refreshed
+            assert sandbox.calls["refresh"] == 1
+
 
 class TestRaceWithRefresh:
     async def test_a_refresh_in_flight_when_the_athlete_revokes_cannot_bring_tokens_back(

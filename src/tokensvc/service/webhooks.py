@@ -236,7 +236,9 @@ class StravaWebhooks:
 
     async def _strava_honours(self, access_token: str) -> bool:
         try:
-            await self._budget.acquire("on_demand")
+            # Background work, like the sweep: it may use the sweep's share of the window only, so a flood of
+            # (unsigned, possibly forged) events can never spend the calls that callers' refreshes need.
+            await self._budget.acquire("sweep")
         except ProviderRateLimited as exc:
             raise _RetryLater(exc.code, exc.retry_after) from exc
         try:
