@@ -41,6 +41,7 @@ import asyncpg
 import httpx
 from benchlib import (
     BenchError,
+    Process,
     ProfilerError,
     clean_env,
     cpu_model,
@@ -55,6 +56,7 @@ from benchlib import (
     quoted_identifier,
     recreate_database,
     terminate_as_exit,
+    wait_ready,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -63,8 +65,6 @@ LUA_SCRIPT = BENCH_DIR / "hotpath.lua"
 API_KEY = "bench-key"
 USER_PREFIX = "bench-user-"
 TOKEN_LIFETIME_SECONDS = 6 * 3600
-READY_DEADLINE_SECONDS = 60.0
-STOP_GRACE_SECONDS = 15.0
 SEED_CONCURRENCY = 32
 LOADAVG_WARNING = 0.5
 REST_WARNING = 25.0  # percent of a core busy outside the server, Postgres and wrk during a run
@@ -242,33 +242,7 @@ def generate_key(out_dir: Path) -> str:
     return key
 
 
-@dataclass
-class Server:
-    popen: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
-
-
-def start_server(database_url: str, out_dir: Path, extra_env: dict[str, str]) -> Server:
+def start_server(database_url: str, out_dir: Path, extra_env: dict[str, str]) -> Process:
     port = free_port()
     settings = {
         "TOKENSVC_DATABASE_URL": database_url,
@@ -292,28 +266,7 @@ def start_server(database_url: str, out_dir: Path, extra_env: dict[str, str]) ->
             env=env,
             cwd=out_dir,  # no stray .env from the work tree
         )
-    return Server(popen, f"http://127.0.0.1:{port}", log)
-
-
-async def wait_ready(server: Server, deadline: float = READY_DEADLINE_SECONDS) -> float:
-    """Poll /healthz (bounded: connection errors only, within `deadline`); returns the seconds it took."""
-    started = time.monotonic()
-    async with httpx.AsyncClient(timeout=2) as http:
-        try:
-            async with asyncio.timeout(deadline):
-                while True:
-                    if server.popen.poll() is not None:
-                        raise BenchError(f"the server exited with {server.popen.returncode}:\n{server.log_tail()}")
-                    try:
-                        if (await http.get(f"{server.url}/healthz")).status_code == 200:
-                            return time.monotonic() - started
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
-        except TimeoutError:
-            raise BenchError(
-                f"the server did not answer /healthz within {deadline:.0f} s:\n{server.log_tail()}"
-            ) from None
+    return Process("server", popen, f"http://127.0.0.1:{port}", log)
 
 
 def user_id(n: int) -> str:
@@ -396,7 +349,7 @@ class WrkConfig:
     admin_url: str
     db_name: str
 
-    def snapshot(self, server: Server) -> CpuSnapshot:
+    def snapshot(self, server: Process) -> CpuSnapshot:
         return CpuSnapshot.take(server.pid, self.admin_url, self.db_name)
 
     def argv(self, mode: str, seconds: float) -> list[str]:
@@ -462,7 +415,7 @@ def check_clean(result: WrkResult, text: str) -> None:
         raise BenchError(f"{result.label}: {'; '.join(problems)}{detail} (wrk output: {result.output})")
 
 
-def run_wrk(config: WrkConfig, server: Server, mode: str, seconds: float, label: str) -> WrkResult:
+def run_wrk(config: WrkConfig, server: Process, mode: str, seconds: float, label: str) -> WrkResult:
     output = config.out_dir / f"wrk-{label}.txt"
     argv = config.argv(mode, seconds)
     before = config.snapshot(server)
@@ -655,7 +608,7 @@ def profile_report(profile: Profile, top: int) -> str:
 
 
 def run_profile(
-    config: WrkConfig, server: Server, py_spy: str, seconds: int, rate: int, blocking: bool, native: bool
+    config: WrkConfig, server: Process, py_spy: str, seconds: int, rate: int, blocking: bool, native: bool
 ) -> tuple[WrkResult, Path, str]:
     """py-spy on the server while wrk loads access-token (a run of its own, not one of the measured rounds)."""
     raw = config.out_dir / "profile-access-token.raw.txt"
@@ -826,7 +779,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     database_url = f"{args.pg.rstrip('/')}/{args.db_name}"
     quoted_identifier(args.db_name)
 
-    server: Server | None = None
+    server: Process | None = None
     created = False
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     try:
@@ -837,7 +790,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         print_environment(env, args)
 
         server = start_server(database_url, out_dir, args.server_env_map)
-        ready = asyncio.run(wait_ready(server))
+        ready = asyncio.run(wait_ready(server, path="/healthz"))
         print(f"== server pid {server.pid} on {server.url}, ready in {ready:.1f} s (log: {server.log})")
 
         seed_seconds, _ = asyncio.run(seed_users(server.url, args.users))
