@@ -184,7 +184,7 @@ class Tally:
     i6: list[str] = field(default_factory=list)
     i4: list[str] = field(default_factory=list)
     i5_bodies: list[str] = field(default_factory=list)
-    unexpected_reauth: list[tuple[str, str]] = field(default_factory=list)  # (uid, endpoint)
+    unexpected_reauth: list[tuple[str, str, float]] = field(default_factory=list)  # (uid, endpoint, answered at)
     served: int = 0
     checked_at_sandbox: int = 0
     served_after_revocation: int = 0  # a dead token handed out after we revoked, before the service learned of it
@@ -223,6 +223,7 @@ class Soak:
         self.webhooks_available = True
         self.stop = asyncio.Event()
         self.last_stats: dict[str, Any] = {}
+        self.lost_users: dict[str, float] = {}  # from the audit trail once traffic stopped: uid -> first lost answer
         self.refreshes_accepted: dict[str, int] = {}
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
         # One client per replica: a killed replica's pooled connections go with its client, so the restarted
@@ -296,7 +297,7 @@ class Soak:
             else:
                 self.tally.requests[(endpoint, f"{status} unexpected reauth")] += 1
                 if user is not None:
-                    self.tally.unexpected_reauth.append((user.uid, endpoint))
+                    self.tally.unexpected_reauth.append((user.uid, endpoint, end))
         elif status == 503 and response.headers.get("retry-after"):
             self.tally.requests[(endpoint, "503 + Retry-After")] += 1
         elif 400 <= status < 500:
@@ -618,13 +619,16 @@ async def read_rows(database_url: str, key: str) -> dict[str, Row]:
     return rows
 
 
-async def answer_lost_users(database_url: str) -> set[str]:
+async def answer_lost_users(database_url: str) -> dict[str, float]:
+    """Users whose refresh answer was lost, with the epoch of the first such attempt (from the audit trail)."""
     conn = await asyncpg.connect(database_url)
     try:
-        records = await conn.fetch("SELECT DISTINCT user_id FROM token_events WHERE outcome = 'answer_lost'")
+        records = await conn.fetch(
+            "SELECT user_id, min(occurred_at) AS first FROM token_events WHERE outcome = 'answer_lost' GROUP BY user_id"
+        )
     finally:
         await conn.close()
-    return {r["user_id"] for r in records}
+    return {r["user_id"]: r["first"].timestamp() for r in records}
 
 
 async def settle(soak: Soak, database_url: str, key: str) -> float:
@@ -672,7 +676,9 @@ class Verdict:
     stranded_earlier: set[str] = field(default_factory=set)
 
 
-def judge(soak: Soak, rows: dict[str, Row], ledger: dict[str, list[dict[str, Any]]], lost_users: set[str]) -> Verdict:
+def judge(
+    soak: Soak, rows: dict[str, Row], ledger: dict[str, list[dict[str, Any]]], lost_users: dict[str, float]
+) -> Verdict:
     """I2/I3 per user, and I1 from the ledger, with every exception named by its cause."""
     v = Verdict()
     killed = soak.tally.restarts > 0
@@ -834,7 +840,13 @@ def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats:
     for line in t.stale_after_change[:5]:
         print(f"    {line}")
     stranded_users = set(v.stranded_lost_answer + v.stranded_kill) | v.stranded_earlier
-    explained = [(u, e) for u, e in t.unexpected_reauth if u in stranded_users]
+    killed_at = t.down_windows[0][0] if t.down_windows else float("inf")
+
+    def stranded_by(uid: str, at: float) -> bool:
+        """A 409 is the truth only once the user was stranded: after its lost answer (or the kill)."""
+        return uid in stranded_users and at >= min(soak.lost_users.get(uid, float("inf")), killed_at) - 1.0
+
+    explained = [(u, e) for u, e, at in t.unexpected_reauth if stranded_by(u, at)]
     false_responses = len(t.unexpected_reauth) - len(explained)
     print(f"\n== outcome per user (DB against the sandbox, after settling for {settle_s:.1f} s)")
     print(f"  holding Strava's newest refresh token   {len(v.ok)}")
@@ -957,7 +969,7 @@ async def soak_main(args: argparse.Namespace, database_url: str, sandbox: Proces
         for user in users:
             snap = await soak.control("GET", f"/athletes/{user.athlete_id}")
             soak.known_access.add(sha(snap["access_token"]))
-        lost_users = await answer_lost_users(database_url)
+        soak.lost_users = lost_users = await answer_lost_users(database_url)
         verdict = judge(soak, rows, ledger, lost_users)
         dump = await asyncio.to_thread(pg_dump, args.pg, args.db_name)
         refresh_hashes = {e["sha256"] for es in ledger.values() for e in es}
