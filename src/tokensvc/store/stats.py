@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -56,14 +56,24 @@ async def refresh_outcomes(conn: AsyncConnection, *, since: datetime) -> Outcome
 
 
 async def refresh_outcomes_by_hour(conn: AsyncConnection, *, since: datetime) -> list[tuple[datetime, str, int]]:
-    """(hour, outcome, count) for refresh attempts since `since`; the hour is truncated in Python so the query
-    reads the same on SQLite and Postgres."""
-    stmt = sa.select(e.c.occurred_at, e.c.outcome).where(e.c.kind == "refresh", e.c.occurred_at >= since)
-    counts: dict[tuple[datetime, str], int] = {}
-    for occurred_at, outcome in (await conn.execute(stmt)).all():
-        hour = occurred_at.replace(minute=0, second=0, microsecond=0)
-        counts[(hour, outcome or "")] = counts.get((hour, outcome or ""), 0) + 1
-    return sorted((hour, outcome, count) for (hour, outcome), count in counts.items())
+    """(hour, outcome, count) for refresh attempts since `since`, counted by the database (a day can hold hundreds
+    of thousands of attempts; the dashboard reloads every 30 s). The hour is a `YYYY-MM-DD HH` text in UTC, which
+    both dialects can make."""
+    if conn.dialect.name == "postgresql":
+        hour = sa.func.to_char(sa.func.timezone("UTC", e.c.occurred_at), "YYYY-MM-DD HH24")
+    else:  # SQLite keeps the UTC time as ISO text
+        hour = sa.func.strftime("%Y-%m-%d %H", e.c.occurred_at)
+    stmt = (
+        sa.select(hour.label("hour"), e.c.outcome, sa.func.count())
+        .where(e.c.kind == "refresh", e.c.occurred_at >= since)
+        .group_by(hour, e.c.outcome)
+    )
+    rows = (await conn.execute(stmt)).all()
+    counts = [
+        (datetime.strptime(text, "%Y-%m-%d %H").replace(tzinfo=UTC), outcome or "", int(count))
+        for text, outcome, count in rows
+    ]
+    return sorted(counts)
 
 
 @dataclass(frozen=True, slots=True)
