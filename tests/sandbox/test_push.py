@@ -11,9 +11,10 @@ import pytest
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
+from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 from tokensvc.sandbox import SandboxState, create_sandbox_app
 
-CREDENTIALS = {"client_id": "sandbox-client", "client_secret": "sandbox-secret"}
+CREDENTIALS = {"client_id": SANDBOX_CLIENT_ID, "client_secret": SANDBOX_CLIENT_SECRET}
 CALLBACK = "http://callback.test/hook"
 
 
