@@ -140,8 +140,11 @@ class RateLimiter:
 
 def parse_pair(text: str) -> tuple[int, int]:
     """`"200,2000"` → (200, 2000), for the command line. Raises ValueError for anything else."""
-    first, sep, second = text.partition(",")
-    pair = (int(first), int(second))
-    if not sep or min(pair) < 0:
+    first, _, second = text.partition(",")
+    try:
+        pair = (int(first), int(second))
+    except ValueError:
+        pair = (-1, -1)
+    if min(pair) < 0:
         raise ValueError(f"expected two non-negative integers like 200,2000, not {text!r}")
     return pair
