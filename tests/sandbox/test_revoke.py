@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 
 import httpx
@@ -79,7 +80,10 @@ class TestRevoke:
     ) -> None:
         """Missing or wrong client credentials: 400/401 in Strava's shape, and the grant lives on."""
         seeded = await seed(client)
-        response = await client.post("/oauth/revoke", data={"token": seeded["refresh_token"]}, auth=auth)
+        headers = (
+            {} if auth is None else {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()}
+        )
+        response = await client.post("/oauth/revoke", data={"token": seeded["refresh_token"]}, headers=headers)
         assert response.status_code in (400, 401)
         assert error_of(response)[2] == "Application"
         assert (await client.get(f"/_control/athletes/{seeded['athlete_id']}")).json()["revoked"] is False
