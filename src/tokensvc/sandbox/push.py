@@ -167,8 +167,11 @@ class Push:
             async with self._client() as http:
                 for _ in range(DELIVERY_ATTEMPTS):
                     try:
-                        status: int | None = (await http.post(url, json=event)).status_code
-                    except httpx.HTTPError:
+                        # The whole answer within two seconds, as Strava counts it (httpx's own timeouts are per
+                        # phase, and an in-process transport has none).
+                        async with asyncio.timeout(CALLBACK_TIMEOUT):
+                            status: int | None = (await http.post(url, json=event)).status_code
+                    except (httpx.HTTPError, TimeoutError):
                         status = None
                     delivery.statuses.append(status)
                     if status == 200:
