@@ -937,7 +937,8 @@ async def soak_main(args: argparse.Namespace, database_url: str, sandbox: Proces
     soak: Soak | None = None
     try:
         async with httpx.AsyncClient(timeout=10) as http:
-            await http.post(f"{sandbox.url}/_control/rate-limit", json={"limit_15min": 10**7, "limit_daily": 10**8})
+            limits = {"limit_15min": 10**7, "limit_daily": 10**8, "read_limit_15min": 10**7, "read_limit_daily": 10**8}
+            await http.post(f"{sandbox.url}/_control/rate-limit", json=limits)
             for i in range(REPLICAS):
                 replicas.append(start_replica(config, i, free_port()))
             for replica in replicas:

@@ -23,7 +23,7 @@ from tokensvc.api.deps import ApiKeys
 from tokensvc.api.fastpath import AccessTokenFastPath
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.api.request_id import RequestId
-from tokensvc.config import Settings
+from tokensvc.config import Settings, sandbox_state_path
 from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
@@ -245,6 +245,7 @@ def create_app(
             create_sandbox_app(
                 client_id=settings.strava_client_id or "",
                 client_secret=settings.strava_client_secret.get_secret_value() if settings.strava_client_secret else "",
+                state_file=sandbox_state_path(settings),  # Strava remembers its grants across our restarts
             ),
         )
     app.add_middleware(BrowserCORS, origins=cors_origins)

@@ -165,8 +165,9 @@ class ConfigError(Exception):
     """The settings cannot work; the message says what to set."""
 
 
-SANDBOX_CLIENT_ID = "sandbox-client"
-# The built-in emulator's fixed credentials: public on purpose, useless against the real Strava.
+# The built-in emulator's fixed credentials: public on purpose, useless against the real Strava. The id is numeric,
+# as Strava's are, because clients such as stravalib do `int(client_id)`.
+SANDBOX_CLIENT_ID = "12345"
 SANDBOX_CLIENT_SECRET = "sandbox-secret"
 
 
@@ -239,6 +240,18 @@ def encryption_keys(settings: Settings) -> list[str]:
 
 def sqlite_key_path(database_url: str) -> Path | None:
     """`./tokensvc.db` → `./tokensvc.db.key`; None for an in-memory database."""
+    return _sqlite_sibling(database_url, ".key")
+
+
+def sandbox_state_path(settings: Settings) -> Path | None:
+    """Where `serve --sandbox` keeps the emulator's world: `./tokensvc.db` → `./tokensvc.db.sandbox.json`.
+
+    None (the sandbox then lives in memory only) for an in-memory SQLite database or any other database.
+    """
+    return _sqlite_sibling(settings.database_url, ".sandbox.json") if settings.is_sqlite else None
+
+
+def _sqlite_sibling(database_url: str, suffix: str) -> Path | None:
     url = make_url(database_url)
     location = url.database
     if location and location.startswith("file:") and url.query.get("uri") in ("true", "1"):
@@ -247,4 +260,4 @@ def sqlite_key_path(database_url: str) -> Path | None:
         location = urlsplit(location).path
     if not location or location == ":memory:" or location.startswith("file::memory:"):
         return None
-    return Path(location).with_name(Path(location).name + ".key")
+    return Path(location).with_name(Path(location).name + suffix)

@@ -12,7 +12,7 @@ import pytest
 from tests.api.oauth_helpers import consent, local_path, query_of
 from tests.api.test_tokens_api import assert_problem
 from tests.conftest import APP_ORIGIN, STRAVA_TEST_BASE, FakeClock, make_settings, seed_athlete
-from tokensvc.config import Settings
+from tokensvc.config import SANDBOX_CLIENT_ID, Settings
 from tokensvc.sandbox import FaultSpec, SandboxState
 
 DASHBOARD = APP_ORIGIN + "/dashboard"
@@ -41,7 +41,7 @@ class TestConnect:
         assert url.startswith(STRAVA_TEST_BASE + "/oauth/authorize?")
         assert query["redirect_uri"] == "http://tokensvc.test/v1/oauth/strava/callback"
         assert (query["response_type"], query["approval_prompt"], query["scope"]) == ("code", "force", "read")
-        assert query["client_id"] == "sandbox-client"
+        assert query["client_id"] == SANDBOX_CLIENT_ID
         assert query["state"]
 
     async def test_default_scopes_come_from_the_settings(self, client: httpx.AsyncClient) -> None:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.e2e.processes import Process, start_sandbox
+from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 from tokensvc.crypto import generate_key
 
 API_KEY = "e2e-key"
@@ -36,8 +37,8 @@ def service_env(database_url: str, sandbox: Process, **extra: str) -> dict[str, 
     return {
         "TOKENSVC_DATABASE_URL": database_url,
         "TOKENSVC_STRAVA_BASE_URL": sandbox.url,
-        "TOKENSVC_STRAVA_CLIENT_ID": "sandbox-client",
-        "TOKENSVC_STRAVA_CLIENT_SECRET": "sandbox-secret",
+        "TOKENSVC_STRAVA_CLIENT_ID": SANDBOX_CLIENT_ID,
+        "TOKENSVC_STRAVA_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
         "TOKENSVC_API_KEYS": API_KEY,
         "TOKENSVC_ENCRYPTION_KEYS": generate_key(),
         "TOKENSVC_LOG_LEVEL": "INFO",

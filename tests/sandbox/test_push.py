@@ -3,6 +3,7 @@ revocation (or a test's own event) POSTed to the callback as Strava would."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,9 +12,10 @@ import pytest
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
+from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 from tokensvc.sandbox import SandboxState, create_sandbox_app
 
-CREDENTIALS = {"client_id": "sandbox-client", "client_secret": "sandbox-secret"}
+CREDENTIALS = {"client_id": SANDBOX_CLIENT_ID, "client_secret": SANDBOX_CLIENT_SECRET}
 CALLBACK = "http://callback.test/hook"
 
 
@@ -130,3 +132,115 @@ class TestPushes:
         assert (await client.post("/_control/push", json={})).status_code == 409
         assert (await client.get("/_control/deliveries")).json() == {"deliveries": []}
         assert receiver.events == []
+
+
+class SlowFirstReceiver(Receiver):
+    """A callback whose first POST never answers (Strava gives up after 2 s); later ones answer 200 at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = asyncio.Event()  # never set: the first request hangs until the sandbox's timeout
+
+        @self.app.middleware("http")
+        async def hang_first(request: Request, call_next: Any) -> Any:
+            if request.method == "POST" and not self.events:
+                self.events.append({"hung": True})
+                await self.stuck.wait()
+            return await call_next(request)
+
+
+async def seeded(client: httpx.AsyncClient, scope: str) -> int:
+    athlete_id: int = (await client.post("/_control/athletes", json={"scope": scope})).json()["athlete_id"]
+    return athlete_id
+
+
+class TestActivityEvents:
+    async def test_an_upload_pushes_the_create_event(self, client: httpx.AsyncClient, receiver: Receiver) -> None:
+        """Uploading through the control pushes Strava's activity create event (ids only, empty updates)."""
+        subscription_id = (await subscribe(client)).json()["id"]
+        athlete_id = await seeded(client, "read,activity:read")
+        activity = (await client.post(f"/_control/athletes/{athlete_id}/activities", json={"name": "Lunch"})).json()
+        assert (await client.get("/_control/deliveries", params={"count": 1, "timeout": 10})).status_code == 200
+        (event,) = receiver.events
+        assert event | {"event_time": 0} == {
+            "aspect_type": "create",
+            "event_time": 0,
+            "object_id": activity["id"],
+            "object_type": "activity",
+            "owner_id": athlete_id,
+            "subscription_id": subscription_id,
+            "updates": {},
+        }
+
+    async def test_edits_and_deletions_push_update_and_delete(
+        self, client: httpx.AsyncClient, receiver: Receiver
+    ) -> None:
+        """A control edit sends `updates` with title, type and private as Strava does; a deletion sends delete;
+        the API's own PUT pushes an update too."""
+        await subscribe(client)
+        athlete_id = await seeded(client, "activity:read_all,activity:write")
+        activity = (await client.post(f"/_control/athletes/{athlete_id}/activities", json={})).json()
+        path = f"/_control/activities/{activity['id']}"
+        changed = await client.patch(path, json={"name": "Renamed", "sport_type": "Ride", "private": True})
+        assert (changed.json()["name"], changed.json()["private"]) == ("Renamed", True)
+        token = (await client.get(f"/_control/athletes/{athlete_id}")).json()["access_token"]
+        put = await client.put(
+            f"/api/v3/activities/{activity['id']}",
+            json={"name": "Via API"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert put.status_code == 200
+        assert (await client.delete(path)).status_code == 200
+        assert (await client.get(path)).status_code == 405  # the control has no GET; the activity is gone anyway
+        await client.get("/_control/deliveries", params={"count": 4, "timeout": 10})
+        assert [(e["aspect_type"], e["updates"]) for e in receiver.events] == [
+            ("create", {}),
+            ("update", {"title": "Renamed", "type": "Ride", "private": "true"}),
+            ("update", {"title": "Via API"}),
+            ("delete", {}),
+        ]
+        assert (await client.delete(path)).status_code == 404
+
+    async def test_copies_force_duplicates(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, receiver: Receiver
+    ) -> None:
+        """`copies=3` delivers the same event three times, as Strava's duplicates arrive."""
+        await subscribe(client)
+        athlete_id = await seeded(client, "activity:read")
+        await client.post(f"/_control/athletes/{athlete_id}/activities", params={"copies": 3}, json={})
+        await client.get("/_control/deliveries", params={"count": 3, "timeout": 10})
+        assert len(receiver.events) == 3
+        assert receiver.events[0] == receiver.events[1] == receiver.events[2]
+        assert [d.statuses for d in sandbox.push.deliveries] == [[200]] * 3
+        sent = await client.post("/_control/push", params={"copies": 2}, json={"object_type": "athlete"})
+        assert sent.json()["delivered"] is True
+        assert len(receiver.events) == 5
+
+    async def test_no_events_without_a_scope_that_could_read_the_activity(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, receiver: Receiver
+    ) -> None:
+        """Apps without an activity read scope get no activity events; `activity:read` gets none for private ones;
+        a revoked athlete's uploads send nothing."""
+        await subscribe(client)
+        no_scope = await seeded(client, "read")
+        public_only = await seeded(client, "activity:read")
+        revoked = await seeded(client, "activity:read_all")
+        await client.post(f"/_control/athletes/{no_scope}/activities", json={})
+        await client.post(f"/_control/athletes/{public_only}/activities", json={"private": True})
+        await client.post(f"/_control/athletes/{revoked}/revoke")
+        await client.get("/_control/deliveries", params={"count": 1, "timeout": 10})  # the deauthorization
+        await client.post(f"/_control/athletes/{revoked}/activities", json={})
+        assert [e["object_type"] for e in receiver.events] == ["athlete"]
+        assert len(sandbox.push.deliveries) == 1
+
+
+class TestRetries:
+    async def test_a_callback_slower_than_two_seconds_gets_the_event_again(self) -> None:
+        """Strava waits 2 s for the 200; a callback that does not answer in time is tried again."""
+        receiver = SlowFirstReceiver()
+        app = create_sandbox_app(push_transport=httpx.ASGITransport(app=receiver.app))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sandbox") as client:
+            await subscribe(client)
+            sent = (await client.post("/_control/push", json={"object_type": "athlete"})).json()
+        assert (sent["statuses"], sent["delivered"]) == ([None, 200], True)
+        assert len(receiver.events) == 2

@@ -16,10 +16,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 from tokensvc.sandbox import FaultSpec, SandboxState, create_sandbox_app
 
 START = 1_700_000_100.0  # 2023-11-14 22:15:00 UTC, a quarter-hour boundary
-CREDENTIALS = {"client_id": "sandbox-client", "client_secret": "sandbox-secret"}
+CREDENTIALS = {"client_id": SANDBOX_CLIENT_ID, "client_secret": SANDBOX_CLIENT_SECRET}
 HEX40 = re.compile(r"[0-9a-f]{40}")
 
 
@@ -122,7 +123,7 @@ async def consent(
     page = await client.get(
         f"{prefix}/oauth/authorize",
         params={
-            "client_id": "sandbox-client",
+            "client_id": SANDBOX_CLIENT_ID,
             "redirect_uri": redirect_uri,
             "response_type": "code",
             "approval_prompt": "force",
@@ -154,7 +155,7 @@ class TestConsent:
         page = await client.get(
             "/oauth/authorize",
             params={
-                "client_id": "sandbox-client",
+                "client_id": SANDBOX_CLIENT_ID,
                 "redirect_uri": "http://localhost/cb",
                 "response_type": "code",
                 "scope": "read,activity:read_all,profile:read_all",
@@ -162,7 +163,7 @@ class TestConsent:
         )
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
-        assert "<title>Authorize sandbox-client — Strava sandbox</title>" in page.text
+        assert "<title>Authorize Sandbox app — Strava sandbox</title>" in page.text
         assert '<button id="approve" name="decision" value="approve">Authorize</button>' in page.text
         assert '<button id="deny" name="decision" value="deny">Cancel</button>' in page.text
         form = ConsentForm(page.text)
@@ -211,7 +212,7 @@ class TestConsent:
     )
     async def test_bad_request_parameters(self, client: httpx.AsyncClient, params: dict[str, str], field: str) -> None:
         """Missing redirect_uri, a non-code response_type or an unknown scope give a 400 naming the field."""
-        response = await client.get("/oauth/authorize", params={"client_id": "sandbox-client", **params})
+        response = await client.get("/oauth/authorize", params={"client_id": SANDBOX_CLIENT_ID, **params})
         status, _, _, bad_field, code = error_of(response)
         assert (status, bad_field, code) == (400, field, "invalid")
 
@@ -266,7 +267,7 @@ class TestExchange:
         """A wrong secret is a 401 Authorization Error on Application with an empty field."""
         response = await client.post(
             "/oauth/token",
-            data={"client_id": "sandbox-client", "client_secret": "wrong", "grant_type": "authorization_code"},
+            data={"client_id": SANDBOX_CLIENT_ID, "client_secret": "wrong", "grant_type": "authorization_code"},
         )
         assert error_of(response) == (401, "Authorization Error", "Application", "", "invalid")
 
@@ -557,15 +558,31 @@ class TestRateLimit:
         clock.advance(86400 - START % 86400 - 1800)  # exactly midnight
         assert (await self.read(client, token)).status_code == 200
 
-    async def test_turning_limits_off(self, client: httpx.AsyncClient) -> None:
-        """Null limits switch limiting off again; token calls are never counted."""
+    async def test_limits_change_and_reset_restores_stravas(self, client: httpx.AsyncClient) -> None:
+        """Limits set through the control change only what is given; token calls are never counted; a reset
+        restores Strava's defaults."""
         seeded = await seed(client)
-        await client.post("/_control/rate-limit", json={"limit_15min": 0, "limit_daily": 0})
+        changed = await client.post("/_control/rate-limit", json={"limit_15min": 0})
+        assert changed.json() == {
+            "limit_15min": 0,
+            "limit_daily": 2000,
+            "read_limit_15min": 100,
+            "read_limit_daily": 1000,
+        }
         assert (await self.read(client, seeded["access_token"])).status_code == 429
         assert (await refresh(client, seeded["refresh_token"])).status_code == 200
-        await client.post("/_control/rate-limit", json={"limit_15min": None, "limit_daily": None})
-        response = await self.read(client, seeded["access_token"])
+        await client.post("/_control/rate-limit", json={"limit_15min": 10})
+        response = await self.read(
+            client, (await client.get(f"/_control/athletes/{seeded['athlete_id']}")).json()["access_token"]
+        )
         assert (response.status_code, response.headers["X-RateLimit-Usage"]) == (200, "2,2")
+        await client.post("/_control/reset")
+        assert (await client.get("/_control/rate-limit")).json() == {
+            "limit_15min": 200,
+            "limit_daily": 2000,
+            "read_limit_15min": 100,
+            "read_limit_daily": 1000,
+        }
 
 
 class TestLedger:
@@ -595,14 +612,8 @@ class TestLedger:
             ]
         }
         stats = (await client.get("/_control/stats")).json()
-        assert stats["calls"] == {
-            "authorize": 0,
-            "exchange": 0,
-            "refresh": 2,
-            "deauthorize": 0,
-            "athlete": 0,
-            "subscriptions": 0,
-        }
+        assert stats["calls"] == {**dict.fromkeys(stats["calls"], 0), "refresh": 2}
+        assert stats["calls_by_athlete"] == {str(seeded["athlete_id"]): {"refresh": 2}}
         assert stats["ledger_violations"][0]["kind"] == "stale_refresh_token"
 
     async def test_revoked_tokens_are_not_violations(self, client: httpx.AsyncClient, sandbox: SandboxState) -> None:
@@ -627,6 +638,7 @@ class TestControl:
             "access_token": seeded["access_token"],
             "refresh_token": seeded["refresh_token"],
             "expires_at": START - 10,
+            "scope": "read",
             "revoked": False,
             "refresh_tokens_issued": 1,
         }
@@ -663,10 +675,12 @@ class TestControl:
         assert (await client.get(f"/_control/athletes/{seeded['athlete_id']}")).status_code == 404
         stats = (await client.get("/_control/stats")).json()
         assert stats == {
-            "calls": {"authorize": 0, "exchange": 0, "refresh": 0, "deauthorize": 0, "athlete": 0, "subscriptions": 0},
+            "calls": dict.fromkeys(stats["calls"], 0),
             "refresh_by_athlete": {},
+            "calls_by_athlete": {},
             "ledger_violations": [],
         }
+        assert {"exchange", "refresh", "revoke", "athlete", "activities", "streams"} <= set(stats["calls"])
         assert (await client.get("/_control/faults")).json() == {"pending": []}
 
 
@@ -678,7 +692,7 @@ class TestMounted:
         async with asgi_client(parent) as client:
             page = await client.get(
                 "/sandbox/strava/oauth/authorize",
-                params={"client_id": "sandbox-client", "redirect_uri": "http://localhost/cb", "response_type": "code"},
+                params={"client_id": SANDBOX_CLIENT_ID, "redirect_uri": "http://localhost/cb", "response_type": "code"},
             )
             assert ConsentForm(page.text).action == "/sandbox/strava/oauth/authorize"
             response = await consent(client, prefix="/sandbox/strava")

@@ -68,3 +68,26 @@ RATE_LIMIT_BODY = error_body("Rate Limit Exceeded", "Application", "rate limit",
 
 def rate_limited() -> StravaError:
     return StravaError(429, "Rate Limit Exceeded", "Application", "rate limit", "exceeded")
+
+
+def missing_permission(field: str) -> StravaError:
+    """The token is valid but its grant lacks a scope (`activity:read_permission`, `activity:write_permission`)."""
+    return StravaError(401, "Authorization Error", "AccessToken", field, "missing")
+
+
+def not_found(resource: str, field: str = "id") -> StravaError:
+    return StravaError(404, "Record Not Found", resource, field, "invalid")
+
+
+def unknown_path() -> StravaError:
+    """What Strava answers for a path it does not serve (FastAPI's `{"detail": …}` would confuse clients)."""
+    return not_found("resource", "path")
+
+
+def method_not_allowed() -> StravaError:
+    return StravaError(405, "Method Not Allowed", "resource", "method", "invalid")
+
+
+def capacity_exceeded() -> StravaError:
+    """A code exchange for one athlete more than the application may connect (new apps: 1, self-serve: 10)."""
+    return StravaError(403, "Limit of connected athletes exceeded", "Athlete", "", "limit exceeded")

@@ -8,11 +8,44 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Endpoint = Literal["authorize", "exchange", "refresh", "token", "deauthorize", "athlete", "subscriptions"]
-"""What a request is, for counting and matching; `token` is a /oauth/token call with a missing/unknown grant."""
+Endpoint = Literal[
+    "authorize",
+    "exchange",
+    "refresh",
+    "token",
+    "deauthorize",
+    "revoke",
+    "athlete",
+    "activities",
+    "activity",
+    "activity_update",
+    "streams",
+    "subscriptions",
+]
+"""What a request is, for counting and matching; `token` is a /oauth/token call with a missing/unknown grant.
 
-Target = Literal["refresh", "exchange", "token", "deauthorize", "athlete", "subscriptions", "any"]
-"""What a fault or hold applies to: `token` covers every /oauth/token call, `any` every call but the consent page."""
+`activities` lists the athlete's activities, `activity` reads one, `activity_update` is its PUT, `streams` its streams.
+"""
+
+Target = Literal[
+    "refresh",
+    "exchange",
+    "token",
+    "deauthorize",
+    "revoke",
+    "athlete",
+    "activities",
+    "activity",
+    "activity_update",
+    "streams",
+    "api",
+    "subscriptions",
+    "any",
+]
+"""What a fault or hold applies to: `token` covers every /oauth/token call, `api` every rate-counted `/api/v3` resource
+call (athlete, activities, streams), `any` every call but the consent page."""
+
+API_ENDPOINTS: frozenset[Endpoint] = frozenset({"athlete", "activities", "activity", "activity_update", "streams"})
 
 FaultKind = Literal["status", "latency", "lost_answer", "malformed"]
 
@@ -22,6 +55,8 @@ def matches(target: Target, endpoint: Endpoint) -> bool:
         return False
     if target in ("any", endpoint):
         return True
+    if target == "api":
+        return endpoint in API_ENDPOINTS
     return target == "token" and endpoint in ("exchange", "refresh", "token")
 
 

@@ -1,5 +1,6 @@
 """Strava's push subscriptions: one per application, checked with a challenge at creation, and events POSTed to
-its callback (an athlete revoking access sends a deauthorization, as Strava does).
+its callback (an athlete revoking access sends a deauthorization, an upload, edit or deletion an activity event),
+each tried up to three times until the callback answers 200 within two seconds, as Strava does.
 
 Deliveries made on the sandbox's own initiative (a revocation) run in the background, as Strava's do, so a client
 that revokes while holding a database lock is never made to wait for its own webhook; tests wait for them with
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 import httpx
@@ -81,6 +82,14 @@ class Push:
         self.deliveries = []
         self._signal()
 
+    def dump(self) -> dict[str, Any]:
+        """The subscription (and the next id), for a restart; deliveries are not kept."""
+        return {"next_id": self._next_id, "subscription": asdict(self.subscription) if self.subscription else None}
+
+    def load(self, data: dict[str, Any]) -> None:
+        self._next_id = int(data["next_id"])
+        self.subscription = Subscription(**data["subscription"]) if data["subscription"] else None
+
     def _client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=self.transport, timeout=CALLBACK_TIMEOUT, headers={"User-Agent": "sandbox"})
 
@@ -127,10 +136,28 @@ class Push:
             "updates": {"authorized": "false"},
         }
 
-    def send_in_background(self, event: dict[str, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self.send(event))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def activity_event(
+        self, activity_id: int, athlete_id: int, aspect: str, updates: dict[str, str], now: int
+    ) -> dict[str, Any] | None:
+        """An activity's create/update/delete event (ids only, as Strava sends); None without a subscription."""
+        if self.subscription is None:
+            return None
+        return {
+            "aspect_type": aspect,
+            "event_time": now,
+            "object_id": activity_id,
+            "object_type": "activity",
+            "owner_id": athlete_id,
+            "subscription_id": self.subscription.id,
+            "updates": updates,
+        }
+
+    def send_in_background(self, event: dict[str, Any], *, copies: int = 1) -> None:
+        """Deliver `event` `copies` times (Strava's duplicates), each retried on its own, without waiting."""
+        for _ in range(copies):
+            task = asyncio.get_running_loop().create_task(self.send(event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def send(self, event: dict[str, Any]) -> Delivery:
         """POST `event` to the callback until it answers 200, at most three times."""
@@ -140,8 +167,11 @@ class Push:
             async with self._client() as http:
                 for _ in range(DELIVERY_ATTEMPTS):
                     try:
-                        status: int | None = (await http.post(url, json=event)).status_code
-                    except httpx.HTTPError:
+                        # The whole answer within two seconds, as Strava counts it (httpx's own timeouts are per
+                        # phase, and an in-process transport has none).
+                        async with asyncio.timeout(CALLBACK_TIMEOUT):
+                            status: int | None = (await http.post(url, json=event)).status_code
+                    except (httpx.HTTPError, TimeoutError):
                         status = None
                     delivery.statuses.append(status)
                     if status == 200:
