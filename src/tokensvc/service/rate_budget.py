@@ -13,9 +13,9 @@ from typing import Literal
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tokensvc.clock import Clock
 from tokensvc.errors import ProviderRateLimited
 from tokensvc.providers.strava import RateLimitUsage, seconds_to_next_window
-from tokensvc.service.signing import Clock
 from tokensvc.store import rate_budget as store
 
 log = structlog.get_logger(__name__)

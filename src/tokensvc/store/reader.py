@@ -22,6 +22,9 @@ _BY_USER = f"SELECT {', '.join(c.name for c in store.COLUMNS)} FROM user_tokens 
 class RowReader(Protocol):
     async def get(self, user_id: str) -> TokenRow | None: ...
 
+    def forget(self, user_id: str) -> None:
+        """The user's row was just changed by this process (called after the commit)."""
+
     async def aclose(self) -> None: ...
 
 
@@ -35,6 +38,9 @@ class EngineReader:
         async with self._engine.connect() as conn:
             return await store.get(conn, user_id)
 
+    def forget(self, user_id: str) -> None:
+        return None  # nothing kept
+
     async def aclose(self) -> None:
         return None
 
@@ -43,9 +49,12 @@ class AsyncpgReader:
     """Reads on a dedicated asyncpg pool (Postgres only), opened on first use so that the service starts (and
     answers /readyz with 503) while the database is down. Errors are asyncpg's own or OSError."""
 
-    def __init__(self, engine: AsyncEngine, *, size: int) -> None:
+    def __init__(self, engine: AsyncEngine, *, size: int, statement_cache: bool = True) -> None:
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._size = size
+        # Off behind a transaction-mode pooler (PgBouncer): a statement prepared on one server connection is not
+        # there on the next; with the cache off asyncpg uses unnamed statements, re-prepared on each call.
+        self._statement_cache_size = 100 if statement_cache else 0
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
@@ -58,6 +67,7 @@ class AsyncpgReader:
                         min_size=1,
                         max_size=self._size,
                         reset=_keep_session,
+                        statement_cache_size=self._statement_cache_size,
                         server_settings={"application_name": "tokensvc-reader"},
                     )
         return self._pool
@@ -66,6 +76,9 @@ class AsyncpgReader:
         pool = self._pool or await self._ready_pool()
         record = await pool.fetchrow(_BY_USER, user_id)
         return TokenRow(**record) if record is not None else None
+
+    def forget(self, user_id: str) -> None:
+        return None  # nothing kept
 
     async def aclose(self) -> None:
         if self._pool is not None:
@@ -77,7 +90,7 @@ async def _keep_session(_connection: asyncpg.Connection) -> None:
     and asyncpg's default reset (RESET ALL, UNLISTEN *, …) costs a round trip on every release."""
 
 
-def open_reader(engine: AsyncEngine, *, size: int) -> RowReader:
+def open_reader(engine: AsyncEngine, *, size: int, statement_cache: bool = True) -> RowReader:
     if engine.dialect.name == "postgresql":
-        return AsyncpgReader(engine, size=size)
+        return AsyncpgReader(engine, size=size, statement_cache=statement_cache)
     return EngineReader(engine)
