@@ -477,5 +477,5 @@ class TestDecryptionKeys:
         """A key that is not 32 bytes of url-safe base64 is refused when the settings are read, not at first use."""
         monkeypatch.setenv("TOKENSVC_ENCRYPTION_KEYS", generate_key())
         monkeypatch.setenv(variable, f"{generate_key()},{generate_key()[:20]}")
-        with pytest.raises(ValidationError, match="key number 2 of the list is not usable: .* 15 bytes, not 32"):
+        with pytest.raises(ValidationError, match=r"key number 2 of the list is not usable: .* 15 bytes, not 32"):
             Settings()

@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.test_tokens_api import put_user
 from tests.conftest import API_KEY, FakeClock
+from tests.logcapture import captured_logs
 from tokensvc.app import create_app
 from tokensvc.config import Settings
-from tests.logcapture import captured_logs
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.service.stats import StatsService
 from tokensvc.service.tokens import TokenService
@@ -157,7 +157,9 @@ class TestMetrics:
                     if expected:
                         await put_user(http, sandbox, clock, expires_in=6 * 3600)
                     async with asyncio.timeout(10):  # a bounded wait for the job's next pass
-                        while value(await scrape(http), "tokensvc_users", status="valid") != expected:
+                        while True:
+                            if value(await scrape(http), "tokensvc_users", status="valid") == expected:
+                                break
                             await asyncio.sleep(0.05)
 
     async def test_no_user_id_appears_in_any_label(

@@ -185,7 +185,9 @@ class TestSchedule:
         housekeeping.start()
         try:
             async with asyncio.timeout(10):  # a bounded condition wait on what the pass leaves in the database
-                while await event_users(resources):
+                while True:
+                    if not await event_users(resources):
+                        break
                     await asyncio.sleep(0.01)
         finally:
             await asyncio.wait_for(housekeeping.stop(), timeout=5)

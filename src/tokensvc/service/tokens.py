@@ -98,7 +98,7 @@ class TokenService:
         self.journal = journal or Journal(clock=clock)
         # Reads need no transaction: autocommit saves the BEGIN/ROLLBACK round trips.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._rows = rows or EngineReader(engine)
+        self._rows = rows if rows is not None else EngineReader(engine)
         self._cipher = cipher
         self._strava = strava
         self._budget = budget

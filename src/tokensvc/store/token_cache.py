@@ -57,6 +57,7 @@ class CachedReader:
         max_entries: int = 100_000,
         max_age_seconds: float = 30.0,
         ping_seconds: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._inner = inner
         self._dsn = dsn
@@ -64,6 +65,7 @@ class CachedReader:
         self.max_entries = max_entries
         self.max_age_seconds = max_age_seconds
         self._ping_seconds = ping_seconds
+        self._monotonic = monotonic
         self._entries: OrderedDict[str, tuple[TokenRow, float]] = OrderedDict()
         self._epoch = 0
         self._live = False
@@ -76,7 +78,9 @@ class CachedReader:
         """True while the listener is connected: only then is anything served from memory."""
         return self._live
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """Entries held now (at most `max_entries`)."""
         return len(self._entries)
 
     async def get(self, user_id: str) -> TokenRow | None:
@@ -84,7 +88,7 @@ class CachedReader:
             entry = self._entries.get(user_id)
             if entry is not None:
                 row, cached_at = entry
-                if time.monotonic() - cached_at < self.max_age_seconds and self._keep(row):
+                if self._monotonic() - cached_at < self.max_age_seconds and self._keep(row):
                     return row
                 self._entries.pop(user_id, None)
         epoch = self._epoch
@@ -94,7 +98,7 @@ class CachedReader:
         return fresh
 
     def _store(self, user_id: str, row: TokenRow) -> None:
-        now = time.monotonic()
+        now = self._monotonic()
         entries = self._entries
         entries[user_id] = (row, now)
         entries.move_to_end(user_id)  # a concurrent miss may have stored it first: keep the order that of age
@@ -165,7 +169,7 @@ class CachedReader:
                     await asyncio.wait_for(interrupt.wait(), timeout=self._ping_seconds)
                 if not interrupt.is_set():
                     await conn.fetchval("SELECT 1", timeout=self._ping_seconds)
-                    self._reap(time.monotonic())
+                    self._reap(self._monotonic())
         finally:
             self._reset(live=False)
             with contextlib.suppress(Exception):
