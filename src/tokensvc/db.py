@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,12 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 # Any constant shared by every replica; two replicas starting at once take turns on this lock.
 MIGRATION_LOCK_KEY = 0x746F6B656E737663  # "tokensvc"
+# An engine execution option: the engine reaches Postgres through a transaction-mode pooler.
+POOLED = "tokensvc_pooled"
 
 
 def make_engine(
@@ -49,6 +52,7 @@ def make_engine(
         }
     return create_async_engine(
         url,
+        execution_options={POOLED: not statement_cache},
         pool_size=pool_size,
         max_overflow=0,
         # A database restart leaves every pooled connection dead; without a ping the first transaction on each
@@ -59,6 +63,20 @@ def make_engine(
         # connection rather than by a statement in every transaction.
         connect_args=connect_args,
     )
+
+
+class Autocommit:
+    """Connections for statements that each stand alone (reads, single-row updates): AUTOCOMMIT, which saves the
+    BEGIN and COMMIT round trips. Behind a transaction-mode pooler (an engine made with `statement_cache=False`)
+    they run in one short transaction committed at the end instead: a statement prepared outside a transaction
+    may be executed on another server connection, where it does not exist."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.pooled = bool(engine.get_execution_options().get(POOLED))
+        self._engine = engine if self.pooled else engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def connect(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self._engine.begin() if self.pooled else self._engine.connect()
 
 
 def _unique_statement_name() -> str:

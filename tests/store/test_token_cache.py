@@ -89,15 +89,18 @@ async def until(cache: ObservedCache, condition: Callable[[], bool]) -> None:
                 await cache.changed.wait()
 
 
-async def settle(*replicas: Resources) -> None:
-    """Let every notification already sent reach these replicas: they arrive in commit order, so once a marker
-    sent now has arrived, so has everything before it."""
+async def settle(*replicas: Resources, clear: bool = True) -> None:
+    """Let every notification already sent reach these replicas (they arrive in commit order, so once a marker
+    sent now has arrived, so has everything before it); then, with `clear`, start their lists of forgotten users
+    afresh."""
     marker = f"settle-{uuid.uuid4().hex}"
     async with replicas[0].engine.begin() as conn:
         await conn.execute(sa.text("SELECT pg_notify('tokensvc_token_changes', :marker)"), {"marker": marker})
     for res in replicas:
         cache = cache_of(res)
         await until(cache, lambda cache=cache: marker in cache.forgotten)  # type: ignore[misc]
+        if clear:
+            cache.forgotten.clear()
 
 
 @pytest.fixture
@@ -182,7 +185,6 @@ class TestAcrossReplicas:
         for user in (kept, changed):
             await served(b, user.user_id)
             assert await from_memory(b, user.user_id)
-        cache_of(b).forgotten.clear()
         async with a.engine.begin() as conn:
             await conn.execute(sa.update(user_tokens).where(user_tokens.c.user_id == kept.user_id).values(sweep_at=1))
         async with a.engine.begin() as conn:
@@ -191,7 +193,7 @@ class TestAcrossReplicas:
                 .where(user_tokens.c.user_id == changed.user_id)
                 .values(version=user_tokens.c.version + 1)
             )
-        await settle(b)
+        await settle(b, clear=False)
         assert cache_of(b).forgotten.count(changed.user_id) == 1
         assert kept.user_id not in cache_of(b).forgotten
         assert await from_memory(b, kept.user_id)

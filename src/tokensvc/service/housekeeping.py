@@ -3,10 +3,11 @@ webhook events past the retention, and OAuth state nonces past their expiry, so 
 the service runs.
 
 Every replica schedules it (hourly, jittered), but one replica at a time runs it: a pass first tries a Postgres
-advisory lock and skips when another replica holds it. A pass deletes in batches of `batch_size` rows, each its own
-short transaction on the pass's one connection (which holds the lock), so no lock on a purged table is held for
-long and nothing waits behind a purge. A pass stops after `pass_seconds`; if rows were left, the next pass starts at
-once (a backlog, such as the audit rows of every success before 0008, is worked off in steady slices).
+advisory lock and skips when another replica holds it (behind a transaction-mode pooler each batch tries it). A
+pass deletes in batches of `batch_size` rows, each its own short transaction on the pass's one connection (which
+holds the lock), so no lock on a purged table is held for long and nothing waits behind a purge. A pass stops
+after `pass_seconds`; if rows were left, the next pass starts at once (a backlog, such as the audit rows of every
+success before 0008, is worked off in steady slices).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc.background import PeriodicJob
 from tokensvc.clock import Clock
+from tokensvc.db import Autocommit
 from tokensvc.store import housekeeping as store
 from tokensvc.store import journal, oauth_states, outbox, webhook_events
 
@@ -63,6 +65,7 @@ class Housekeeping:
         pass_seconds: float = PASS_SECONDS,
     ) -> None:
         self._engine = engine
+        self._pooled = Autocommit(engine).pooled
         self._clock = clock
         self.retention = timedelta(days=retention_days)
         self.batch_size = batch_size
@@ -73,19 +76,25 @@ class Housekeeping:
         """One pass, unless another replica is running one (then nothing is done and `skipped` is set). Each batch
         is one transaction. Raises the database's errors (batches committed before stay done)."""
         async with self._engine.connect() as conn:
-            locked = await store.try_lock(conn)
-            await conn.commit()
-            if not locked:
-                log.info("housekeeping.skipped", reason="another replica is purging")
-                return HousekeepingReport(skipped=True)
-            try:
-                report = await self._purge_all(conn)
-            finally:
-                await self._unlock(conn)
+            if self._pooled:
+                report = await self._purge_all(conn, lock_each_batch=True)
+            else:
+                locked = await store.try_lock(conn)
+                await conn.commit()
+                if not locked:
+                    report = HousekeepingReport(skipped=True)
+                else:
+                    try:
+                        report = await self._purge_all(conn, lock_each_batch=False)
+                    finally:
+                        await self._unlock(conn)
+        if report.skipped:
+            log.info("housekeeping.skipped", reason="another replica is purging")
+            return report
         log.info("housekeeping.done", retention_days=self.retention.days, **dataclasses.asdict(report))
         return report
 
-    async def _purge_all(self, conn: AsyncConnection) -> HousekeepingReport:
+    async def _purge_all(self, conn: AsyncConnection, *, lock_each_batch: bool) -> HousekeepingReport:
         now = self._clock()
         before = datetime.fromtimestamp(now, UTC) - self.retention
         before_hour = int(before.timestamp()) - int(before.timestamp()) % HOUR
@@ -103,6 +112,9 @@ class Housekeeping:
             while True:
                 started = time.perf_counter()
                 async with conn.begin():
+                    if lock_each_batch and not await store.try_lock_transaction(conn):
+                        report.skipped = report.batches == 0
+                        return report
                     purged = await purge(conn)
                 report.batches += 1
                 report.slowest_batch_ms = max(report.slowest_batch_ms, (time.perf_counter() - started) * 1000)

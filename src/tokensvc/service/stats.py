@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tokensvc import metrics
 from tokensvc.background import PeriodicJob
 from tokensvc.clock import Clock
+from tokensvc.db import Autocommit
 from tokensvc.schemas import RefreshCounts, RefreshWindows, Stats, UserCounts
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.status import Status
@@ -40,7 +41,7 @@ class StatsService:
         buffer_seconds: int,
         gauge_interval_seconds: float = 10.0,
     ) -> None:
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = Autocommit(engine)
         self._budget = budget
         self._clock = clock
         self._buffer_seconds = buffer_seconds

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tokensvc import failpoints, metrics
 from tokensvc.clock import Clock
 from tokensvc.crypto import DecryptionError, Field, TokenCipher
+from tokensvc.db import Autocommit
 from tokensvc.errors import (
     ProviderMisconfigured,
     ProviderRateLimited,
@@ -97,7 +98,7 @@ class TokenService:
         self._engine = engine
         self.journal = journal or Journal(clock=clock)
         # Reads need no transaction: autocommit saves the BEGIN/ROLLBACK round trips.
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._autocommit = Autocommit(engine)
         self._rows = rows if rows is not None else EngineReader(engine)
         self._cipher = cipher
         self._strava = strava

@@ -1,5 +1,7 @@
 """SQL shared by the retention purges: deletes in bounded batches, and the lock that lets one replica at a time
-run them (a Postgres session-level advisory lock, tried without waiting; SQLite serves one process)."""
+run them (a Postgres advisory lock, tried without waiting; SQLite serves one process). The session-level lock
+spans a whole pass; behind a transaction-mode pooler, where a session is not one server connection, the
+transaction-level one is taken by each batch instead."""
 
 from __future__ import annotations
 
@@ -28,3 +30,11 @@ async def try_lock(conn: AsyncConnection, key: int = HOUSEKEEPING_LOCK_KEY) -> b
 async def unlock(conn: AsyncConnection, key: int = HOUSEKEEPING_LOCK_KEY) -> None:
     if conn.dialect.name == "postgresql":
         await conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+async def try_lock_transaction(conn: AsyncConnection, key: int = HOUSEKEEPING_LOCK_KEY) -> bool:
+    """Take the lock `key` until the end of the current transaction if nobody holds it (True), without waiting."""
+    if conn.dialect.name != "postgresql":
+        return True
+    stmt = sa.text("SELECT pg_try_advisory_xact_lock(:key)")
+    return bool((await conn.execute(stmt, {"key": key})).scalar_one())

@@ -13,6 +13,7 @@ from typing import Protocol
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tokensvc.db import Autocommit
 from tokensvc.store import tokens as store
 from tokensvc.store.tokens import TokenRow
 
@@ -32,7 +33,7 @@ class EngineReader:
     """Reads through the SQLAlchemy engine, without a transaction (autocommit saves BEGIN/ROLLBACK)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = Autocommit(engine)
 
     async def get(self, user_id: str) -> TokenRow | None:
         async with self._engine.connect() as conn:
@@ -49,12 +50,9 @@ class AsyncpgReader:
     """Reads on a dedicated asyncpg pool (Postgres only), opened on first use so that the service starts (and
     answers /readyz with 503) while the database is down. Errors are asyncpg's own or OSError."""
 
-    def __init__(self, engine: AsyncEngine, *, size: int, statement_cache: bool = True) -> None:
+    def __init__(self, engine: AsyncEngine, *, size: int) -> None:
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._size = size
-        # Off behind a transaction-mode pooler (PgBouncer): a statement prepared on one server connection is not
-        # there on the next; with the cache off asyncpg uses unnamed statements, re-prepared on each call.
-        self._statement_cache_size = 100 if statement_cache else 0
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
@@ -67,7 +65,6 @@ class AsyncpgReader:
                         min_size=1,
                         max_size=self._size,
                         reset=_keep_session,
-                        statement_cache_size=self._statement_cache_size,
                         server_settings={"application_name": "tokensvc-reader"},
                     )
         return self._pool
@@ -91,6 +88,8 @@ async def _keep_session(_connection: asyncpg.Connection) -> None:
 
 
 def open_reader(engine: AsyncEngine, *, size: int, statement_cache: bool = True) -> RowReader:
-    if engine.dialect.name == "postgresql":
-        return AsyncpgReader(engine, size=size, statement_cache=statement_cache)
+    """The asyncpg pool on Postgres; the engine elsewhere, and behind a transaction-mode pooler (no statement cache),
+    where every read must run inside a transaction (`db.Autocommit`)."""
+    if engine.dialect.name == "postgresql" and statement_cache:
+        return AsyncpgReader(engine, size=size)
     return EngineReader(engine)
