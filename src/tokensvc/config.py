@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=500)
     # Postgres: keep valid tokens in memory, dropped on every change through LISTEN/NOTIFY (one more connection).
     token_cache: bool = True
-    # The token cache's bound: about 1 KB of memory per entry.
+    # The token cache's bound: under 2 KB of memory per entry (bench/growth.py).
     token_cache_max_entries: int = Field(default=100_000, ge=1, le=10_000_000)
     # Postgres: asyncpg's prepared-statement caches (SQLAlchemy's and the hot reader's). Turn off behind a
     # transaction-mode pooler (PgBouncer), which hands each transaction whichever server connection is free.
