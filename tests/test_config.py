@@ -70,20 +70,24 @@ class TestDefaults:
 
 class TestCommaSeparatedLists:
     @pytest.mark.parametrize(
-        ("variable", "attribute"),
+        ("variable", "attribute", "items"),
         [
-            ("TOKENSVC_API_KEYS", "api_keys"),
-            ("TOKENSVC_ENCRYPTION_KEYS", "encryption_keys"),
+            ("TOKENSVC_API_KEYS", "api_keys", ["first", "second", "third"]),
+            ("TOKENSVC_ENCRYPTION_KEYS", "encryption_keys", [generate_key() for _ in range(3)]),
+            ("TOKENSVC_DECRYPTION_KEYS", "decryption_keys", [generate_key() for _ in range(3)]),
         ],
+        ids=["api-keys", "encryption-keys", "decryption-keys"],
     )
     def test_secret_lists_from_the_environment_split_on_commas_and_drop_blanks(
-        self, monkeypatch: pytest.MonkeyPatch, variable: str, attribute: str
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, attribute: str, items: list[str]
     ) -> None:
         """`a, b,,c ` reads as three secrets in order, trimmed, with the empty item dropped."""
-        monkeypatch.setenv(variable, " first, second,,third ")
+        monkeypatch.setenv(variable, f" {items[0]}, {items[1]},,{items[2]} ")
+        if variable == "TOKENSVC_DECRYPTION_KEYS":
+            monkeypatch.setenv("TOKENSVC_ENCRYPTION_KEYS", generate_key())
         value = getattr(Settings(), attribute)
         assert all(isinstance(item, SecretStr) for item in value)
-        assert secrets_of(value) == ["first", "second", "third"]
+        assert secrets_of(value) == items
 
     @pytest.mark.parametrize(
         ("variable", "attribute", "raw", "expected"),
@@ -436,3 +440,42 @@ class TestSessionSecret:
         """Placeholders such as `changeme` are not secrets: at least 32 characters."""
         with pytest.raises(ValidationError, match="at least 32 characters"):
             settings(session_secret="changeme")
+
+
+class TestDecryptionKeys:
+    def test_the_encrypting_key_comes_first_then_the_decrypt_only_ones(self) -> None:
+        """The cipher gets TOKENSVC_ENCRYPTION_KEYS (the first one encrypts) and then TOKENSVC_DECRYPTION_KEYS."""
+        new, old, older = generate_key(), generate_key(), generate_key()
+        settings = Settings(encryption_keys=[SecretStr(new)], decryption_keys=[SecretStr(old), SecretStr(older)])
+        assert settings.all_encryption_keys == [new, old, older]
+        cipher = TokenCipher(settings.all_encryption_keys)
+        assert cipher.current_key_id == TokenCipher([new]).current_key_id
+        under_old = TokenCipher([old]).encrypt("secret", user_id="u", field="access")
+        assert cipher.decrypt(under_old, user_id="u", field="access") == "secret"
+
+    def test_decrypt_only_keys_without_an_encrypting_one_are_refused(self) -> None:
+        """Nothing could encrypt: the sentence says which variable to set."""
+        with pytest.raises(ValidationError, match="TOKENSVC_DECRYPTION_KEYS is set but TOKENSVC_ENCRYPTION_KEYS"):
+            Settings(decryption_keys=[SecretStr(generate_key())])
+
+    @pytest.mark.parametrize("where", ["both-lists", "twice-in-one-list"])
+    def test_a_key_listed_twice_is_refused(self, where: str) -> None:
+        """A key either encrypts or only decrypts; listing it twice is a mistake worth stopping for."""
+        key = generate_key()
+        lists = (
+            {"encryption_keys": [SecretStr(key)], "decryption_keys": [SecretStr(key)]}
+            if where == "both-lists"
+            else {"encryption_keys": [SecretStr(generate_key()), SecretStr(key), SecretStr(key)]}
+        )
+        with pytest.raises(ValidationError, match="listed twice"):
+            Settings(**lists)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("variable", ["TOKENSVC_ENCRYPTION_KEYS", "TOKENSVC_DECRYPTION_KEYS"])
+    def test_a_malformed_key_stops_at_once_naming_its_place(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str
+    ) -> None:
+        """A key that is not 32 bytes of url-safe base64 is refused when the settings are read, not at first use."""
+        monkeypatch.setenv("TOKENSVC_ENCRYPTION_KEYS", generate_key())
+        monkeypatch.setenv(variable, f"{generate_key()},{generate_key()[:20]}")
+        with pytest.raises(ValidationError, match=r"key number 2 of the list is not usable: .* 15 bytes, not 32"):
+            Settings()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import sqlalchemy as sa
 
 from tests.conftest import make_settings
 from tokensvc.db import downgrade, make_engine, migrate
+from tokensvc.models import refresh_counts, token_events
 
 
 async def table_names(url: str) -> set[str]:
@@ -86,3 +89,42 @@ class TestDueQueryPlan:
         plan = await self.plan(pg_url, due_statement(now=1798200100, limit=100))
         assert "ix_user_tokens_sweep" in plan, plan
         assert "Seq Scan" not in plan, plan
+
+
+class TestRollupBackfill:
+    async def test_upgrading_to_0008_counts_the_last_two_days_of_refresh_rows(self, database_url: str) -> None:
+        """Refresh rows of the last two days become hourly counts (so the chart and /v1/stats stay truthful across
+        the upgrade); older rows and other kinds are not counted."""
+        engine = make_engine(database_url)
+        now = datetime.now(UTC)
+        rows = [
+            (now - timedelta(minutes=5), "refresh", "succeeded"),
+            (now - timedelta(minutes=6), "refresh", "succeeded"),
+            (now - timedelta(minutes=7), "refresh", "transient"),
+            (now - timedelta(days=3), "refresh", "succeeded"),
+            (now - timedelta(minutes=8), "imported", None),
+        ]
+        try:
+            await downgrade(engine, "0005")
+            async with engine.begin() as conn:
+                for occurred_at, kind, outcome in rows:
+                    await conn.execute(
+                        sa.insert(token_events).values(occurred_at=occurred_at, user_id="u", kind=kind, outcome=outcome)
+                    )
+            await migrate(engine)
+            async with engine.connect() as conn:
+                counts = (
+                    await conn.execute(
+                        sa.select(refresh_counts.c.hour, refresh_counts.c.outcome, refresh_counts.c.count)
+                    )
+                ).all()
+        finally:
+            await engine.dispose()
+        hour = int(now.timestamp()) - int(now.timestamp()) % 3600
+        expected = {"succeeded": 2, "transient": 1}
+        # the three recent rows may straddle an hour boundary: compare per outcome, and every hour is recent
+        totals: dict[str, int] = {}
+        for row_hour, outcome, count in counts:
+            assert hour - 3600 <= row_hour <= hour
+            totals[outcome] = totals.get(outcome, 0) + count
+        assert totals == expected

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import secrets
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +23,8 @@ from tokensvc.api.deps import ApiKeys
 from tokensvc.api.fastpath import AccessTokenFastPath
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.api.request_id import RequestId
+from tokensvc.background import PeriodicJob
+from tokensvc.clock import SYNC_INTERVAL_SECONDS, Clock, DatabaseClock
 from tokensvc.config import Settings, sandbox_state_path
 from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
@@ -37,7 +39,7 @@ from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.sessions import Sessions
 from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
-from tokensvc.service.tokens import Clock, TokenService
+from tokensvc.service.tokens import TokenService
 from tokensvc.service.webhooks import StravaWebhooks
 from tokensvc.store.reader import RowReader, open_reader
 from tokensvc.store.token_cache import CachedReader
@@ -62,6 +64,8 @@ class Resources:
     stats: StatsService
     dashboard: DashboardService
     rows: RowReader
+    clock: Clock
+    clock_sync: PeriodicJob | None  # re-measures the offset of a DatabaseClock
 
     def start_background(self, *, sweeper: bool = True) -> None:
         """Start every replica's background loops; `open_resources` stops them on the way out."""
@@ -71,16 +75,27 @@ class Resources:
         if self.notifier is not None:
             self.notifier.start()
         self.housekeeping.start()
+        self.stats.gauges.start()
+        if self.clock_sync is not None:
+            self.clock_sync.start()
 
 
 @asynccontextmanager
 async def open_resources(
-    settings: Settings, *, clock: Clock = time.time, strava_transport: httpx.AsyncBaseTransport | None = None
+    settings: Settings, *, clock: Clock | None = None, strava_transport: httpx.AsyncBaseTransport | None = None
 ) -> AsyncIterator[Resources]:
-    """Engine, Strava client and token service for a prepared `Settings`; closed in reverse order."""
+    """Engine, Strava client and token service for a prepared `Settings`; closed in reverse order.
+
+    The clock is the database's (`DatabaseClock`, measured here and re-measured by a background job) unless one
+    is given (tests pass a fake one)."""
     engine = make_engine(
-        settings.database_url, pool_size=settings.db_pool_size, lock_timeout_seconds=settings.lock_timeout_seconds
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        lock_timeout_seconds=settings.lock_timeout_seconds,
+        statement_cache=settings.db_statement_cache,
     )
+    clock = clock if clock is not None else DatabaseClock()
+    clock_sync = await _start_clock(clock, engine)
     limit_15min, limit_daily = settings.rate_limits
     budget = RateBudget(engine, limit_15min=limit_15min, limit_daily=limit_daily, clock=clock)
     strava = StravaClient(
@@ -102,12 +117,13 @@ async def open_resources(
         allowlist=settings.redirect_allowlist,
         clock=clock,
     )
-    rows: RowReader = open_reader(engine, size=settings.db_pool_size)
+    rows: RowReader = open_reader(engine, size=settings.db_pool_size, statement_cache=settings.db_statement_cache)
     if settings.token_cache and engine.dialect.name == "postgresql":
         buffer = settings.refresh_buffer_seconds
         rows = CachedReader(
             rows,
             dsn=engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+            max_entries=settings.token_cache_max_entries,
             # only `valid` rows: anything due for a refresh, or flagged, is read from the database every time
             keep=lambda row: row.reauth_reason is None and row.expires_at - clock() > buffer,
         )
@@ -121,7 +137,7 @@ async def open_resources(
         engine=engine,
         budget=budget,
         rows=rows,
-        cipher=TokenCipher([k.get_secret_value() for k in settings.encryption_keys]),
+        cipher=TokenCipher(settings.all_encryption_keys),
         strava=strava,
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
@@ -151,6 +167,13 @@ async def open_resources(
     )
     notifier = notification_deliverer(settings, engine, clock=clock)
     housekeeping = Housekeeping(engine, clock=clock, retention_days=settings.audit_retention_days)
+    stats = StatsService(
+        engine,
+        budget=budget,
+        clock=clock,
+        buffer_seconds=settings.refresh_buffer_seconds,
+        gauge_interval_seconds=settings.gauge_interval_seconds,
+    )
     try:
         yield Resources(
             engine=engine,
@@ -165,13 +188,18 @@ async def open_resources(
             notifier=notifier,
             housekeeping=housekeeping,
             audit=Audit(engine),
-            stats=StatsService(engine, budget=budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds),
+            stats=stats,
             dashboard=DashboardService(
                 engine=engine, budget=budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
             ),
             rows=rows,
+            clock=clock,
+            clock_sync=clock_sync,
         )
     finally:
+        if clock_sync is not None:
+            await clock_sync.stop()
+        await stats.gauges.stop()
         await housekeeping.stop()
         if notifier is not None:
             await notifier.stop()
@@ -187,18 +215,19 @@ def create_app(
     settings: Settings,
     *,
     sandbox: bool = False,
-    clock: Clock = time.time,
+    clock: Clock | None = None,
     strava_transport: httpx.AsyncBaseTransport | None = None,
     run_sweeper: bool = True,
     fast_path: bool = True,
 ) -> FastAPI:
     """Build the ASGI app from prepared settings (see `config.prepare`). The background sweeper runs when
     `run_sweeper` and TOKENSVC_SWEEP_INTERVAL_SECONDS > 0; `fast_path=False` leaves access-token to FastAPI alone
-    (tests compare the two)."""
+    (tests compare the two). The clock is the database's unless one is given (see `open_resources`)."""
+    app_clock = clock if clock is not None else DatabaseClock()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:
+        async with open_resources(settings, clock=app_clock, strava_transport=strava_transport) as res:
             app.state.engine = res.engine
             app.state.token_service = res.service
             app.state.connect_links = res.links
@@ -235,7 +264,7 @@ def create_app(
     app.include_router(oauth.browser_router)
     app.include_router(browser.router)
     app.include_router(audit.router)
-    dashboard_api.install(app, settings, clock=clock)
+    dashboard_api.install(app, settings, clock=app_clock)
     app.include_router(webhooks.router)
     if sandbox:
         from tokensvc.sandbox import create_sandbox_app
@@ -273,6 +302,23 @@ def notification_deliverer(
         backoff_seconds=settings.notify_backoff_seconds,
         backoff_max_seconds=settings.notify_backoff_max_seconds,
         transport=transport,
+    )
+
+
+CLOCK_SYNC_DEADLINE_SECONDS = 3.0
+
+
+async def _start_clock(clock: Clock, engine: AsyncEngine) -> PeriodicJob | None:
+    """Measure a DatabaseClock's offset now (best effort: a database that is down must not stop the start; the
+    job measures again later) and return the job that keeps it measured; None for any other clock."""
+    if not isinstance(clock, DatabaseClock):
+        return None
+    try:
+        await asyncio.wait_for(clock.sync(engine), timeout=CLOCK_SYNC_DEADLINE_SECONDS)
+    except Exception as exc:  # the database's errors, or the deadline: run on local time until the next measurement
+        log.warning("clock.sync_failed", error=type(exc).__name__)
+    return PeriodicJob(
+        "clock-sync", lambda: clock.sync(engine), interval_seconds=SYNC_INTERVAL_SECONDS, run_at_start=False
     )
 
 

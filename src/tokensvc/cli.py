@@ -61,10 +61,10 @@ def _storage_settings() -> Settings:
     return settings.model_copy(update={"encryption_keys": [SecretStr(k) for k in keys]})
 
 
-async def _migrate(database_url: str) -> None:
+async def _migrate(database_url: str, *, statement_cache: bool = True) -> None:
     from tokensvc.db import make_engine, migrate
 
-    engine = make_engine(database_url)
+    engine = make_engine(database_url, statement_cache=statement_cache)
     try:
         await migrate(engine)
     finally:
@@ -87,7 +87,7 @@ def serve(
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
     if migrate:
-        asyncio.run(_migrate(prepared.database_url))
+        asyncio.run(_migrate(prepared.database_url, statement_cache=prepared.db_statement_cache))
     from tokensvc.app import create_app
 
     if sandbox:
@@ -129,7 +129,7 @@ API docs: {base}/docs
 def migrate_command() -> None:
     """Migrate the database to the newest schema (for a prestart step); safe to run from several replicas."""
     settings = _load_settings()
-    asyncio.run(_migrate(settings.database_url))
+    asyncio.run(_migrate(settings.database_url, statement_cache=settings.db_statement_cache))
     typer.echo("database is at the newest schema")
 
 
@@ -199,7 +199,9 @@ async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list
     from tokensvc.schemas import USER_ID_RE, TokenImport
 
     imported, failures = 0, []
-    await _migrate(settings.database_url)  # importing into a new database should just work
+    await _migrate(
+        settings.database_url, statement_cache=settings.db_statement_cache
+    )  # importing into a new database should just work
     async with open_resources(settings) as res:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -346,18 +348,19 @@ def rotate_keys(
         int, typer.Option("--batch-size", min=1, max=10_000, help="Rows re-encrypted per (short) transaction")
     ] = 500,
 ) -> None:
-    """Re-encrypt every stored token under the newest key of TOKENSVC_ENCRYPTION_KEYS ("new,old"), in batches.
+    """Re-encrypt every stored token under the first key of TOKENSVC_ENCRYPTION_KEYS, in batches, reading rows
+    under any key of TOKENSVC_ENCRYPTION_KEYS or TOKENSVC_DECRYPTION_KEYS.
 
-    Safe while replicas serve (configure them with the same "new,old" keys first): rows a refresh holds are skipped
-    and taken later, and a refresh's newer tokens are never overwritten. Idempotent. Exits 1 when a row cannot be
-    decrypted with any configured key (its user id is printed) or stayed locked; then remove the old key only after
-    a run that exits 0.
+    Safe while replicas serve (every replica encrypting with the new key and reading the old one first): rows a
+    refresh holds are skipped and taken later, and a refresh's newer tokens are never overwritten. Idempotent.
+    Exits 1 when a row cannot be decrypted with any configured key (its user id is printed) or stayed locked;
+    remove the old key only after a run that exits 0.
     """
     settings = _storage_settings()
-    if len(settings.encryption_keys) < 2:
+    if len(settings.all_encryption_keys) < 2:
         typer.echo(
             "note: only one encryption key is configured; rows under any other key cannot be read. To rotate, set "
-            'TOKENSVC_ENCRYPTION_KEYS="<new key>,<old key>"',
+            'TOKENSVC_ENCRYPTION_KEYS="<new key>" and TOKENSVC_DECRYPTION_KEYS="<old key>" (docs/operations.md)',
             err=True,
         )
     report = asyncio.run(_rotate_keys(settings, batch_size))
@@ -386,11 +389,16 @@ async def _rotate_keys(settings: Settings, batch_size: int) -> RotationReport:
     def progress(batch: BatchDone) -> None:
         typer.echo(f"batch: re-encrypted {batch.reencrypted} rows ({batch.total} so far)")
 
-    engine = make_engine(settings.database_url, pool_size=2, lock_timeout_seconds=settings.lock_timeout_seconds)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=2,
+        lock_timeout_seconds=settings.lock_timeout_seconds,
+        statement_cache=settings.db_statement_cache,
+    )
     try:
         rotator = KeyRotator(
             engine=engine,
-            cipher=TokenCipher([k.get_secret_value() for k in settings.encryption_keys]),
+            cipher=TokenCipher(settings.all_encryption_keys),
             batch_size=batch_size,
             locked_wait_seconds=2 * settings.lock_timeout_seconds,
         )

@@ -13,7 +13,14 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-from tokensvc.crypto import check_notify_secret, generate_key, load_or_create_key_file
+from tokensvc.crypto import (
+    KeyConfigError,
+    check_key,
+    check_notify_secret,
+    generate_key,
+    key_id_of_key,
+    load_or_create_key_file,
+)
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./tokensvc.db"
 SANDBOX_API_KEY = "sandbox-key"
@@ -39,6 +46,9 @@ class Settings(BaseSettings):
     public_url: str | None = None
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Keys that only decrypt (never encrypt): how a new key reaches every replica before any replica writes with
+    # it, and how an old one stays readable until rotate-keys has moved every row off it (docs/operations.md).
+    decryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     refresh_buffer_seconds: int = 1800
     sweep_interval_seconds: int = Field(default=300, ge=0)
     # Strava calls a sweep keeps in flight; its workers (a quarter more) each hold a pooled connection, so keep it
@@ -75,12 +85,47 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=500)
     # Postgres: keep valid tokens in memory, dropped on every change through LISTEN/NOTIFY (one more connection).
     token_cache: bool = True
+    # The token cache's bound: under 2 KB of memory per entry (bench/growth.py).
+    token_cache_max_entries: int = Field(default=100_000, ge=1, le=10_000_000)
+    # Postgres: asyncpg's prepared-statement caches (SQLAlchemy's and the hot reader's). Turn off behind a
+    # transaction-mode pooler (PgBouncer), which hands each transaction whichever server connection is free.
+    db_statement_cache: bool = True
+    # How often each replica reads the DB-wide gauges of /metrics (a scrape never queries the database).
+    gauge_interval_seconds: float = Field(default=10.0, ge=1, le=300)
     # Row-lock wait for a refresh: longer than one Strava call, so a waiter outlives the holder's HTTP timeout.
     lock_timeout_seconds: float = Field(default=30.0, gt=0)
 
-    _split = field_validator("api_keys", "encryption_keys", "cors_origins", "redirect_allowlist", mode="before")(
-        _split_csv
-    )
+    _split = field_validator(
+        "api_keys", "encryption_keys", "decryption_keys", "cors_origins", "redirect_allowlist", mode="before"
+    )(_split_csv)
+
+    @field_validator("encryption_keys", "decryption_keys")
+    @classmethod
+    def _keys_well_formed(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for number, key in enumerate(value, start=1):
+            try:
+                check_key(key.get_secret_value())
+            except KeyConfigError as exc:
+                raise ValueError(f"key number {number} of the list is not usable: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _keys_distinct(self) -> Settings:
+        if self.decryption_keys and not self.encryption_keys:
+            raise ValueError(
+                "TOKENSVC_DECRYPTION_KEYS is set but TOKENSVC_ENCRYPTION_KEYS is not: set the key that encrypts "
+                "in TOKENSVC_ENCRYPTION_KEYS and keep only keys that must still be read in TOKENSVC_DECRYPTION_KEYS"
+            )
+        seen: set[str] = set()
+        for key in [*self.encryption_keys, *self.decryption_keys]:
+            kid = key_id_of_key(key.get_secret_value())
+            if kid in seen:
+                raise ValueError(
+                    f"the key with id {kid} is listed twice in TOKENSVC_ENCRYPTION_KEYS / TOKENSVC_DECRYPTION_KEYS: "
+                    "a key either encrypts (TOKENSVC_ENCRYPTION_KEYS) or only decrypts (TOKENSVC_DECRYPTION_KEYS)"
+                )
+            seen.add(kid)
+        return self
 
     @field_validator("refresh_buffer_seconds")
     @classmethod
@@ -141,6 +186,11 @@ class Settings(BaseSettings):
         """(15-minute, daily) Strava call budget."""
         fifteen, daily = (int(part) for part in self.strava_rate_limit.split(","))
         return fifteen, daily
+
+    @property
+    def all_encryption_keys(self) -> list[str]:
+        """Every key the cipher takes: the encrypting one first, then every other one that decrypts."""
+        return [k.get_secret_value() for k in (*self.encryption_keys, *self.decryption_keys)]
 
     @property
     def is_sqlite(self) -> bool:

@@ -49,6 +49,16 @@ def _decode_key(text: str) -> bytes:
     return raw
 
 
+def check_key(text: str) -> None:
+    """Raises KeyConfigError (saying what is wrong) unless `text` is a key `tokensvc gen-key` could have made."""
+    _decode_key(text)
+
+
+def key_id_of_key(text: str) -> str:
+    """The key id of a configured key (raises KeyConfigError for a malformed one)."""
+    return key_id(_decode_key(text))
+
+
 def key_id(raw: bytes) -> str:
     """A short public name for a key: enough to pick the right one, nothing about the key itself."""
     return hashlib.sha256(b"tokensvc-key-id" + raw).hexdigest()[:8]

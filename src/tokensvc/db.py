@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -10,24 +12,47 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 # Any constant shared by every replica; two replicas starting at once take turns on this lock.
 MIGRATION_LOCK_KEY = 0x746F6B656E737663  # "tokensvc"
+# An engine execution option: the engine reaches Postgres through a transaction-mode pooler.
+POOLED = "tokensvc_pooled"
 
 
-def make_engine(url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 30.0) -> AsyncEngine:
+def make_engine(
+    url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 30.0, statement_cache: bool = True
+) -> AsyncEngine:
     """An async engine tuned per dialect (SQLite: WAL and a busy timeout; Postgres: a fixed-size pool).
 
     No overflow on Postgres: overflow connections are closed when returned, and under load that churn (a new
-    server process per connection) cost more than waiting for a pooled one.
+    server process per connection) cost more than waiting for a pooled one. `statement_cache=False` is for a
+    transaction-mode pooler (TOKENSVC_DB_STATEMENT_CACHE): no prepared statement outlives its statement, and
+    `lock_timeout` is not sent at connect (PgBouncer refuses startup parameters it does not know; set it on the
+    database role instead, docs/operations.md).
     """
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": lock_timeout_seconds})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+    connect_args: dict[str, Any] = {
+        "server_settings": {
+            "application_name": "tokensvc",
+            "lock_timeout": f"{int(lock_timeout_seconds * 1000)}ms",
+        }
+    }
+    if not statement_cache:
+        connect_args = {
+            "server_settings": {"application_name": "tokensvc"},
+            # SQLAlchemy's cache of prepared statements, asyncpg's own, and names that never repeat: a statement
+            # prepared on one server connection is never looked for on another.
+            "prepared_statement_cache_size": 0,
+            "statement_cache_size": 0,
+            "prepared_statement_name_func": _unique_statement_name,
+        }
     return create_async_engine(
         url,
+        execution_options={POOLED: not statement_cache},
         pool_size=pool_size,
         max_overflow=0,
         # A database restart leaves every pooled connection dead; without a ping the first transaction on each
@@ -36,13 +61,26 @@ def make_engine(url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 
         pool_pre_ping=True,
         # Every lock wait (a refresh's row lock, an import behind it) gives up after the lock timeout: set once per
         # connection rather than by a statement in every transaction.
-        connect_args={
-            "server_settings": {
-                "application_name": "tokensvc",
-                "lock_timeout": f"{int(lock_timeout_seconds * 1000)}ms",
-            }
-        },
+        connect_args=connect_args,
     )
+
+
+class Autocommit:
+    """Connections for statements that each stand alone (reads, single-row updates): AUTOCOMMIT, which saves the
+    BEGIN and COMMIT round trips. Behind a transaction-mode pooler (an engine made with `statement_cache=False`)
+    they run in one short transaction committed at the end instead: a statement prepared outside a transaction
+    may be executed on another server connection, where it does not exist."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.pooled = bool(engine.get_execution_options().get(POOLED))
+        self._engine = engine if self.pooled else engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def connect(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self._engine.begin() if self.pooled else self._engine.connect()
+
+
+def _unique_statement_name() -> str:
+    return f"__tokensvc_{uuid.uuid4().hex}__"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -30,9 +30,10 @@ LOCK_WAIT_SECONDS = Histogram(
     "Time spent taking a user's cross-process refresh guard (the row lock on Postgres, the write lock on SQLite)",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-# The gauges below describe the shared database, not this process: `/metrics` reads them fresh on every scrape
-# (service/stats.py), so every replica reports the same DB-wide value. Aggregate them with max(), not sum().
-USERS = Gauge("tokensvc_users", "Stored users by token status (DB-wide, read at scrape time)", ["status"])
+# The gauges below describe the shared database, not this process: each replica's gauges job reads them every
+# TOKENSVC_GAUGE_INTERVAL_SECONDS (service/stats.py), so every replica reports the same DB-wide value, at most one
+# interval old, and a scrape never queries the database. Aggregate them with max(), not sum().
+USERS = Gauge("tokensvc_users", "Stored users by token status (DB-wide, refreshed periodically)", ["status"])
 RATE_BUDGET_REMAINING = Gauge(
     "tokensvc_rate_budget_remaining",
     "Strava calls left in the current rate-limit window (15min or daily), shared by every replica",

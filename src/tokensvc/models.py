@@ -76,6 +76,17 @@ sa.Index(
     sqlite_where=sa.text("reauth_reason IS NULL"),
 )
 
+# "Who must reconnect, most recent first" (the dashboard) and their count read only the flagged users. updated_at
+# changes on every write, but a row enters this index only while flagged, and the writes that touch it were not HOT
+# anyway (they change expires_at or sweep_at, both indexed).
+sa.Index(
+    "ix_user_tokens_needs_reauth",
+    UserToken.__table__.c.updated_at.desc(),  # type: ignore[attr-defined]
+    UserToken.__table__.c.user_id,  # type: ignore[attr-defined]
+    postgresql_where=sa.text("reauth_reason IS NOT NULL"),
+    sqlite_where=sa.text("reauth_reason IS NOT NULL"),
+)
+
 user_tokens: sa.Table = UserToken.__table__  # type: ignore[attr-defined]
 
 
@@ -137,6 +148,16 @@ class TokenEvent(SQLModel, table=True):
 # A user's history, newest first, is a range scan on (user_id, id).
 sa.Index("ix_token_events_user", TokenEvent.__table__.c.user_id, TokenEvent.__table__.c.id)  # type: ignore[attr-defined]
 
+# The dashboard's "recent failures", newest first, however rare failures are among the other rows. A literal
+# predicate (not a bound parameter) in both the index and the query, so every plan, generic ones too, can use it.
+FAILED_REFRESH = "kind = 'refresh' AND outcome <> 'succeeded'"
+sa.Index(
+    "ix_token_events_failures",
+    TokenEvent.__table__.c.id,  # type: ignore[attr-defined]
+    postgresql_where=sa.text(FAILED_REFRESH),
+    sqlite_where=sa.text(FAILED_REFRESH),
+)
+
 token_events: sa.Table = TokenEvent.__table__  # type: ignore[attr-defined]
 
 
@@ -164,6 +185,14 @@ sa.Index(
     Notification.__table__.c.next_attempt_at,  # type: ignore[attr-defined]
     postgresql_where=sa.text("delivered_at IS NULL"),
     sqlite_where=sa.text("delivered_at IS NULL"),
+)
+
+# The retention purge takes delivered rows by age.
+sa.Index(
+    "ix_notifications_delivered",
+    Notification.__table__.c.delivered_at,  # type: ignore[attr-defined]
+    postgresql_where=sa.text("delivered_at IS NOT NULL"),
+    sqlite_where=sa.text("delivered_at IS NOT NULL"),
 )
 
 notifications: sa.Table = Notification.__table__  # type: ignore[attr-defined]
@@ -199,4 +228,30 @@ sa.Index(
     sqlite_where=sa.text("state = 'pending'"),
 )
 
+# The retention purge takes processed events by age.
+PROCESSED_EVENT = "state <> 'pending'"
+sa.Index(
+    "ix_strava_webhook_events_processed",
+    StravaWebhookEvent.__table__.c.processed_at,  # type: ignore[attr-defined]
+    postgresql_where=sa.text(PROCESSED_EVENT),
+    sqlite_where=sa.text(PROCESSED_EVENT),
+)
+
 strava_webhook_events: sa.Table = StravaWebhookEvent.__table__  # type: ignore[attr-defined]
+
+
+class RefreshCount(SQLModel, table=True):
+    """Refresh attempts at Strava per hour and outcome, counted in the transaction of each attempt: what
+    `/v1/stats` and the dashboard's chart read (a few dozen rows a day, however many athletes). Successes are only
+    counted here; failures also get an audit row (`token_events`). Each attempt adds one to one of a few `slot`
+    rows chosen at random, so concurrent commits across replicas seldom wait on the same row; readers sum them."""
+
+    __tablename__ = "refresh_counts"
+
+    hour: int = Field(primary_key=True, sa_type=sa.BigInteger)  # epoch seconds at the start of the hour (UTC)
+    outcome: str = Field(primary_key=True, max_length=32)
+    slot: int = Field(primary_key=True)
+    count: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+refresh_counts: sa.Table = RefreshCount.__table__  # type: ignore[attr-defined]

@@ -19,10 +19,11 @@ class TestUserEvents:
         assert response.status_code == 200
         assert response.json() == {"items": [], "next_cursor": None}
 
-    async def test_history_lists_import_refresh_and_failures_newest_first(
+    async def test_history_lists_import_failures_and_changes_of_state_newest_first(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """Each refresh attempt and change of state is one item, with its trigger, outcome and Strava status."""
+        """Each failed refresh attempt and change of state is one item, with its trigger, outcome and Strava status;
+        a plain success is only counted (`/v1/stats`), not listed."""
         user = await put_user(client, sandbox, clock, expires_in=60)
         assert (await client.post(f"/v1/users/{user.user_id}/refresh")).status_code == 200
         clock.advance(6 * 3600)  # the sandbox grants six hours: now the token is due again
@@ -38,7 +39,6 @@ class TestUserEvents:
             ("needs_reauth", "api", None, None),
             ("refresh", "api", "rejected", 400),
             ("refresh", "api", "transient", 502),
-            ("refresh", "api", "succeeded", 200),
             ("imported", None, None, None),
         ]
         ids = [i["id"] for i in items]
@@ -46,13 +46,28 @@ class TestUserEvents:
         assert items[0]["occurred_at"].endswith("Z") or items[0]["occurred_at"].endswith("+00:00")
         assert all(i["duration_ms"] is not None and i["duration_ms"] >= 0 for i in items if i["kind"] == "refresh")
 
+    async def test_a_success_that_ends_a_run_of_failures_is_listed_with_how_many(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Two 502s, then a success: the history shows how the failure streak ended."""
+        user = await put_user(client, sandbox, clock, expires_in=60)
+        sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=502, count=2))
+        for _ in range(2):
+            assert (await client.post(f"/v1/users/{user.user_id}/refresh")).status_code == 503
+        assert (await client.post(f"/v1/users/{user.user_id}/refresh")).status_code == 200
+        items = (await client.get(f"/v1/users/{user.user_id}/events")).json()["items"]
+        summary = [(i["kind"], i["outcome"], i["strava_status"], i["detail"]) for i in items]
+        assert summary[0] == ("refresh", "succeeded", 200, "after 2 failures")
+        assert [s[1] for s in summary[1:]] == ["transient", "transient", None]
+
     async def test_pages_follow_the_cursor_without_gaps_or_repeats(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         """limit=2 over five events: three pages, every event once, the last page without a cursor."""
         user = await put_user(client, sandbox, clock, expires_in=60)
+        sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=502, count=4))
         for _ in range(4):
-            assert (await client.post(f"/v1/users/{user.user_id}/refresh?force=true")).status_code == 200
+            assert (await client.post(f"/v1/users/{user.user_id}/refresh?force=true")).status_code == 503
         everything = (await client.get(f"/v1/users/{user.user_id}/events")).json()["items"]
         assert len(everything) == 5
 

@@ -6,12 +6,17 @@ import asyncio
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.test_tokens_api import put_user
-from tests.conftest import FakeClock
+from tests.conftest import API_KEY, FakeClock
 from tests.logcapture import captured_logs
+from tokensvc.app import create_app
+from tokensvc.config import Settings
 from tokensvc.sandbox import FaultSpec, SandboxState
+from tokensvc.service.stats import StatsService
 from tokensvc.service.tokens import TokenService
 
 
@@ -27,6 +32,19 @@ async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, 
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+DB_WIDE = (
+    "tokensvc_users",
+    "tokensvc_rate_budget_remaining",
+    "tokensvc_rate_limit_paused_until",
+    "tokensvc_notifications_pending",
+)
+
+
+def db_wide(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[object, float]:
+    """The samples of the DB-wide gauges only (the process's own counters move with every request)."""
+    return {key: v for key, v in samples.items() if key[0] in DB_WIDE}
 
 
 class TestMetrics:
@@ -63,13 +81,15 @@ class TestMetrics:
         )
         assert value(after, "tokensvc_lock_wait_seconds_count") - value(before, "tokensvc_lock_wait_seconds_count") == 1
 
-    async def test_db_wide_gauges_are_read_at_scrape_time(
+    async def test_db_wide_gauges_follow_the_database_through_the_gauges_job(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         """Users by status and pending notifications follow the database; the rate budget and its pause follow
-        the shared budget row."""
+        the shared budget row (each as of the gauges job's latest pass)."""
+        stats: StatsService = client.app.state.stats  # type: ignore[attr-defined]
         await put_user(client, sandbox, clock, expires_in=6 * 3600)
         soon = await put_user(client, sandbox, clock, expires_in=600)
+        await stats.update_gauges()  # what the job does every TOKENSVC_GAUGE_INTERVAL_SECONDS
         samples = await scrape(client)
         assert value(samples, "tokensvc_users", status="valid") == 1
         assert value(samples, "tokensvc_users", status="expiring_soon") == 1
@@ -82,11 +102,65 @@ class TestMetrics:
 
         sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=429, retry_after=120))
         assert (await client.post(f"/v1/users/{soon.user_id}/refresh")).status_code == 503
+        await stats.update_gauges()
         samples = await scrape(client)
         assert value(samples, "tokensvc_rate_budget_remaining", window="15min") == full_15min - 1
         assert value(samples, "tokensvc_rate_budget_remaining", window="daily") == full_daily - 1
         assert value(samples, "tokensvc_rate_limit_paused_until") == clock() + 120
         assert value(samples, "tokensvc_notifications_pending") == 0
+
+    async def test_a_scrape_never_queries_the_database(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """Twenty scrapes send no statement at all; they serve what the gauges job read last, and only its next
+        pass shows a change."""
+        stats: StatsService = client.app.state.stats  # type: ignore[attr-defined]
+        await stats.gauges.stop()  # this test runs the job's passes itself
+        await stats.update_gauges()
+        statements: list[str] = []
+
+        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            statements.append(statement)
+
+        engine = client.app.state.engine.sync_engine  # type: ignore[attr-defined]
+        sa.event.listen(engine, "before_cursor_execute", record)
+        try:
+            before = db_wide(await scrape(client))
+            await put_user(client, sandbox, clock, expires_in=6 * 3600)
+            statements.clear()
+            for _ in range(20):
+                assert db_wide(await scrape(client)) == before
+            assert statements == []
+            await stats.update_gauges()
+            assert any("user_tokens" in statement for statement in statements)
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", record)
+        after = await scrape(client)
+        assert value(after, "tokensvc_users", status="valid") == 1
+        assert ("tokensvc_users", (("status", "valid"),)) in before
+
+    async def test_the_service_runs_the_gauges_job_on_its_own(
+        self, settings: Settings, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport, sandbox: SandboxState
+    ) -> None:
+        """With TOKENSVC_GAUGE_INTERVAL_SECONDS=1 an imported user shows in the gauges within a few seconds, and
+        nobody called the job's pass by hand."""
+        app = create_app(
+            settings.model_copy(update={"gauge_interval_seconds": 1.0}), clock=clock, strava_transport=strava_transport
+        )
+        async with LifespanManager(app) as manager:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app),
+                base_url="http://tokensvc.test",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            ) as http:
+                for expected in (0, 1):  # the empty database, then one user: each shown by a pass of the job
+                    if expected:
+                        await put_user(http, sandbox, clock, expires_in=6 * 3600)
+                    async with asyncio.timeout(10):  # a bounded wait for the job's next pass
+                        while True:
+                            if value(await scrape(http), "tokensvc_users", status="valid") == expected:
+                                break
+                            await asyncio.sleep(0.05)
 
     async def test_no_user_id_appears_in_any_label(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock

@@ -116,6 +116,139 @@ class TestRotationUnderTraffic:
             service.stop()
 
 
+class Fleet:
+    """Replicas behind a small load balancer: each request goes to the next replica in rotation; a replica leaves the
+    rotation (its requests in flight drained) before it stops, and joins it once it answers."""
+
+    def __init__(self, replicas: list[Process]) -> None:
+        self.replicas = replicas
+        self.retired: list[Process] = []
+        self.rotation = list(replicas)
+        self.in_flight: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()
+        self.failures: list[str] = []
+        self._turn = 0
+        self._drained = asyncio.Condition()
+
+    async def request(self, http: httpx.AsyncClient, method: str, path: str) -> None:
+        replica = self.rotation[self._turn % len(self.rotation)]
+        self._turn += 1
+        self.in_flight[replica.name] += 1
+        try:
+            response = await http.request(method, f"{replica.url}{path}")
+        except httpx.TransportError as exc:
+            self.failures.append(f"{replica.name}: {method} {path}: {type(exc).__name__}")
+            return
+        finally:
+            self.in_flight[replica.name] -= 1
+            async with self._drained:
+                self._drained.notify_all()
+        self.statuses[response.status_code] += 1
+        if not response.is_success:
+            self.failures.append(f"{replica.name}: {response.status_code} {response.text}")
+
+    async def replace(self, index: int, tmp_path: Path, name: str, env: dict[str, str]) -> None:
+        """The rolling restart of one replica: out of rotation, drained, stopped; its successor started with `env`,
+        ready, in rotation."""
+        old = self.replicas[index]
+        self.rotation.remove(old)
+        async with asyncio.timeout(30), self._drained:
+            await self._drained.wait_for(lambda: self.in_flight[old.name] == 0)
+        await asyncio.to_thread(old.stop)
+        self.retired.append(old)
+        new = start_service(name, tmp_path, env)
+        await wait_ready(new)
+        self.replicas[index] = new
+        self.rotation.append(new)
+
+    def stop(self) -> None:
+        for replica in self.replicas:
+            replica.stop()
+
+
+ROLLING_USERS = 30
+ROLLING_REPLICAS = 3
+
+
+class TestRollingRotation:
+    async def test_a_new_key_rolls_out_decrypt_only_first_then_encrypts_then_the_old_one_goes(
+        self, empty_pg_url: str, sandbox_process: Process, http: httpx.AsyncClient, tmp_path: Path
+    ) -> None:
+        """Three replicas under steady traffic (access tokens, statuses, forced refreshes) through four rolling
+        restarts: the new key decrypt-only everywhere, then encrypting (the old one decrypt-only), rotate-keys,
+        then the old key gone. Zero non-2xx, zero decrypt errors, every row under the new key. A replica that
+        skipped the first step (old key only) cannot read what the others now write: the step is needed."""
+        old, new = generate_key(), generate_key()
+        old_id, new_id = TokenCipher([old]).current_key_id, TokenCipher([new]).current_key_id
+        base = service_env(empty_pg_url, sandbox_process, TOKENSVC_ENCRYPTION_KEYS=old)
+        fleet = Fleet([start_service(f"r{i}-old", tmp_path, base) for i in range(ROLLING_REPLICAS)])
+        control: Process | None = None
+        try:
+            await wait_ready(*fleet.replicas)
+            users = [f"user-{i:03d}" for i in range(ROLLING_USERS)]
+            for i, user_id in enumerate(users):
+                await seed_user(http, sandbox_process, fleet.replicas[i % ROLLING_REPLICAS], user_id, 7200)
+            assert await key_ids_in_use(empty_pg_url) == Counter({old_id: 2 * ROLLING_USERS})
+
+            done = asyncio.Event()
+            # Forced refreshes write rows under whichever key a replica encrypts with; at default settings each one
+            # takes a unit of the shared Strava budget (200 per 15 minutes), so they are rationed.
+            refreshes_left = [150]
+
+            async def traffic(worker: int) -> None:
+                calls = 0
+                while not done.is_set():
+                    user_id = users[(worker * 7 + calls) % ROLLING_USERS]
+                    if calls % 25 == 3 and refreshes_left[0] > 0:
+                        refreshes_left[0] -= 1
+                        await fleet.request(http, "POST", f"/v1/users/{user_id}/refresh?force=true")
+                    elif calls % 2:
+                        await fleet.request(http, "GET", f"/v1/users/{user_id}/token-status")
+                    else:
+                        await fleet.request(http, "GET", f"/v1/users/{user_id}/access-token")
+                    calls += 1
+
+            workers = [asyncio.create_task(traffic(w)) for w in range(WORKERS)]
+            steps = [
+                ("decrypt-only", {"TOKENSVC_ENCRYPTION_KEYS": old, "TOKENSVC_DECRYPTION_KEYS": new}),
+                ("encrypting", {"TOKENSVC_ENCRYPTION_KEYS": new, "TOKENSVC_DECRYPTION_KEYS": old}),
+            ]
+            for step, keys in steps:
+                for i in range(ROLLING_REPLICAS):
+                    await fleet.replace(i, tmp_path, f"r{i}-{step}", base | keys)
+            await fleet.request(http, "POST", f"/v1/users/{users[0]}/refresh?force=true")  # one row under new, surely
+            assert new_id in await key_ids_in_use(empty_pg_url)
+
+            control = start_service("control-old-key-only", tmp_path, base)
+            await wait_ready(control)
+            unreadable = 0
+            for user_id in users:
+                answer = await http.get(f"{control.url}/v1/users/{user_id}/access-token")
+                unreadable += answer.status_code == 503 and answer.json()["code"] == "token_unreadable"
+            assert unreadable > 0
+            control.stop()
+
+            rotation = await run_cli("rotate-keys", "--batch-size", "5", env=fleet.replicas[0].env)
+            assert rotation.returncode == 0, rotation.stderr
+            for i in range(ROLLING_REPLICAS):
+                await fleet.replace(i, tmp_path, f"r{i}-new-only", base | {"TOKENSVC_ENCRYPTION_KEYS": new})
+            done.set()
+            await asyncio.gather(*workers)
+
+            assert fleet.failures == [], fleet.failures[:5]
+            assert set(fleet.statuses) == {200}
+            assert sum(fleet.statuses.values()) > 100
+            assert set(await key_ids_in_use(empty_pg_url)) == {new_id}
+            for replica in fleet.replicas + fleet.retired:
+                assert log_events(replica, "token.decrypt_failed") == [], replica.name
+            again = await run_cli("rotate-keys", env=fleet.replicas[0].env)
+            assert "re-encrypted 0 rows" in again.stdout
+        finally:
+            fleet.stop()
+            if control is not None:
+                control.stop()
+
+
 async def overwrite(database_url: str, sql: str, *args: object) -> None:
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:

@@ -18,9 +18,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from tokensvc.api.dashboard_page import render_dashboard, render_login
 from tokensvc.api.deps import ApiKeys
+from tokensvc.clock import Clock
 from tokensvc.config import Settings
 from tokensvc.service.dashboard import ADMIN_COOKIE, AdminSessions, DashboardService
-from tokensvc.service.signing import Clock
 
 log = structlog.get_logger(__name__)
 

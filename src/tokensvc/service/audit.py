@@ -7,6 +7,7 @@ import binascii
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tokensvc.db import Autocommit
 from tokensvc.errors import ValidationFailed
 from tokensvc.schemas import EventPage, TokenEventOut
 from tokensvc.store import journal as store
@@ -16,7 +17,7 @@ _CURSOR_PREFIX = "ev1:"
 
 class Audit:
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = Autocommit(engine)
 
     async def events(self, user_id: str, *, limit: int, cursor: str | None) -> EventPage:
         """A page of the user's events, newest first (a user with none gets an empty page).

@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
+from tokensvc.clock import Clock
 from tokensvc.service.rate_budget import BudgetState, RateBudget
-from tokensvc.service.signing import Clock, SignedTokens
+from tokensvc.service.signing import SignedTokens
 from tokensvc.service.status import Status
 from tokensvc.store import stats
 from tokensvc.store.stats import Failure, OutcomeCounts
@@ -115,21 +116,22 @@ class DashboardService:
         now = self._clock()
         as_of = datetime.fromtimestamp(now, UTC)
         first_hour = as_of.replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS - 1)
+        since_hour = int(first_hour.timestamp())
         async with self._engine.connect() as conn:
             by_status = await stats.users_by_status(conn, now=int(now), buffer_seconds=self._buffer_seconds)
-            last_24h = await stats.refresh_outcomes(conn, since=as_of - timedelta(hours=24))
-            by_hour = await stats.refresh_outcomes_by_hour(conn, since=first_hour)
+            by_hour = await stats.refresh_outcomes_by_hour(conn, since_hour=since_hour)
             reconnect = await stats.needs_reauth_users(conn, limit=RECONNECT_LIMIT)
             failures = await stats.recent_failures(conn, limit=FAILURE_LIMIT)
             pending = await stats.notifications_pending(conn)
         budget = await self._budget.state()
         users = {status.value: by_status[status] for status in _COUNTED}
+        hours = _hour_bars(first_hour, by_hour)
         return DashboardView(
             version=__version__,
             as_of=as_of,
             users={"total": sum(users.values()), **users},
-            last_24h=last_24h,
-            hours=_hour_bars(first_hour, by_hour),
+            last_24h=_totals(hours),
+            hours=hours,
             must_reconnect=[
                 ReconnectRow(r.user_id, r.athlete_id, reason_in_words(r.reason), r.since) for r in reconnect
             ],
@@ -140,6 +142,15 @@ class DashboardService:
 
 
 _COUNTED = (Status.VALID, Status.EXPIRING_SOON, Status.EXPIRED, Status.NEEDS_REAUTH)
+
+
+def _totals(bars: list[HourBar]) -> OutcomeCounts:
+    """The chart's bars added up: what /v1/stats reports for the same 24 hours."""
+    return OutcomeCounts(
+        success=sum(b.success for b in bars),
+        failure=sum(b.failure for b in bars),
+        reauth_required=sum(b.reauth_required for b in bars),
+    )
 
 
 def _hour_bars(first_hour: datetime, rows: list[tuple[datetime, str, int]]) -> list[HourBar]:

@@ -1,5 +1,9 @@
-"""What the service records about each change: an audit row always, and a notification for the app when a user's
+"""What the service records about each change: an audit row for every change of state and every failed refresh
+attempt, a count per hour and outcome for every refresh attempt, and a notification for the app when a user's
 connection changes state (`token.needs_reauth`, `token.recovered`, `token.revoked`).
+
+A successful refresh is only counted (at a million athletes that is millions of rows a day that nobody reads); it
+gets an audit row too when it ends a run of failures, so a user's history shows how each failure streak ended.
 
 Every method takes the connection of the transaction that makes the change, so the record, the notification and
 the change commit together or not at all (the transactional outbox). One notification per change of state: the
@@ -9,17 +13,21 @@ callers only call these when their UPDATE actually changed the state, never per 
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tokensvc.clock import Clock
 from tokensvc.store import journal as store
 from tokensvc.store.journal import EventRecord
 
-Clock = Callable[[], float]
+SUCCEEDED = "succeeded"
+# Rows of the hourly rollup each (hour, outcome) is spread over, so that concurrent commits seldom wait on one row.
+COUNT_SLOTS = 8
+HOUR = 3600
 
 NEEDS_REAUTH = "token.needs_reauth"
 RECOVERED = "token.recovered"
@@ -51,8 +59,18 @@ class Journal:
         strava_status: int | None = None,
         duration_ms: int | None = None,
         detail: str | None = None,
+        after_failures: int = 0,
     ) -> None:
-        """One call to Strava's token endpoint and how it ended."""
+        """One call to Strava's token endpoint and how it ended: counted always; an audit row unless it succeeded
+        without ending a run of `after_failures` failed attempts."""
+        now = self._clock()
+        await store.count_attempt(
+            conn, hour=int(now) - int(now) % HOUR, outcome=outcome, slot=random.randrange(COUNT_SLOTS)
+        )
+        if outcome == SUCCEEDED:
+            if not after_failures:
+                return
+            detail = f"after {after_failures} failures"
         await store.append(
             conn,
             EventRecord(

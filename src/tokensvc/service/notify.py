@@ -28,8 +28,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
+from tokensvc.clock import Clock
 from tokensvc.metrics import NOTIFICATIONS_TOTAL
-from tokensvc.service.signing import Clock
 from tokensvc.store import outbox
 from tokensvc.store.outbox import Claimed
 

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tokensvc.clock import Clock
 from tokensvc.errors import (
     InvalidState,
     OAuthCodeRejected,
@@ -32,7 +33,7 @@ from tokensvc.providers.strava import (
     StravaClient,
 )
 from tokensvc.schemas import USER_ID_RE, TokenStatus
-from tokensvc.service.signing import Clock, SignedTokens
+from tokensvc.service.signing import SignedTokens
 from tokensvc.service.tokens import TokenService
 from tokensvc.store import oauth_states
 

@@ -13,9 +13,10 @@ from typing import Literal
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tokensvc.clock import Clock
+from tokensvc.db import Autocommit
 from tokensvc.errors import ProviderRateLimited
 from tokensvc.providers.strava import RateLimitUsage, seconds_to_next_window
-from tokensvc.service.signing import Clock
 from tokensvc.store import rate_budget as store
 
 log = structlog.get_logger(__name__)
@@ -39,7 +40,7 @@ class RateBudget:
         self, engine: AsyncEngine, *, limit_15min: int, limit_daily: int, clock: Clock, sweep_share: float = 0.8
     ) -> None:
         # Single statements: autocommit, so the hot row is never held across anything else.
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = Autocommit(engine)
         self.limit_15min = limit_15min
         self.limit_daily = limit_daily
         self._clock = clock

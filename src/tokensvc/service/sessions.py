@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokensvc.clock import Clock
 from tokensvc.schemas import USER_ID_RE
-from tokensvc.service.signing import Clock, SignedTokens
+from tokensvc.service.signing import SignedTokens
 
 COOKIE_NAME = "tokensvc_session"
 

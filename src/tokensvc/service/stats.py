@@ -1,39 +1,58 @@
 """The DB-wide numbers: `/v1/stats` (CONTRACT.md) and the gauges `/metrics` reports.
 
-The gauges describe the shared database, not a process, so they are read fresh when `/metrics` is scraped (the
-handler is async: it awaits `update_gauges`, then prometheus-client renders). Every replica therefore reports the
-same value; aggregate with max(). Reads only: autocommit, no transaction.
+The gauges describe the shared database, not a process. Each replica's `gauges` job reads them every
+`gauge_interval_seconds` (TOKENSVC_GAUGE_INTERVAL_SECONDS), however often `/metrics` is scraped: a scrape never
+touches the database. Every replica reports the same values, at most one interval old; aggregate with max().
+`/v1/stats` reads on every call. Reads only: autocommit, no transaction.
+
+"The last 24 hours" is the current hour and the 23 before it, the hourly buckets the dashboard's chart shows.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import metrics
+from tokensvc.background import PeriodicJob
+from tokensvc.clock import Clock
+from tokensvc.db import Autocommit
 from tokensvc.schemas import RefreshCounts, RefreshWindows, Stats, UserCounts
 from tokensvc.service.rate_budget import RateBudget
-from tokensvc.service.signing import Clock
 from tokensvc.service.status import Status
 from tokensvc.store import stats as store
 
 _GAUGED = (Status.VALID, Status.EXPIRING_SOON, Status.EXPIRED, Status.NEEDS_REAUTH)
+HOUR = 3600
+HOURS = 24
+
+
+def first_hour_of_day(now: float) -> int:
+    """Epoch seconds at the start of the oldest of the last 24 hourly buckets (the current hour is the newest)."""
+    return int(now) - int(now) % HOUR - (HOURS - 1) * HOUR
 
 
 class StatsService:
-    def __init__(self, engine: AsyncEngine, *, budget: RateBudget, clock: Clock, buffer_seconds: int) -> None:
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        budget: RateBudget,
+        clock: Clock,
+        buffer_seconds: int,
+        gauge_interval_seconds: float = 10.0,
+    ) -> None:
+        self._engine = Autocommit(engine)
         self._budget = budget
         self._clock = clock
         self._buffer_seconds = buffer_seconds
+        self.gauges = PeriodicJob("metrics-gauges", self.update_gauges, interval_seconds=gauge_interval_seconds)
 
     async def stats(self) -> Stats:
-        """Users by status now, and refresh attempts at Strava in the last 24 hours (from the audit trail)."""
+        """Users by status now, and refresh attempts at Strava in the last 24 hours (from the hourly rollup)."""
         now = self._clock()
         async with self._engine.connect() as conn:
             users = await store.users_by_status(conn, now=int(now), buffer_seconds=self._buffer_seconds)
-            outcomes = await store.refresh_outcomes(conn, since=datetime.fromtimestamp(now, UTC) - timedelta(days=1))
+            outcomes = await store.refresh_outcomes(conn, since_hour=first_hour_of_day(now))
         return Stats(
             users=UserCounts(
                 total=sum(users.values()),

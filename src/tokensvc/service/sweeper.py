@@ -19,8 +19,8 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tokensvc.clock import Clock
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, TokenServiceError, TokensMissing
-from tokensvc.service.signing import Clock
 from tokensvc.service.tokens import TokenService
 from tokensvc.store import tokens as store
 

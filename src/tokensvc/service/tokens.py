@@ -27,7 +27,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import failpoints, metrics
+from tokensvc.clock import Clock
 from tokensvc.crypto import DecryptionError, Field, TokenCipher
+from tokensvc.db import Autocommit
 from tokensvc.errors import (
     ProviderMisconfigured,
     ProviderRateLimited,
@@ -57,7 +59,6 @@ from tokensvc.store.tokens import NewTokens, TokenRow
 
 log = structlog.get_logger(__name__)
 
-Clock = Callable[[], float]
 AuthorizeUrlFactory = Callable[[str], str | None]
 
 MSG_REFRESHED = "Tokens refreshed successfully"
@@ -97,8 +98,8 @@ class TokenService:
         self._engine = engine
         self.journal = journal or Journal(clock=clock)
         # Reads need no transaction: autocommit saves the BEGIN/ROLLBACK round trips.
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._rows = rows or EngineReader(engine)
+        self._autocommit = Autocommit(engine)
+        self._rows = rows if rows is not None else EngineReader(engine)
         self._cipher = cipher
         self._strava = strava
         self._budget = budget
@@ -170,6 +171,7 @@ class TokenService:
                 conn, user_id, tokens, athlete_id=body.athlete_id, scopes=body.scopes, now=self._now_dt()
             )
             await self.journal.stored(conn, user_id, kind="imported", previous_reason=_reason(previous))
+        self.row_changed(user_id)
         log.info("token.imported", user_id=user_id, expires_at=row.expires_at, version=row.version)
         return self._status(user_id, row)
 
@@ -184,6 +186,7 @@ class TokenService:
                 conn, user_id, tokens, athlete_id=grant.athlete_id, scopes=list(scopes), now=self._now_dt()
             )
             await self.journal.stored(conn, user_id, kind="connected", previous_reason=_reason(previous))
+        self.row_changed(user_id)
         log.info("token.connected", user_id=user_id, athlete_id=row.athlete_id, was=_reason(previous))
         return self._status(user_id, row)
 
@@ -209,7 +212,13 @@ class TokenService:
                 await self._deauthorize_best_effort(row)
             await store.delete(conn, user_id)
             await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
+        self.row_changed(user_id)
         log.info("token.deleted", user_id=user_id)
+
+    def row_changed(self, user_id: str) -> None:
+        """A transaction of this process that changed the user's row has committed: this replica's reader forgets
+        what it held for the user at once (other replicas hear of it through the database)."""
+        self._rows.forget(user_id)
 
     async def drain(self) -> None:
         """Wait until no background refresh is running (tests, and shutdown)."""
@@ -396,7 +405,7 @@ class TokenService:
                                 outcome="succeeded",
                                 strava_status=200,
                                 duration_ms=duration_ms,
-                                detail=f"after {row.failure_count} failures" if row.failure_count else None,
+                                after_failures=row.failure_count,
                             )
                             failpoints.hit("refresh.before_commit")  # tests only: a kill between Strava and commit
             except (DBAPIError, OSError) as exc:
@@ -411,6 +420,8 @@ class TokenService:
             finally:
                 if not called:
                     await self._budget.refund()
+            if written is not None or dead:
+                self.row_changed(user_id)
             if dead:
                 log.warning("token.refresh.reauth_required", user_id=user_id, reason="refresh_token_invalid")
                 raise ReauthRequired(

@@ -28,11 +28,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import metrics
+from tokensvc.clock import Clock
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, RetryLater, TokensMissing, WebhookForbidden
 from tokensvc.providers.strava import ProviderConfigError, ProviderTransientError, StravaClient
 from tokensvc.schemas import StravaEvent
 from tokensvc.service.rate_budget import RateBudget
-from tokensvc.service.signing import Clock
 from tokensvc.service.tokens import TokenService, backoff_seconds
 from tokensvc.store import tokens as tokens_store
 from tokensvc.store import webhook_events as store
@@ -286,6 +286,7 @@ class StravaWebhooks:
                 await self._tokens.journal.note(
                     conn, user_id, kind="needs_reauth", detail=f"{DEAUTHORIZED} (was {row.reauth_reason})"
                 )
+        self._tokens.row_changed(user_id)
         log.info("token.deauthorized", user_id=user_id, athlete_id=row.athlete_id, was=row.reauth_reason)
         return _APPLIED
 

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import notifications as n
+from tokensvc.models import refresh_counts as c
 from tokensvc.models import token_events as e
+from tokensvc.store.housekeeping import batch_delete
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +109,22 @@ async def list_for_user(
     return [StoredEvent(**row._mapping) for row in (await conn.execute(stmt)).all()]
 
 
-async def purge_events(conn: AsyncConnection, *, before: datetime) -> int:
-    """Drop audit rows older than the retention (the only way rows leave the trail)."""
-    result = await conn.execute(sa.delete(e).where(e.c.occurred_at < before))
+async def count_attempt(conn: AsyncConnection, *, hour: int, outcome: str, slot: int) -> None:
+    """Add one refresh attempt to the hourly rollup (`hour`: epoch seconds at its start)."""
+    insert = pg_insert(c) if conn.dialect.name == "postgresql" else sqlite_insert(c)
+    stmt = insert.values(hour=hour, outcome=outcome, slot=slot, count=1)
+    await conn.execute(
+        stmt.on_conflict_do_update(index_elements=[c.c.hour, c.c.outcome, c.c.slot], set_={"count": c.c.count + 1})
+    )
+
+
+async def purge_events(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Drop up to `limit` audit rows older than the retention (the only way rows leave the trail)."""
+    result = await conn.execute(batch_delete(e, e.c.id, e.c.occurred_at < before, limit=limit))
+    return int(result.rowcount or 0)
+
+
+async def purge_counts(conn: AsyncConnection, *, before_hour: int) -> int:
+    """Drop rollup rows of hours before `before_hour` (a few dozen rows a day: no batches needed)."""
+    result = await conn.execute(sa.delete(c).where(c.c.hour < before_hour))
     return int(result.rowcount or 0)

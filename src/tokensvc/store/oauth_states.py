@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import oauth_state_uses as t
+from tokensvc.store.housekeeping import batch_delete
 
 
 async def consume(conn: AsyncConnection, nonce: str, *, user_id: str, expires_at: int, now: datetime) -> bool:
@@ -21,7 +22,10 @@ async def consume(conn: AsyncConnection, nonce: str, *, user_id: str, expires_at
     return True
 
 
-async def purge_expired(conn: AsyncConnection, *, now: int) -> int:
-    """Forget nonces whose state has expired anyway (an expired state is refused by its signature's age)."""
-    result = await conn.execute(sa.delete(t).where(t.c.expires_at < now))
+async def purge_expired(conn: AsyncConnection, *, now: int, limit: int | None = None) -> int:
+    """Forget nonces whose state has expired anyway (an expired state is refused by its signature's age); at most
+    `limit` of them when given."""
+    expired = t.c.expires_at < now
+    stmt = sa.delete(t).where(expired) if limit is None else batch_delete(t, t.c.nonce, expired, limit=limit)
+    result = await conn.execute(stmt)
     return int(result.rowcount)

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import notifications as n
+from tokensvc.store.housekeeping import batch_delete
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,8 @@ async def claim_due(conn: AsyncConnection, *, now: int, limit: int, lease_until:
     stmt = (
         sa.select(n.c.id, n.c.event_type, n.c.payload, n.c.attempts)
         .where(n.c.delivered_at.is_(None), n.c.next_attempt_at <= now)
-        .order_by(n.c.created_at, n.c.id)
+        # the index's order (ix_notifications_due): the longest due first, without sorting a backlog
+        .order_by(n.c.next_attempt_at)
         .limit(limit)
     )
     if conn.dialect.name == "postgresql":
@@ -62,7 +64,8 @@ async def mark_failed(conn: AsyncConnection, message_id: str, *, error: str, ret
     )
 
 
-async def purge_delivered(conn: AsyncConnection, *, before: datetime) -> int:
-    """Forget notifications delivered before `before` (undelivered ones are never purged: none is lost)."""
-    result = await conn.execute(sa.delete(n).where(n.c.delivered_at.is_not(None), n.c.delivered_at < before))
+async def purge_delivered(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Forget up to `limit` notifications delivered before `before` (undelivered ones are never purged)."""
+    delivered = sa.and_(n.c.delivered_at.is_not(None), n.c.delivered_at < before)
+    result = await conn.execute(batch_delete(n, n.c.id, delivered, limit=limit))
     return int(result.rowcount or 0)

@@ -13,6 +13,7 @@ from typing import Protocol
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tokensvc.db import Autocommit
 from tokensvc.store import tokens as store
 from tokensvc.store.tokens import TokenRow
 
@@ -22,6 +23,9 @@ _BY_USER = f"SELECT {', '.join(c.name for c in store.COLUMNS)} FROM user_tokens 
 class RowReader(Protocol):
     async def get(self, user_id: str) -> TokenRow | None: ...
 
+    def forget(self, user_id: str) -> None:
+        """The user's row was just changed by this process (called after the commit)."""
+
     async def aclose(self) -> None: ...
 
 
@@ -29,11 +33,14 @@ class EngineReader:
     """Reads through the SQLAlchemy engine, without a transaction (autocommit saves BEGIN/ROLLBACK)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = Autocommit(engine)
 
     async def get(self, user_id: str) -> TokenRow | None:
         async with self._engine.connect() as conn:
             return await store.get(conn, user_id)
+
+    def forget(self, user_id: str) -> None:
+        return None  # nothing kept
 
     async def aclose(self) -> None:
         return None
@@ -67,6 +74,9 @@ class AsyncpgReader:
         record = await pool.fetchrow(_BY_USER, user_id)
         return TokenRow(**record) if record is not None else None
 
+    def forget(self, user_id: str) -> None:
+        return None  # nothing kept
+
     async def aclose(self) -> None:
         if self._pool is not None:
             await self._pool.close()
@@ -77,7 +87,9 @@ async def _keep_session(_connection: asyncpg.Connection) -> None:
     and asyncpg's default reset (RESET ALL, UNLISTEN *, …) costs a round trip on every release."""
 
 
-def open_reader(engine: AsyncEngine, *, size: int) -> RowReader:
-    if engine.dialect.name == "postgresql":
+def open_reader(engine: AsyncEngine, *, size: int, statement_cache: bool = True) -> RowReader:
+    """The asyncpg pool on Postgres; the engine elsewhere, and behind a transaction-mode pooler (no statement cache),
+    where every read must run inside a transaction (`db.Autocommit`)."""
+    if engine.dialect.name == "postgresql" and statement_cache:
         return AsyncpgReader(engine, size=size)
     return EngineReader(engine)

@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tokensvc.models import FAILED_REFRESH
 from tokensvc.models import notifications as n
+from tokensvc.models import refresh_counts as c
 from tokensvc.models import token_events as e
 from tokensvc.models import user_tokens as t
 from tokensvc.service.status import Status
@@ -19,18 +21,25 @@ REJECTED = "rejected"
 
 
 async def users_by_status(conn: AsyncConnection, *, now: int, buffer_seconds: int) -> dict[Status, int]:
-    """Stored users per status in one pass (`missing` users have no row and are not counted)."""
+    """Stored users per status (`missing` users have no row and are not counted), in one statement of four
+    index reads: the users that can be refreshed (an index-only scan of ix_user_tokens_due, the one count that
+    grows with the table), those of them due within the buffer and those expired (ranges of the same index), and
+    the flagged ones (ix_user_tokens_needs_reauth). Valid users are the difference."""
     live = t.c.reauth_reason.is_(None)
+
+    def count(*where: sa.ColumnElement[bool]) -> sa.ScalarSelect[int]:
+        return sa.select(sa.func.count()).select_from(t).where(*where).scalar_subquery()
+
     stmt = sa.select(
-        sa.func.count().filter(live, t.c.expires_at > now + buffer_seconds),
-        sa.func.count().filter(live, t.c.expires_at > now, t.c.expires_at <= now + buffer_seconds),
-        sa.func.count().filter(live, t.c.expires_at <= now),
-        sa.func.count().filter(t.c.reauth_reason.is_not(None)),
+        count(live),
+        count(live, t.c.expires_at <= now + buffer_seconds),
+        count(live, t.c.expires_at <= now),
+        count(t.c.reauth_reason.is_not(None)),
     )
-    valid, expiring_soon, expired, needs_reauth = (await conn.execute(stmt)).one()
+    live_count, due_count, expired, needs_reauth = (await conn.execute(stmt)).one()
     return {
-        Status.VALID: int(valid),
-        Status.EXPIRING_SOON: int(expiring_soon),
+        Status.VALID: int(live_count) - int(due_count),
+        Status.EXPIRING_SOON: int(due_count) - int(expired),
         Status.EXPIRED: int(expired),
         Status.NEEDS_REAUTH: int(needs_reauth),
     }
@@ -43,37 +52,26 @@ class OutcomeCounts:
     reauth_required: int
 
 
-async def refresh_outcomes(conn: AsyncConnection, *, since: datetime) -> OutcomeCounts:
-    """Refresh attempts at Strava since `since`, from the audit trail (so every replica's attempts count)."""
-    refreshes = sa.and_(e.c.kind == "refresh", e.c.occurred_at >= since)
-    stmt = sa.select(
-        sa.func.count().filter(e.c.outcome == SUCCESS),
-        sa.func.count().filter(e.c.outcome.not_in([SUCCESS, REJECTED])),
-        sa.func.count().filter(e.c.outcome == REJECTED),
-    ).where(refreshes)
-    success, failure, rejected = (await conn.execute(stmt)).one()
-    return OutcomeCounts(success=int(success), failure=int(failure), reauth_required=int(rejected))
+async def refresh_outcomes(conn: AsyncConnection, *, since_hour: int, hours: int = 24) -> OutcomeCounts:
+    """Refresh attempts at Strava in the `hours` hourly buckets from `since_hour` (epoch seconds at an hour's
+    start), from the hourly rollup, so every replica's attempts count and no audit row is read."""
+    in_window = sa.and_(c.c.hour >= since_hour, c.c.hour < since_hour + hours * 3600)
+    stmt = sa.select(c.c.outcome, sa.func.sum(c.c.count)).where(in_window).group_by(c.c.outcome)
+    totals = {outcome: int(count) for outcome, count in (await conn.execute(stmt)).all()}
+    success = totals.pop(SUCCESS, 0)
+    rejected = totals.pop(REJECTED, 0)
+    return OutcomeCounts(success=success, failure=sum(totals.values()), reauth_required=rejected)
 
 
-async def refresh_outcomes_by_hour(conn: AsyncConnection, *, since: datetime) -> list[tuple[datetime, str, int]]:
-    """(hour, outcome, count) for refresh attempts since `since`, counted by the database (a day can hold hundreds
-    of thousands of attempts; the dashboard reloads every 30 s). The hour is a `YYYY-MM-DD HH` text in UTC, which
-    both dialects can make."""
-    if conn.dialect.name == "postgresql":
-        hour = sa.func.to_char(sa.func.timezone("UTC", e.c.occurred_at), "YYYY-MM-DD HH24")
-    else:  # SQLite keeps the UTC time as ISO text
-        hour = sa.func.strftime("%Y-%m-%d %H", e.c.occurred_at)
+async def refresh_outcomes_by_hour(conn: AsyncConnection, *, since_hour: int) -> list[tuple[datetime, str, int]]:
+    """(hour, outcome, count) for refresh attempts in the hours from `since_hour` on, from the hourly rollup."""
     stmt = (
-        sa.select(hour.label("hour"), e.c.outcome, sa.func.count())
-        .where(e.c.kind == "refresh", e.c.occurred_at >= since)
-        .group_by(hour, e.c.outcome)
+        sa.select(c.c.hour, c.c.outcome, sa.func.sum(c.c.count))
+        .where(c.c.hour >= since_hour)
+        .group_by(c.c.hour, c.c.outcome)
     )
     rows = (await conn.execute(stmt)).all()
-    counts = [
-        (datetime.strptime(text, "%Y-%m-%d %H").replace(tzinfo=UTC), outcome or "", int(count))
-        for text, outcome, count in rows
-    ]
-    return sorted(counts)
+    return sorted((datetime.fromtimestamp(hour, UTC), outcome, int(count)) for hour, outcome, count in rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +83,8 @@ class ReconnectNeeded:
 
 
 async def needs_reauth_users(conn: AsyncConnection, *, limit: int) -> list[ReconnectNeeded]:
-    """Users who must reconnect, most recent first (`updated_at` is when they were flagged)."""
+    """Users who must reconnect, most recent first (`updated_at` is when they were flagged): the first entries of
+    ix_user_tokens_needs_reauth."""
     stmt = (
         sa.select(t.c.user_id, t.c.athlete_id, t.c.reauth_reason, t.c.updated_at)
         .where(t.c.reauth_reason.is_not(None))
@@ -109,7 +108,7 @@ async def recent_failures(conn: AsyncConnection, *, limit: int) -> list[Failure]
     """The latest refresh attempts that did not succeed, newest first."""
     stmt = (
         sa.select(e.c.occurred_at, e.c.user_id, e.c.trigger, e.c.outcome, e.c.strava_status, e.c.detail)
-        .where(e.c.kind == "refresh", e.c.outcome != SUCCESS)
+        .where(sa.text(FAILED_REFRESH))  # literal, like the predicate of ix_token_events_failures
         .order_by(e.c.id.desc())
         .limit(limit)
     )
@@ -117,5 +116,6 @@ async def recent_failures(conn: AsyncConnection, *, limit: int) -> list[Failure]
 
 
 async def notifications_pending(conn: AsyncConnection) -> int:
+    """Undelivered notifications (an index-only scan of ix_notifications_due)."""
     stmt = sa.select(sa.func.count()).select_from(n).where(n.c.delivered_at.is_(None))
     return int((await conn.execute(stmt)).scalar_one())

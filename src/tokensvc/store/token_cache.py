@@ -11,6 +11,9 @@ What keeps it honest when the notifications cannot be trusted:
 - a read that raced a notification is not cached (an epoch counter moves on every notification and reset);
 - an entry lives at most `max_age_seconds`, which bounds staleness even if a connection dies silently, and the
   listener pings its connection so that such a death is noticed;
+- the service forgets a user itself right after each commit of its own that changes the row (import, connect,
+  refresh, deauthorization, delete), so the replica that wrote never serves what it replaced, even before the
+  notification arrives;
 - only rows the caller's `keep` accepts are cached or served (the service keeps `valid` rows only: a row that is
   due for a refresh, or flagged, is always read from the database).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +40,13 @@ CHANNEL = "tokensvc_token_changes"
 
 class CachedReader:
     """A `RowReader` in front of another, for Postgres. `start()` begins listening; until the listener is
-    connected every read goes to the database."""
+    connected every read goes to the database.
+
+    Bounded: at most `max_entries` rows (under 2 KB each with their ciphertexts, bench/growth.py: 100,000
+    entries stay under about 200 MB), none older than `max_age_seconds`. Entries are kept in the order they were
+    stored, which is also the order of their age, so evicting the oldest (when full) and reaping the stale ones (on
+    every store, and every `ping_seconds` while idle) are O(1) per entry.
+    """
 
     def __init__(
         self,
@@ -47,62 +57,75 @@ class CachedReader:
         max_entries: int = 100_000,
         max_age_seconds: float = 30.0,
         ping_seconds: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._inner = inner
         self._dsn = dsn
         self._keep = keep
-        self._max_entries = max_entries
-        self._max_age = max_age_seconds
+        self.max_entries = max_entries
+        self.max_age_seconds = max_age_seconds
         self._ping_seconds = ping_seconds
-        self._entries: dict[str, tuple[TokenRow, float]] = {}
+        self._monotonic = monotonic
+        self._entries: OrderedDict[str, tuple[TokenRow, float]] = OrderedDict()
         self._epoch = 0
-        self.live = False
-        self.listening = asyncio.Event()  # set while the listener is connected (tests wait on it)
-        self.changed = asyncio.Event()  # set on every notification and reset (tests wait on it)
-        self.last_notified: str | None = None
+        self._live = False
         self._stopping = asyncio.Event()
         self._interrupt = asyncio.Event()  # ends the current connection's wait: lost, or closing
         self._task: asyncio.Task[None] | None = None
-        self.hits = 0
-        self.misses = 0
+
+    @property
+    def live(self) -> bool:
+        """True while the listener is connected: only then is anything served from memory."""
+        return self._live
+
+    @property
+    def size(self) -> int:
+        """Entries held now (at most `max_entries`)."""
+        return len(self._entries)
 
     async def get(self, user_id: str) -> TokenRow | None:
-        if self.live:
+        if self._live:
             entry = self._entries.get(user_id)
             if entry is not None:
                 row, cached_at = entry
-                if self._keep(row) and time.monotonic() - cached_at < self._max_age:
-                    self.hits += 1
+                if self._monotonic() - cached_at < self.max_age_seconds and self._keep(row):
                     return row
                 self._entries.pop(user_id, None)
-        self.misses += 1
         epoch = self._epoch
         fresh = await self._inner.get(user_id)
-        if fresh is not None and self.live and epoch == self._epoch and self._keep(fresh):
-            if len(self._entries) >= self._max_entries:
-                self._entries.pop(next(iter(self._entries)))  # the oldest insertion goes first
-            self._entries[user_id] = (fresh, time.monotonic())
+        if fresh is not None and self._live and epoch == self._epoch and self._keep(fresh):
+            self._store(user_id, fresh)
         return fresh
 
-    def holds(self, user_id: str) -> bool:
-        return user_id in self._entries
+    def _store(self, user_id: str, row: TokenRow) -> None:
+        now = self._monotonic()
+        entries = self._entries
+        entries[user_id] = (row, now)
+        entries.move_to_end(user_id)  # a concurrent miss may have stored it first: keep the order that of age
+        self._reap(now)
+        if len(entries) > self.max_entries:
+            entries.popitem(last=False)
+
+    def _reap(self, now: float) -> None:
+        """Drop the entries past their age, oldest first (they are at the front)."""
+        entries = self._entries
+        horizon = now - self.max_age_seconds
+        while entries:
+            _row, cached_at = entries[next(iter(entries))]
+            if cached_at > horizon:
+                return
+            entries.popitem(last=False)
 
     def forget(self, user_id: str) -> None:
-        """This user's row changed: drop it, and keep any read in flight from caching what it saw."""
+        """This user's row changed (a notification, or this replica's own commit): drop it, and keep any read in
+        flight from caching what it saw."""
         self._epoch += 1
         self._entries.pop(user_id, None)
-        self.last_notified = user_id
-        self.changed.set()
 
     def _reset(self, *, live: bool) -> None:
         self._epoch += 1
         self._entries.clear()
-        self.live = live
-        if live:
-            self.listening.set()
-        else:
-            self.listening.clear()
-        self.changed.set()
+        self._live = live
 
     # -- the listener -------------------------------------------------------------------------------------------
 
@@ -146,6 +169,7 @@ class CachedReader:
                     await asyncio.wait_for(interrupt.wait(), timeout=self._ping_seconds)
                 if not interrupt.is_set():
                     await conn.fetchval("SELECT 1", timeout=self._ping_seconds)
+                    self._reap(self._monotonic())
         finally:
             self._reset(live=False)
             with contextlib.suppress(Exception):

@@ -11,8 +11,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tokensvc.models import PROCESSED_EVENT
 from tokensvc.models import strava_webhook_events as w
 from tokensvc.models import user_tokens as t
+from tokensvc.store.housekeeping import batch_delete
 
 PENDING = "pending"
 
@@ -137,8 +139,9 @@ _COLUMNS = (
 )
 
 
-async def purge_processed(conn: AsyncConnection, *, before: datetime) -> int:
-    """Forget events processed before `before` (Strava's retries come within minutes, so the dedupe key need not
-    outlive the retention); pending events are never purged."""
-    result = await conn.execute(sa.delete(w).where(w.c.state != "pending", w.c.processed_at < before))
+async def purge_processed(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Forget up to `limit` events processed before `before` (Strava's retries come within minutes, so the dedupe
+    key need not outlive the retention); pending events are never purged."""
+    processed = sa.and_(sa.text(PROCESSED_EVENT), w.c.processed_at < before)
+    result = await conn.execute(batch_delete(w, w.c.id, processed, limit=limit))
     return int(result.rowcount or 0)

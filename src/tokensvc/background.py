@@ -1,0 +1,94 @@
+"""One way to run a periodic background job in a replica: start, a jittered interval, wake, stop within a deadline,
+errors logged and survived.
+
+A job is an async function with no arguments. It runs once at `start` (unless told otherwise), then every
+`interval_seconds` (each wait drawn from ±`jitter` of it, so replicas started together drift apart), and at once
+after `wake()` (a wake during a run is kept: the job runs again right after). A run that raises is logged as
+`background.job_failed` and the schedule goes on. `stop` lets a run in flight finish within its deadline, then
+cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class PeriodicJob:
+    """A named periodic job; `start()` schedules it on the running loop, `stop()` ends it."""
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[], Awaitable[object]],
+        *,
+        interval_seconds: float,
+        jitter: float = 0.1,
+        run_at_start: bool = True,
+    ) -> None:
+        if interval_seconds <= 0:
+            raise ValueError(f"{name}: interval_seconds must be positive, got {interval_seconds}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"{name}: jitter must be in [0, 1), got {jitter}")
+        self.name = name
+        self._run = run
+        self.interval_seconds = interval_seconds
+        self._jitter = jitter
+        self._run_at_start = run_at_start
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def next_delay(self) -> float:
+        """The wait before the next scheduled run: the interval, jittered."""
+        return self.interval_seconds * random.uniform(1 - self._jitter, 1 + self._jitter)
+
+    def start(self) -> None:
+        """Schedule the job (idempotent)."""
+        if self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._loop(), name=f"tokensvc-{self.name}")
+
+    def wake(self) -> None:
+        """Run now rather than at the next scheduled time (or right after the run in flight)."""
+        self._wake.set()
+
+    async def stop(self, *, deadline_seconds: float = 10.0) -> None:
+        """Schedule nothing more; let a run in flight finish within `deadline_seconds`, else cancel it."""
+        self._stopping.set()
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=deadline_seconds)
+        except TimeoutError:
+            log.warning("background.job_cancelled", job=self.name, deadline_seconds=deadline_seconds)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self) -> None:
+        delay = 0.0 if self._run_at_start else self.next_delay()
+        while True:
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            if self._stopping.is_set():
+                return
+            self._wake.clear()
+            try:
+                await self._run()
+            except Exception as exc:  # a failed run (database away, …) must not end the schedule
+                log.warning("background.job_failed", job=self.name, error=type(exc).__name__, detail=str(exc)[:200])
+            delay = self.next_delay()

@@ -1,0 +1,149 @@
+"""The one helper for periodic background jobs: start, jittered interval, wake, stop within a deadline, errors
+logged and survived. Waits are bounded waits on what the job records, never fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.logcapture import captured_logs
+from tokensvc.background import PeriodicJob
+
+DEADLINE = 5.0
+
+
+class Recorder:
+    """A job that counts its runs, can be made to fail or to block, and lets the test wait for the n-th run."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.failures_left = 0
+        self.block: asyncio.Event | None = None
+        self.finished = 0
+        self._ran = asyncio.Condition()
+
+    async def __call__(self) -> None:
+        self.runs += 1
+        async with self._ran:
+            self._ran.notify_all()
+        if self.block is not None:
+            await self.block.wait()
+        if self.failures_left:
+            self.failures_left -= 1
+            raise RuntimeError("database away")
+        self.finished += 1
+
+    async def until_runs(self, n: int) -> None:
+        async with asyncio.timeout(DEADLINE), self._ran:
+            await self._ran.wait_for(lambda: self.runs >= n)
+
+
+class TestSchedule:
+    async def test_it_runs_at_start_and_again_when_woken(self) -> None:
+        """With an hour's interval, the only runs are the one at start and the one `wake` asks for."""
+        job = Recorder()
+        periodic = PeriodicJob("test", job, interval_seconds=3600)
+        periodic.start()
+        try:
+            await job.until_runs(1)
+            periodic.wake()
+            await job.until_runs(2)
+            assert job.runs == 2
+        finally:
+            await periodic.stop()
+
+    async def test_without_run_at_start_the_first_run_waits_for_the_interval_or_a_wake(self) -> None:
+        """`run_at_start=False`: nothing happens at start; a wake runs it."""
+        job = Recorder()
+        periodic = PeriodicJob("test", job, interval_seconds=3600, run_at_start=False)
+        periodic.start()
+        try:
+            await asyncio.sleep(0)  # let the loop begin its wait (this only yields; nothing depends on timing)
+            assert job.runs == 0
+            periodic.wake()
+            await job.until_runs(1)
+        finally:
+            await periodic.stop()
+
+    async def test_it_runs_every_interval_on_its_own(self) -> None:
+        """A short interval brings run after run with nobody waking it."""
+        job = Recorder()
+        periodic = PeriodicJob("test", job, interval_seconds=0.01)
+        periodic.start()
+        try:
+            await job.until_runs(3)
+        finally:
+            await periodic.stop()
+
+    def test_the_interval_is_jittered_within_its_bounds(self) -> None:
+        """Each wait is drawn from interval ± jitter, so replicas started together drift apart."""
+        periodic = PeriodicJob("test", Recorder(), interval_seconds=100, jitter=0.1)
+        delays = [periodic.next_delay() for _ in range(200)]
+        assert all(90 <= d <= 110 for d in delays)
+        assert len({round(d, 3) for d in delays}) > 100
+
+    @pytest.mark.parametrize(("interval", "jitter"), [(0, 0.1), (-1, 0.1), (1, 1.0), (1, -0.1)])
+    def test_nonsense_schedules_are_refused(self, interval: float, jitter: float) -> None:
+        """A job that would spin, or whose jitter could make the wait negative, is a programming error."""
+        with pytest.raises(ValueError, match="test"):
+            PeriodicJob("test", Recorder(), interval_seconds=interval, jitter=jitter)
+
+
+class TestErrors:
+    async def test_a_failing_run_is_logged_and_the_schedule_goes_on(self) -> None:
+        """The first run raises: one `background.job_failed` line naming the job and the error; the next run
+        (woken) succeeds."""
+        job = Recorder()
+        job.failures_left = 1
+        periodic = PeriodicJob("flaky", job, interval_seconds=3600)
+        with captured_logs() as logs:
+            periodic.start()
+            try:
+                await job.until_runs(1)
+                periodic.wake()
+                await job.until_runs(2)
+            finally:
+                await periodic.stop()
+        assert job.finished == 1
+        failed = logs.events("background.job_failed")
+        assert [(line["job"], line["error"]) for line in failed] == [("flaky", "RuntimeError")]
+
+
+class TestStop:
+    async def test_stop_lets_the_run_in_flight_finish_within_the_deadline(self) -> None:
+        """A run blocked when stop is asked completes (it is released within the deadline) and nothing runs
+        after it."""
+        job = Recorder()
+        job.block = asyncio.Event()
+        periodic = PeriodicJob("test", job, interval_seconds=0.01)
+        periodic.start()
+        await job.until_runs(1)
+        stopping = asyncio.create_task(periodic.stop(deadline_seconds=DEADLINE))
+        await asyncio.sleep(0)
+        job.block.set()
+        await asyncio.wait_for(stopping, DEADLINE)
+        assert (job.runs, job.finished) == (1, 1)
+        assert not periodic.running
+
+    async def test_a_run_that_outlives_the_deadline_is_cancelled(self) -> None:
+        """A run that never ends is cancelled once the deadline has passed, and stop returns."""
+        job = Recorder()
+        job.block = asyncio.Event()  # never set
+        periodic = PeriodicJob("stuck", job, interval_seconds=3600)
+        periodic.start()
+        await job.until_runs(1)
+        with captured_logs() as logs:
+            await asyncio.wait_for(periodic.stop(deadline_seconds=0.05), DEADLINE)
+        assert job.finished == 0
+        assert not periodic.running
+        assert [line["job"] for line in logs.events("background.job_cancelled")] == ["stuck"]
+
+    async def test_stop_before_start_and_twice_is_harmless(self) -> None:
+        """Stopping a job that never ran, or stopping twice, does nothing."""
+        periodic = PeriodicJob("test", Recorder(), interval_seconds=1)
+        await periodic.stop()
+        periodic.start()
+        await periodic.stop()
+        await periodic.stop()
+        assert not periodic.running
