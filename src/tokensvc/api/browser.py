@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from tokensvc.api.deps import OptionalSession, RequiredSession, TokenServiceDep, browser_post_guard
-from tokensvc.api.problems import responses
+from tokensvc.api.problems import problem_responses
 from tokensvc.errors import NeedsReconnect, RetryLater
 from tokensvc.schemas import BrowserFailure, RefreshResult, TokenStatus
 from tokensvc.service.tokens import TokenService
@@ -25,7 +25,7 @@ UNAVAILABLE_MESSAGE = "Strava is unavailable right now; your connection is kept.
     responses={
         401: {"model": BrowserFailure, "description": "No session, no tokens, or the refresh token is dead"},
         503: {"model": BrowserFailure, "description": "Transient failure; nothing changed"},
-        **responses(403, 413, 415),
+        **problem_responses(403, 413, 415),
     },
     # The dashboard posts JSON (the content type is what keeps cross-site forms out); the body itself is ignored.
     openapi_extra={
@@ -61,8 +61,8 @@ async def proactive_token_refresh(
     return JSONResponse(result.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
 
 
-@router.get("/v1/me/token-status", response_model=TokenStatus, responses=responses(401))
-async def my_token_status(session: RequiredSession, service: TokenServiceDep) -> TokenStatus:
+@router.get("/v1/me/token-status", response_model=TokenStatus, responses=problem_responses(401))
+async def get_my_token_status(session: RequiredSession, service: TokenServiceDep) -> TokenStatus:
     """The session user's token status. Never calls Strava, never returns a token."""
     return await service.status(session.user_id)
 
