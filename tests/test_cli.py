@@ -446,7 +446,7 @@ def assert_refused(result: subprocess.CompletedProcess[str], db: Path | None = N
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("tokensvc: ") or "\ntokensvc: " in result.stderr
     assert "Traceback" not in result.stderr
-    assert "Uvicorn running" not in result.stderr
+    assert "server.listening" not in result.stderr
     if db is not None:
         assert not db.exists()
 
@@ -579,6 +579,7 @@ class TestServeSandbox:
         assert returncode in (0, -signal.SIGTERM)
         stderr = stderr_path.read_text()
         assert "service.stopped" in stderr
+        assert f'"port": {port}' in stderr  # server.listening names where it listens
         assert "Traceback" not in stderr
 
 

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import structlog
 import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
@@ -112,6 +113,8 @@ def serve(
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
     server = uvicorn.Server(config)
+    # Uvicorn announces its address only for sockets it bound itself.
+    structlog.get_logger(__name__).info("server.listening", host=host, port=port, public_url=prepared.public_url)
     server.run(sockets=[listener])
     if not server.started:
         raise typer.Exit(code=3)  # the app failed to start (uvicorn logged why), as `uvicorn.run` exits
