@@ -11,8 +11,8 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY requirements.txt ./
-RUN pip install --require-hashes -r requirements.txt
+COPY requirements-pip.txt requirements.txt ./
+RUN pip install --require-hashes -r requirements-pip.txt && pip install --require-hashes -r requirements.txt
 COPY --from=build /wheels /wheels
 RUN pip install --no-deps /wheels/*.whl && rm -rf /wheels && pip check && useradd --system --uid 10001 tokensvc
 USER tokensvc

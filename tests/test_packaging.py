@@ -46,7 +46,7 @@ def declared() -> tuple[list[Requirement], list[Requirement]]:
 
 
 class TestLockFiles:
-    @pytest.mark.parametrize("lock", ["requirements.txt", "requirements-dev.txt"])
+    @pytest.mark.parametrize("lock", ["requirements.txt", "requirements-dev.txt", "requirements-pip.txt"])
     def test_every_pin_is_hashed(self, lock: str) -> None:
         """`pip install --require-hashes` accepts nothing less."""
         pins = locked(ROOT / lock)
@@ -85,6 +85,7 @@ class TestLockFiles:
     def test_the_image_installs_from_the_lock_with_hashes_required(self) -> None:
         """The Dockerfile's runtime dependencies come from requirements.txt, hashed; the project adds none."""
         dockerfile = (ROOT / "Dockerfile").read_text()
+        assert "pip install --require-hashes -r requirements-pip.txt" in dockerfile
         assert "pip install --require-hashes -r requirements.txt" in dockerfile
         assert re.search(r"pip install --no-deps /wheels/\S+\.whl", dockerfile)
 
