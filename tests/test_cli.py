@@ -3,6 +3,8 @@ CliRunner for the cases that stop before any logging or I/O is set up."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -24,8 +26,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import asyncpg_dsn, run_isolated
 from tokensvc.app import open_resources
-from tokensvc.cli import app
-from tokensvc.config import Settings, encryption_keys
+from tokensvc.cli import _print_sandbox_tour, app
+from tokensvc.config import Settings, encryption_keys, prepare
 from tokensvc.crypto import TokenCipher, generate_key
 from tokensvc.db import alembic_config
 from tokensvc.schemas import TokenStatus
@@ -197,6 +199,16 @@ class TestMigrateOnSqlite:
         assert sqlite_rows(db, "SELECT version_num FROM alembic_version") == [(alembic_head(),)]
         assert sqlite_rows(db, "SELECT user_id FROM user_tokens") == [("kept",)]
 
+    def test_no_line_names_another_dialect(self, tmp_path: Path) -> None:
+        """Alembic prints each migration's first docstring paragraph on every dialect: none of them, nor any note a
+        migration logs, speaks of Postgres (or its NOTIFY) to a SQLite user."""
+        db = tmp_path / "app.db"
+        result = tokensvc(["migrate"], env=cli_env(database_url=f"sqlite:///{db}"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "Running upgrade 0004 -> 0005" in result.stderr
+        assert "postgres" not in result.stderr.lower()
+        assert "notify" not in result.stderr.lower()
+
     def test_migrate_needs_no_encryption_key(self, tmp_path: Path) -> None:
         """Schema work does not touch tokens, so no key file is generated."""
         db = tmp_path / "app.db"
@@ -218,6 +230,12 @@ class TestMigrateOnPostgres:
         assert {"user_tokens", "alembic_version"} <= tables
         versions = [r["version_num"] for r in pg_rows(empty_pg_url, "SELECT version_num FROM alembic_version")]
         assert versions == [alembic_head()]
+
+    def test_the_postgres_note_is_printed_on_postgres(self, empty_pg_url: str, tmp_path: Path) -> None:
+        """What only Postgres gets (0005's NOTIFY trigger) is said where it happens."""
+        result = tokensvc(["migrate"], env=cli_env(database_url=empty_pg_url), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "Postgres: a trigger NOTIFYs tokensvc_token_changes" in result.stderr
 
     def test_two_replicas_migrating_at_once_both_succeed(self, empty_pg_url: str, tmp_path: Path) -> None:
         """Two `tokensvc migrate` started together take turns on the advisory lock: both exit 0, schema at head."""
@@ -428,7 +446,7 @@ def assert_refused(result: subprocess.CompletedProcess[str], db: Path | None = N
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("tokensvc: ") or "\ntokensvc: " in result.stderr
     assert "Traceback" not in result.stderr
-    assert "Uvicorn running" not in result.stderr
+    assert "server.listening" not in result.stderr
     if db is not None:
         assert not db.exists()
 
@@ -463,6 +481,24 @@ class TestServeRefusesToStart:
         result = tokensvc(["serve", "--sandbox", "--port", str(free_port())], env=env, cwd=tmp_path)
         assert_refused(result, db)
         assert "TOKENSVC_REFRESH_BUFFER_SECONDS" in result.stderr
+
+    def test_with_its_port_in_use_it_says_so_before_any_work(self, tmp_path: Path) -> None:
+        """Another server on the port: one sentence naming the port and --port, exit 2, and nothing done first (no
+        database file, no migration, no key file)."""
+        db = tmp_path / "app.db"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = tokensvc(
+                ["serve", "--sandbox", "--port", str(port)], env=cli_env(database_url=f"sqlite:///{db}"), cwd=tmp_path
+            )
+        assert_refused(result, db)
+        assert result.stderr.strip().splitlines() == [
+            f"tokensvc: port {port} on 127.0.0.1 is already in use (another tokensvc, or another server): stop that "
+            "one, or choose another port with --port (make run PORT=...)"
+        ]
+        assert not (tmp_path / "app.db.key").exists()
 
     @pytest.mark.parametrize("value", ["59", "3601", "abc"])
     def test_every_bad_refresh_buffer_is_named_in_the_message(
@@ -543,7 +579,91 @@ class TestServeSandbox:
         assert returncode in (0, -signal.SIGTERM)
         stderr = stderr_path.read_text()
         assert "service.stopped" in stderr
+        assert f'"port": {port}' in stderr  # server.listening names where it listens
         assert "Traceback" not in stderr
+
+
+def start_sandbox_serve(tmp_path: Path, **settings: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """`tokensvc serve --sandbox --port 0` (any free port) on SQLite; its stderr goes to a file."""
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("wb") as err:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tokensvc", "serve", "--sandbox", "--port", "0"],
+            env=cli_env(database_url=f"sqlite:///{tmp_path / 'served.db'}", **settings),
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    return server, stderr_path
+
+
+def wait_for_banner(server: subprocess.Popen[bytes], stderr_path: Path) -> str:
+    """The start-up banner, once it has been printed in full."""
+    deadline = time.monotonic() + STARTUP_DEADLINE
+    while "API docs: " not in (text := stderr_path.read_text()):
+        if server.poll() is not None:
+            pytest.fail(f"the server exited with {server.returncode}: {text[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no banner within {STARTUP_DEADLINE}s")
+        try:
+            server.wait(timeout=0.1)  # the pause between looks, and notices an early exit at once
+        except subprocess.TimeoutExpired:
+            pass
+    return text[text.index("tokensvc is starting on ") :]
+
+
+class TestSandboxBanner:
+    def test_its_commands_run_as_pasted_and_do_what_they_say(self, tmp_path: Path) -> None:
+        """The banner's lines, pasted into bash: the sandbox's athlete is imported with its scopes, then status,
+        an access token refreshed for min_ttl=900, and a forced refresh; on the port chosen for --port 0."""
+        server, stderr_path = start_sandbox_serve(tmp_path)
+        try:
+            banner = wait_for_banner(server, stderr_path)
+            base = banner.split("tokensvc is starting on ", 1)[1].split(" ", 1)[0]
+            assert not base.endswith(":0")
+            with httpx.Client(timeout=5.0, trust_env=False) as http:
+                wait_until_serving(server, http, f"{base}/healthz")
+            script = banner.split("Try it (paste into a shell):\n", 1)[1].split("API docs: ", 1)[0]
+            ran = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=CLI_TIMEOUT,
+                check=False,
+            )
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=SHUTDOWN_TIMEOUT)
+        assert ran.returncode == 0, ran.stderr
+        imported, status, token, refreshed = (json.loads(line) for line in ran.stdout.splitlines())
+        assert imported["status"] == "expiring_soon"
+        assert imported["scopes"] == ["read", "activity:read_all"]
+        assert status["user_id"] == "42"
+        assert token["expires_in"] >= 900
+        assert refreshed["refreshed"] is True
+
+    def test_a_configured_key_and_a_database_password_are_not_printed(self, tmp_path: Path) -> None:
+        """Only the sandbox's public `sandbox-key` appears in the banner; an operator's key is a placeholder, and the
+        database URL is shown without its password."""
+        settings = Settings(
+            _env_file=None,
+            database_url="postgresql+asyncpg://svc:hunter2-db-password@db.internal/tokensvc",
+            api_keys=[SecretStr("operators-own-secret-key")],
+            encryption_keys=[SecretStr(generate_key())],
+        )
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            _print_sandbox_tour(prepare(settings, sandbox=True, port=8123))
+        banner = err.getvalue()
+        assert "operators-own-secret-key" not in banner
+        assert "hunter2-db-password" not in banner
+        assert "Bearer <one of TOKENSVC_API_KEYS>" in banner
+        assert "postgresql+asyncpg://svc:***@db.internal/tokensvc" in banner
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            _print_sandbox_tour(prepare(Settings(_env_file=None, database_url="sqlite://"), sandbox=True, port=8123))
+        assert "A='authorization: Bearer sandbox-key'" in err.getvalue()
 
 
 class TestStravaSubscription:

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
-from tokensvc.api import audit, browser, health, oauth, operations, problems, tokens, webhooks
+from tokensvc.api import audit, browser, docs, health, oauth, openapi, operations, problems, tokens, webhooks
 from tokensvc.api import dashboard as dashboard_api
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys
@@ -251,12 +251,20 @@ def create_app(
         version=__version__,
         summary="Keeps Strava OAuth tokens fresh for every user of an application.",
         lifespan=lifespan,
+        openapi_tags=openapi.TAGS,
+        generate_unique_id_function=openapi.operation_id,
+        # api/docs.py serves the console with its own assets (no CDN) under its own CSP.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.api_keys = ApiKeys([k.get_secret_value() for k in settings.api_keys])
     cors_origins = [origin.rstrip("/") for origin in settings.cors_origins]
     app.state.allowed_origins = frozenset([_origin_of(settings.public_url or ""), *cors_origins])
     problems.install(app)
+    openapi.install(app)
+    docs.install(app)
     app.include_router(health.router)
     app.include_router(tokens.router)
     app.include_router(operations.router)

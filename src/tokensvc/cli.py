@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import structlog
 import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
+from sqlalchemy.engine import make_url
 
 from tokensvc import logging as tokensvc_logging
-from tokensvc.config import ConfigError, Settings, encryption_keys, prepare
+from tokensvc.config import SANDBOX_API_KEY, ConfigError, Settings, encryption_keys, prepare
 from tokensvc.crypto import generate_key, generate_notify_secret
 from tokensvc.service.keys import BatchDone, KeyRotator, RotationReport
 from tokensvc.service.sweeper import SweepReport
@@ -74,7 +78,7 @@ async def _migrate(database_url: str, *, statement_cache: bool = True) -> None:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port)")] = 8000,
     sandbox: Annotated[
         bool, typer.Option("--sandbox", help="Mount the built-in Strava emulator and use it instead of Strava")
     ] = False,
@@ -82,9 +86,13 @@ def serve(
 ) -> None:
     """Run the HTTP service."""
     settings = _load_settings()
+    # The port first: a clash is one sentence before any migration, sweep or start-up work has been done.
+    listener = _listen(host, port)
+    port = listener.getsockname()[1]
     try:
         prepared = prepare(settings, sandbox=sandbox, host=host, port=port)
     except ConfigError as exc:
+        listener.close()
         raise _fail(str(exc)) from exc
     if migrate:
         asyncio.run(_migrate(prepared.database_url, statement_cache=prepared.db_statement_cache))
@@ -92,7 +100,7 @@ def serve(
 
     if sandbox:
         _print_sandbox_tour(prepared)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(prepared, sandbox=sandbox),
         host=host,
         port=port,
@@ -104,21 +112,50 @@ def serve(
         # caller, not the server, should be the one to close an idle connection.
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
+    server = uvicorn.Server(config)
+    # Uvicorn announces its address only for sockets it bound itself.
+    structlog.get_logger(__name__).info("server.listening", host=host, port=port, public_url=prepared.public_url)
+    server.run(sockets=[listener])
+    if not server.started:
+        raise typer.Exit(code=3)  # the app failed to start (uvicorn logged why), as `uvicorn.run` exits
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn to serve on; exit 2 with one sentence when it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a TIME_WAIT is no clash
+    try:
+        listener.bind((host.strip("[]"), port))
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise _fail(
+                f"port {port} on {host} is already in use (another tokensvc, or another server): stop that one, "
+                f"or choose another port with --port (make run PORT=...)"
+            ) from None
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener
 
 
 def _print_sandbox_tour(settings: Settings) -> None:
+    """Commands a newcomer can paste as they are: a sandbox athlete's pair piped into the import, then the API."""
     base = settings.public_url
-    key = settings.api_keys[0].get_secret_value() if settings.api_keys else "<key>"
+    key = settings.api_keys[0].get_secret_value() if settings.api_keys else ""
+    # Only the sandbox's own, public key is printed: a key the operator configured is a secret.
+    shown_key = key if key == SANDBOX_API_KEY else "<one of TOKENSVC_API_KEYS>"
+    database = make_url(settings.database_url).render_as_string(hide_password=True)
     typer.echo(
         f"""
-tokensvc is starting on {base} with the built-in Strava sandbox ({settings.database_url}).
-Try it:
-  curl -s -X POST {base}/sandbox/strava/_control/athletes -H 'content-type: application/json' -d '{{"expires_in": 600}}'
-  # put the pair it prints into tokensvc for user 42:
-  curl -s -X PUT {base}/v1/users/42/tokens -H 'authorization: Bearer {key}' -H 'content-type: application/json' \\
-       -d '{{"access_token": "...", "refresh_token": "...", "expires_at": ..., "athlete_id": ...}}'
-  curl -s {base}/v1/users/42/token-status -H 'authorization: Bearer {key}'
-  curl -s {base}/v1/users/42/access-token -H 'authorization: Bearer {key}'
+tokensvc is starting on {base} with the built-in Strava sandbox ({database}).
+Try it (paste into a shell):
+  B={base} A='authorization: Bearer {shown_key}' J='content-type: application/json'
+  # an athlete connected in the sandbox, 10 minutes left on its access token, imported as user 42:
+  curl -s -X POST $B/sandbox/strava/_control/athletes -H "$J" -d '{{"expires_in": 600}}' \\
+    | curl -s -X PUT $B/v1/users/42/tokens -H "$A" -H "$J" --data-binary @-; echo
+  curl -s $B/v1/users/42/token-status -H "$A"; echo
+  curl -s "$B/v1/users/42/access-token?min_ttl=900" -H "$A"; echo
+  curl -s -X POST "$B/v1/users/42/refresh?force=true" -H "$A"; echo
 API docs: {base}/docs
 """,
         err=True,

@@ -15,11 +15,22 @@ class TokenServiceError(Exception):
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.extra = extra
+        self.extra = extra  # members of the problem body beyond the standard five
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """Response headers the problem needs (the handler adds them)."""
+        return None
 
 
 class Unauthorized(TokenServiceError):
     code, status, title = "unauthorized", 401, "Unauthorized"
+    # RFC 9110 asks a 401 to name the scheme; the service API and the session endpoints both take a bearer.
+    challenge: ClassVar[str] = 'Bearer realm="tokensvc"'
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": self.challenge}
 
 
 class NotFound(TokenServiceError):
@@ -62,8 +73,13 @@ class RetryLater(TokenServiceError):
     default_retry_after: ClassVar[int] = 30
 
     def __init__(self, detail: str, *, retry_after: int | None = None, **extra: Any) -> None:
-        super().__init__(detail, **extra)
         self.retry_after = retry_after or self.default_retry_after
+        # In the body too: a generated client hands callers the parsed body more readily than the headers.
+        super().__init__(detail, retry_after=self.retry_after, **extra)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class ProviderUnavailable(RetryLater):

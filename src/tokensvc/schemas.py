@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from tokensvc.service.status import Status
 
 USER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+PROBLEM_TYPE = "https://tokensvc.dev/problems/"
 USER_ID_RE = re.compile(USER_ID_PATTERN)
 # Strava tokens are 40 hex characters; anything far longer is not a token and would only bloat the row.
 TokenText = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
@@ -18,10 +30,11 @@ Scope = Annotated[str, StringConstraints(pattern=r"^[a-z_]+(:[a-z_]+)?$", max_le
 
 
 def _split_commas(value: object) -> object:
-    return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+    return [s for s in re.split(r"[,\s]+", value) if s] if isinstance(value, str) else value
 
 
-# Strava writes scopes comma-separated; a JSON list is accepted too (and the OpenAPI says both).
+# Strava writes scopes comma-separated (OAuth libraries often space-separated); a JSON list is accepted too, and
+# the OpenAPI says both.
 Scopes = Annotated[
     list[Scope],
     BeforeValidator(_split_commas),
@@ -35,14 +48,54 @@ Scopes = Annotated[
                     "maxItems": 16,
                 },
                 {"type": "string", "description": "comma-separated, as Strava writes them"},
-            ]
+            ],
+            "examples": ["read,activity:read_all"],
         }
     ),
 ]
 
+# Examples shared by the schemas below and the OpenAPI's answers: one user, one athlete, one moment.
+EXAMPLE_USER_ID = "42"
+EXAMPLE_ATHLETE_ID = 134815
+EXAMPLE_EXPIRES_AT = 1767225600
+EXAMPLE_ACCESS_TOKEN = "8f3c2a9e1b7d4c6f0a5e9b2d8c1f7a3e6b4d0c92"
+EXAMPLE_REFRESH_TOKEN = "2d7e9f1a4c6b8e0d3f5a7c9e1b3d5f7a9c0e2b46"
+EXAMPLE_TOKEN_STATUS: dict[str, Any] = {
+    "user_id": EXAMPLE_USER_ID,
+    "status": "valid",
+    "expires_at": EXAMPLE_EXPIRES_AT,
+    "expires_in": 20511,
+    "athlete_id": EXAMPLE_ATHLETE_ID,
+    "scopes": ["read", "activity:read_all"],
+    "last_refreshed_at": "2026-11-27T10:00:00Z",
+    "needs_reauth": False,
+    "reauth_reason": None,
+}
+
+
+def _absent_when_unused(schema: dict[str, Any]) -> None:
+    """For a member that is left out, never null, where it does not apply: no `default: null` in its schema."""
+    schema.pop("default", None)
+
+
+def _examples(*examples: dict[str, Any]) -> ConfigDict:
+    """A model's JSON schema examples: what Swagger shows and generated clients document instead of `"string"`."""
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
 
 class TokenStatus(BaseModel):
     """A user's token status; never any token material."""
+
+    model_config = _examples(
+        EXAMPLE_TOKEN_STATUS,
+        EXAMPLE_TOKEN_STATUS
+        | {
+            "status": "needs_reauth",
+            "expires_in": -3600,
+            "needs_reauth": True,
+            "reauth_reason": "refresh_token_invalid",
+        },
+    )
 
     user_id: str
     status: Status
@@ -55,20 +108,87 @@ class TokenStatus(BaseModel):
     reauth_reason: str | None = Field(description="`refresh_token_invalid` or `deauthorized` when needs_reauth")
 
 
+class StravaAthleteRef(BaseModel):
+    """The `athlete` object of Strava's code-exchange answer: only its `id` is kept."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: int = Field(ge=1, le=2**63 - 1)
+
+
 class TokenImport(BaseModel):
-    """Tokens moved in from an existing app (or replaced)."""
+    """Tokens moved in from an existing app (or replaced). Strava's own token answer (or the sandbox's) may be
+    pasted as it is: its `scope`, `athlete`, `token_type` and `expires_in` are understood."""
 
     # Strict: `true` is not athlete 1, nor "17" a time (lax coercion stored such values; found by Schemathesis).
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "access_token": EXAMPLE_ACCESS_TOKEN,
+                    "refresh_token": EXAMPLE_REFRESH_TOKEN,
+                    "expires_at": EXAMPLE_EXPIRES_AT,
+                    "athlete_id": EXAMPLE_ATHLETE_ID,
+                    "scopes": ["read", "activity:read_all"],
+                },
+                {
+                    "token_type": "Bearer",
+                    "access_token": EXAMPLE_ACCESS_TOKEN,
+                    "refresh_token": EXAMPLE_REFRESH_TOKEN,
+                    "expires_at": EXAMPLE_EXPIRES_AT,
+                    "expires_in": 21600,
+                    "athlete": {"id": EXAMPLE_ATHLETE_ID, "username": "marianne_t"},
+                    "scope": "read,activity:read_all",
+                },
+            ]
+        },
+    )
 
     access_token: TokenText
     refresh_token: TokenText
     expires_at: int = Field(ge=0, le=2**53, description="Epoch seconds, Strava's convention")
     athlete_id: int | None = Field(default=None, ge=1, le=2**63 - 1)
     scopes: Scopes | None = None
+    scope: Scopes | None = Field(
+        default=None, description="Strava's name for `scopes` (as its redirect writes it); give one of the two"
+    )
+    athlete: StravaAthleteRef | None = Field(
+        default=None, description="Strava's exchange answer names the athlete so; its `id` is the `athlete_id`"
+    )
+    token_type: Literal["Bearer"] | None = Field(default=None, description="Strava's; always `Bearer`")
+    expires_in: int | None = Field(
+        default=None, ge=-(2**31), le=2**31, description="Strava's; ignored (`expires_at` is the truth)"
+    )
+
+    @model_validator(mode="after")
+    def _strava_names(self) -> Self:
+        """Strava's names fill in ours, so the service reads only `scopes` and `athlete_id`."""
+        if self.scope is not None:
+            if self.scopes is not None:
+                raise ValueError("give `scopes` or Strava's `scope`, not both")
+            self.scopes = self.scope
+        if self.athlete is not None:
+            if self.athlete_id is not None and self.athlete_id != self.athlete.id:
+                raise ValueError("`athlete_id` and `athlete.id` name different athletes")
+            self.athlete_id = self.athlete.id
+        return self
 
 
 class AccessToken(BaseModel):
+    model_config = _examples(
+        {
+            "user_id": EXAMPLE_USER_ID,
+            "access_token": EXAMPLE_ACCESS_TOKEN,
+            "token_type": "Bearer",
+            "expires_at": EXAMPLE_EXPIRES_AT,
+            "expires_in": 20511,
+            "athlete_id": EXAMPLE_ATHLETE_ID,
+            "scopes": ["read", "activity:read_all"],
+        }
+    )
+
     user_id: str
     access_token: str
     token_type: str = "Bearer"
@@ -79,6 +199,21 @@ class AccessToken(BaseModel):
 
 
 class RefreshResult(BaseModel):
+    model_config = _examples(
+        {
+            "success": True,
+            "refreshed": True,
+            "message": "Tokens refreshed successfully",
+            "token_status": EXAMPLE_TOKEN_STATUS | {"expires_in": 21599},
+        },
+        {
+            "success": True,
+            "refreshed": False,
+            "message": "Tokens are still valid - no refresh needed",
+            "token_status": EXAMPLE_TOKEN_STATUS,
+        },
+    )
+
     success: bool = True
     refreshed: bool
     message: str
@@ -86,28 +221,141 @@ class RefreshResult(BaseModel):
 
 
 class TokenPage(BaseModel):
+    model_config = _examples(
+        {
+            "items": [EXAMPLE_TOKEN_STATUS | {"status": "expiring_soon", "expires_in": 1210}],
+            "next_cursor": "MTc2NzIyNTYwMDo0Mg",
+        }
+    )
+
     items: list[TokenStatus]
-    next_cursor: str | None
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last")
 
 
 class Health(BaseModel):
+    model_config = _examples({"status": "ok"})
+
     status: str = "ok"
 
 
+class ProblemCode(StrEnum):
+    """The `code` values the service sends today. Clients must accept others too: the set grows (see `Problem`)."""
+
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    FORBIDDEN_ORIGIN = "forbidden_origin"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INVALID_STATE = "invalid_state"
+    INVALID_CODE = "invalid_code"
+    TOKENS_MISSING = "tokens_missing"
+    REAUTH_REQUIRED = "reauth_required"
+    STALE_IMPORT = "stale_import"
+    ATHLETE_IN_USE = "athlete_in_use"
+    CONNECT_MISMATCH = "connect_mismatch"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    VALIDATION_ERROR = "validation_error"
+    TOO_MANY_REQUESTS = "too_many_requests"
+    STRAVA_RATE_LIMITED = "strava_rate_limited"
+    INTERNAL_ERROR = "internal_error"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    PROVIDER_RATE_LIMITED = "provider_rate_limited"
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    TOKEN_UNREADABLE = "token_unreadable"
+    HTTP_ERROR = "http_error"
+
+
+class ValidationIssue(BaseModel):
+    """One thing wrong with a request: where (`loc`, e.g. `["body", "expires_at"]`) and why. Never the input."""
+
+    loc: list[str] = Field(examples=[["body", "expires_at"]])
+    msg: str = Field(examples=["Input should be a valid integer"])
+    type: str = Field(examples=["int_type"])
+
+
 class Problem(BaseModel):
-    """RFC 9457 problem details, with the contract's `code` (and `needs_reauth`/`authorize_url` on 409)."""
+    """RFC 9457 problem details (`application/problem+json`) with the contract's `code`. Members beyond the five
+    standard ones appear only where they apply; unknown members may be added, and must be ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "https://tokensvc.dev/problems/reauth_required",
+                    "title": "Strava re-authorization required",
+                    "status": 409,
+                    "detail": "Strava rejected the stored refresh token; the user must reconnect with Strava.",
+                    "code": "reauth_required",
+                    "needs_reauth": True,
+                    "authorize_url": "https://www.strava.com/oauth/authorize?client_id=12345&response_type=code&"
+                    "redirect_uri=https%3A%2F%2Ftokens.example%2Fv1%2Foauth%2Fstrava%2Fcallback&"
+                    "scope=read%2Cactivity%3Aread_all&approval_prompt=force&state=eyJ1Ijoi...",
+                    "reauth_reason": "refresh_token_invalid",
+                }
+            ]
+        },
+    )
 
-    type: str
-    title: str
-    status: int
-    detail: str
-    code: str
+    type: str = Field(description="A URI naming the kind of problem", examples=[PROBLEM_TYPE + "tokens_missing"])
+    title: str = Field(examples=["No Strava tokens stored"])
+    status: int = Field(description="The HTTP status, repeated", examples=[409])
+    detail: str = Field(
+        description="What happened, for a person", examples=["No Strava tokens are stored for this user"]
+    )
+    code: ProblemCode | str = Field(
+        description="What happened, for a program. An open set: the values of `ProblemCode` are today's, and a "
+        "client must accept (and treat by status) a code it does not know."
+    )
+    needs_reauth: bool | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_absent_when_unused,
+        description="`tokens_missing`, `reauth_required`: the user must connect with Strava (again)",
+    )
+    authorize_url: str | None = Field(
+        default=None,
+        description="With `needs_reauth`: where to send the user to connect; null when none can be made",
+    )
+    reauth_reason: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_absent_when_unused,
+        description="`reauth_required`: `refresh_token_invalid` or `deauthorized` (more may come)",
+        examples=["refresh_token_invalid"],
+    )
+    errors: list[ValidationIssue] | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_absent_when_unused,
+        description="`validation_error`: each thing wrong with the request",
+    )
+    retry_after: int | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_absent_when_unused,
+        description="503 and 429: seconds to wait before trying again, as in `Retry-After`",
+    )
+    missing_scope: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_absent_when_unused,
+        description="`insufficient_scope`: the Strava scope the user must grant",
+        examples=["activity:read_all"],
+    )
 
 
 class ConnectRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "redirect_to": "https://app.example/settings/strava",
+                    "scopes": ["read", "activity:read_all"],
+                    "approval_prompt": "auto",
+                }
+            ]
+        },
+    )
 
     redirect_to: str | None = Field(
         default=None, max_length=2048, description="Where to send the browser afterwards; must be allow-listed"
@@ -117,11 +365,28 @@ class ConnectRequest(BaseModel):
 
 
 class ConnectResponse(BaseModel):
+    model_config = _examples(
+        {
+            "authorize_url": "https://www.strava.com/oauth/authorize?client_id=12345&response_type=code&"
+            "redirect_uri=https%3A%2F%2Ftokens.example%2Fv1%2Foauth%2Fstrava%2Fcallback&"
+            "scope=read%2Cactivity%3Aread_all&approval_prompt=auto&state=eyJ1Ijoi...",
+            "state_expires_at": 1767204000,
+        }
+    )
+
     authorize_url: str
     state_expires_at: int = Field(description="Epoch seconds; the state is single-use and lives ten minutes")
 
 
 class SessionResponse(BaseModel):
+    model_config = _examples(
+        {
+            "session_token": "eyJ1IjoiNDIiLCJlIjoxNzY3ODA4MDAwfQ.kX3v...",
+            "expires_at": 1767808000,
+            "cookie_name": "tokensvc_session",
+        }
+    )
+
     session_token: str
     expires_at: int
     cookie_name: str
@@ -129,6 +394,17 @@ class SessionResponse(BaseModel):
 
 class BrowserFailure(BaseModel):
     """What the dashboard gets when it cannot have fresh tokens (the shape of the app it replaces)."""
+
+    model_config = _examples(
+        {
+            "success": False,
+            "error": "Failed to refresh Strava tokens. Please re-authenticate with Strava.",
+            "needs_reauth": True,
+            "token_status": EXAMPLE_TOKEN_STATUS
+            | {"status": "needs_reauth", "needs_reauth": True, "reauth_reason": "refresh_token_invalid"},
+            "authorize_url": "https://tokens.example/v1/oauth/strava/authorize",
+        }
+    )
 
     success: bool = False
     error: str
@@ -139,9 +415,22 @@ class BrowserFailure(BaseModel):
 
 # -- the audit trail and /v1/stats -----------------------------------------------------------------------------
 
+_EXAMPLE_EVENT: dict[str, Any] = {
+    "id": 1042,
+    "occurred_at": "2026-11-27T10:00:00Z",
+    "kind": "refresh",
+    "trigger": "sweep",
+    "outcome": "succeeded",
+    "strava_status": 200,
+    "duration_ms": 183,
+    "detail": None,
+}
+
 
 class TokenEventOut(BaseModel):
     """One audit row: a refresh attempt at Strava or a change of the user's state. Never any token material."""
+
+    model_config = _examples(_EXAMPLE_EVENT)
 
     id: int
     occurred_at: datetime
@@ -157,6 +446,8 @@ class TokenEventOut(BaseModel):
 
 
 class EventPage(BaseModel):
+    model_config = _examples({"items": [_EXAMPLE_EVENT], "next_cursor": "ZToxMDQx"})
+
     items: list[TokenEventOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null on the last")
 
@@ -182,6 +473,13 @@ class RefreshWindows(BaseModel):
 class Stats(BaseModel):
     """DB-wide counts: every replica answers the same."""
 
+    model_config = _examples(
+        {
+            "users": {"total": 1250, "valid": 1190, "expiring_soon": 41, "expired": 7, "needs_reauth": 12},
+            "refresh": {"last_24h": {"success": 4980, "failure": 3, "reauth_required": 2}},
+        }
+    )
+
     users: UserCounts
     refresh: RefreshWindows
 
@@ -193,7 +491,22 @@ class StravaEvent(BaseModel):
     """A Strava push event (STRAVA.md). Unknown object and aspect types are well-formed too: they are
     acknowledged and ignored, so that Strava never retries an event tokensvc has no use for."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "object_type": "athlete",
+                    "object_id": EXAMPLE_ATHLETE_ID,
+                    "aspect_type": "update",
+                    "updates": {"authorized": "false"},
+                    "owner_id": EXAMPLE_ATHLETE_ID,
+                    "subscription_id": 120475,
+                    "event_time": 1767204000,
+                }
+            ]
+        },
+    )
 
     object_type: str = Field(min_length=1, max_length=16)
     object_id: int = Field(ge=0, le=_BIGINT)
@@ -215,12 +528,18 @@ class StravaEvent(BaseModel):
 
 
 class WebhookAck(BaseModel):
+    model_config = _examples({"received": True})
+
     received: bool = True
 
 
 class HubChallenge(BaseModel):
     """The answer to Strava's subscription check: the challenge, echoed."""
 
-    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(
+        populate_by_name=True,
+        serialize_by_alias=True,
+        json_schema_extra={"examples": [{"hub.challenge": "15f7d1a91c1f40f8a748fd134752feb3"}]},
+    )
 
     challenge: str = Field(alias="hub.challenge")

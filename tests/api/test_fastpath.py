@@ -12,6 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from tests.api.test_tokens_api import put_user
 from tests.conftest import API_KEY, FakeClock
+from tests.logcapture import captured_logs
 from tokensvc.api.fastpath import AccessTokenFastPath, _min_ttl
 from tokensvc.app import create_app
 from tokensvc.config import Settings
@@ -97,6 +98,44 @@ class TestSameAnswers:
             await fast.get(f"/v1/users/{user.user_id}/access-token"),
             await slow.get(f"/v1/users/{user.user_id}/access-token"),
         )
+
+
+class TestRequestId:
+    async def test_the_callers_id_is_echoed_and_a_missing_or_bad_one_replaced_as_on_every_route(
+        self,
+        pair: tuple[httpx.AsyncClient, httpx.AsyncClient, httpx.AsyncClient],
+        sandbox: SandboxState,
+        clock: FakeClock,
+    ) -> None:
+        """The lean route answers X-Request-ID as RequestId does on FastAPI's routes: the caller's when it is plain,
+        else one of its own."""
+        fast, slow, probe = pair
+        user = await put_user(fast, sandbox, clock, expires_in=10_000)
+        path = f"/v1/users/{user.user_id}/access-token"
+        for client in (probe, slow):
+            assert (await client.get(path, headers={"X-Request-ID": "sync-job-17"})).headers["x-request-id"] == (
+                "sync-job-17"
+            )
+            for headers in ({}, {"X-Request-ID": "not plain!"}):
+                assert re.fullmatch(r"[0-9a-f]{32}", (await client.get(path, headers=headers)).headers["x-request-id"])
+        assert (await probe.get(path)).status_code == 200  # answered by the lean route itself, not a fall-through
+        problem = await probe.get("/v1/users/nobody/access-token", headers={"X-Request-ID": "sync-job-18"})
+        assert (problem.status_code, problem.headers["x-request-id"]) == (409, "sync-job-18")
+
+    async def test_what_the_call_logs_carries_the_callers_id(
+        self,
+        pair: tuple[httpx.AsyncClient, httpx.AsyncClient, httpx.AsyncClient],
+        sandbox: SandboxState,
+        clock: FakeClock,
+    ) -> None:
+        """A refresh the lean route waits for logs its outcome under the request's id."""
+        fast, _slow, probe = pair
+        user = await put_user(fast, sandbox, clock, expires_in=10)
+        with captured_logs() as logs:
+            response = await probe.get(f"/v1/users/{user.user_id}/access-token", headers={"X-Request-ID": "job-99"})
+        assert response.status_code == 200
+        (succeeded,) = logs.events("token.refresh.succeeded")
+        assert succeeded["request_id"] == "job-99"
 
 
 class TestFallThrough:

@@ -214,13 +214,14 @@ class TestRequestIds:
         assert echoed != incoming
         assert len(echoed) == 32
 
-    async def test_probes_are_not_logged(self, client: httpx.AsyncClient) -> None:
-        """Load balancers and Prometheus call these every few seconds: no line, no id."""
+    async def test_probes_are_not_logged_but_echo_the_id(self, client: httpx.AsyncClient) -> None:
+        """Load balancers and Prometheus call these every few seconds: no line, but the id is echoed like anywhere."""
         with captured_logs() as logs:
             for path in ("/healthz", "/readyz", "/metrics"):
-                response = await client.get(path)
+                response = await client.get(path, headers={"X-Request-ID": "probe-7"})
                 assert response.status_code == 200
-                assert "x-request-id" not in response.headers
+                assert response.headers["x-request-id"] == "probe-7"
+                assert len((await client.get(path)).headers["x-request-id"]) == 32  # one of our own
             await client.get("/v1/stats")
         assert [line["path"] for line in logs.events("request.completed")] == ["/v1/stats"]
 

@@ -8,12 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from tokensvc.api.deps import UserId, require_api_key
-from tokensvc.api.problems import responses
+from tokensvc.api.problems import problem_responses
 from tokensvc.schemas import EventPage, Stats
 from tokensvc.service.audit import Audit
 from tokensvc.service.stats import StatsService
 
-router = APIRouter(prefix="/v1", tags=["audit"], dependencies=[Depends(require_api_key)], responses=responses(401))
+router = APIRouter(
+    prefix="/v1", tags=["audit"], dependencies=[Depends(require_api_key)], responses=problem_responses(401)
+)
 
 
 async def get_audit(request: Request) -> Audit:
@@ -21,13 +23,13 @@ async def get_audit(request: Request) -> Audit:
     return audit
 
 
-async def get_stats(request: Request) -> StatsService:
+async def stats_service(request: Request) -> StatsService:
     stats: StatsService = request.app.state.stats
     return stats
 
 
-@router.get("/users/{user_id}/events", response_model=EventPage, responses=responses(422, 503))
-async def user_events(
+@router.get("/users/{user_id}/events", response_model=EventPage, responses=problem_responses(503))
+async def list_user_events(
     user_id: UserId,
     audit: Annotated[Audit, Depends(get_audit)],
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -37,7 +39,7 @@ async def user_events(
     return await audit.events(user_id, limit=limit, cursor=cursor)
 
 
-@router.get("/stats", response_model=Stats, responses=responses(503))
-async def stats(service: Annotated[StatsService, Depends(get_stats)]) -> Stats:
+@router.get("/stats", response_model=Stats, responses=problem_responses(503))
+async def get_stats(service: Annotated[StatsService, Depends(stats_service)]) -> Stats:
     """Users by token status, and refresh attempts at Strava in the last 24 hours (DB-wide)."""
     return await service.stats()

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from tokensvc.api.deps import OptionalSession, RequiredSession, TokenServiceDep, browser_post_guard
-from tokensvc.api.problems import responses
-from tokensvc.errors import NeedsReconnect, RetryLater
+from tokensvc.api.problems import problem_responses
+from tokensvc.errors import NeedsReconnect, RetryLater, Unauthorized
 from tokensvc.schemas import BrowserFailure, RefreshResult, TokenStatus
 from tokensvc.service.tokens import TokenService
 
@@ -23,15 +23,23 @@ UNAVAILABLE_MESSAGE = "Strava is unavailable right now; your connection is kept.
     "/proactive-token-refresh",
     response_model=RefreshResult,
     responses={
-        401: {"model": BrowserFailure, "description": "No session, no tokens, or the refresh token is dead"},
-        503: {"model": BrowserFailure, "description": "Transient failure; nothing changed"},
-        **responses(403, 413, 415),
+        401: {
+            "model": BrowserFailure,
+            "description": "No session, no tokens, or the refresh token is dead",
+            "headers": problem_responses(401)[401]["headers"],
+        },
+        503: {
+            "model": BrowserFailure,
+            "description": "Transient failure; nothing changed",
+            "headers": problem_responses(503)[503]["headers"],
+        },
+        **problem_responses(403, 413, 415),
     },
     # The dashboard posts JSON (the content type is what keeps cross-site forms out); the body itself is ignored.
     openapi_extra={
         "requestBody": {
             "required": False,
-            "content": {"application/json": {"schema": {"description": "Ignored; send `{}`"}}},
+            "content": {"application/json": {"schema": {"description": "Ignored; send `{}`", "examples": [{}]}}},
         }
     },
 )
@@ -61,8 +69,8 @@ async def proactive_token_refresh(
     return JSONResponse(result.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
 
 
-@router.get("/v1/me/token-status", response_model=TokenStatus, responses=responses(401))
-async def my_token_status(session: RequiredSession, service: TokenServiceDep) -> TokenStatus:
+@router.get("/v1/me/token-status", response_model=TokenStatus, responses=problem_responses(401))
+async def get_my_token_status(session: RequiredSession, service: TokenServiceDep) -> TokenStatus:
     """The session user's token status. Never calls Strava, never returns a token."""
     return await service.status(session.user_id)
 
@@ -86,4 +94,7 @@ def _failure(
     body: dict[str, Any] = BrowserFailure(
         error=message, needs_reauth=needs_reauth, token_status=token_status, authorize_url=authorize_url
     ).model_dump(mode="json")
-    return JSONResponse(body, status_code=status_code, headers={"Cache-Control": "no-store", **(headers or {})})
+    challenge = {"WWW-Authenticate": Unauthorized.challenge} if status_code == 401 else {}
+    return JSONResponse(
+        body, status_code=status_code, headers={"Cache-Control": "no-store", **challenge, **(headers or {})}
+    )

@@ -11,7 +11,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from tokensvc.errors import Forbidden, Unauthorized, UnsupportedMediaType
 from tokensvc.schemas import USER_ID_PATTERN
@@ -40,17 +40,38 @@ async def get_sessions(request: Request) -> Sessions:
     return sessions
 
 
-async def optional_session(request: Request) -> Session | None:
+# The OpenAPI's security schemes: each names how a caller proves who it is, and sits on the operations that take it.
+_api_key = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="The service API: `Authorization: Bearer <one of TOKENSVC_API_KEYS>`",
+)
+_session_cookie = APIKeyCookie(
+    name=COOKIE_NAME,
+    auto_error=False,
+    scheme_name="SessionCookie",
+    description="A browser session: the HttpOnly cookie the OAuth callback sets",
+)
+_session_token = HTTPBearer(
+    auto_error=False,
+    scheme_name="SessionToken",
+    description="A browser session as a bearer: the `session_token` of `POST /v1/users/{user_id}/session`",
+)
+
+
+async def optional_session(
+    request: Request,
+    cookie: Annotated[str | None, Depends(_session_cookie)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_session_token)],
+) -> Session | None:
     """The browser's session, from the `tokensvc_session` cookie or an `Authorization: Bearer <session token>`.
 
     A user id the browser sends in any other way is never trusted.
     """
     sessions: Sessions = request.app.state.sessions
-    session = sessions.verify(request.cookies.get(COOKIE_NAME))
-    if session is None:
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            session = sessions.verify(value.strip())
+    session = sessions.verify(cookie)
+    if session is None and bearer is not None and bearer.scheme.lower() == "bearer":
+        session = sessions.verify(bearer.credentials.strip())
     return session
 
 
@@ -71,9 +92,6 @@ async def browser_post_guard(request: Request) -> None:
         raise Forbidden("this origin may not call tokensvc's browser endpoints (see TOKENSVC_CORS_ORIGINS)")
 
 
-_bearer = HTTPBearer(auto_error=False, description="One of TOKENSVC_API_KEYS")
-
-
 class ApiKeys:
     """The configured keys, kept as SHA-256 digests and compared in constant time."""
 
@@ -88,7 +106,7 @@ class ApiKeys:
 
 
 async def require_api_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_api_key)]
 ) -> None:
     keys: ApiKeys = request.app.state.api_keys
     if credentials is None or credentials.scheme.lower() != "bearer" or not keys.accepts(credentials.credentials):

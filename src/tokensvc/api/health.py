@@ -25,7 +25,18 @@ async def healthz() -> Response:
     return Response(_OK, media_type="application/json")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health, "description": "Database down"}})
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={
+        503: {
+            "model": Health,
+            "description": "The database does not answer (a probe's answer, not a problem)",
+            "content": {"application/json": {"example": {"status": "unavailable"}}},
+            "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+        }
+    },
+)
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: the database answers a query."""
     engine: AsyncEngine = request.app.state.engine

@@ -9,21 +9,21 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from tokensvc.api.deps import LinksDep, OAuthServiceDep, RequiredSession, SessionsDep, UserId, require_api_key
-from tokensvc.api.problems import responses
+from tokensvc.api.problems import problem_responses
 from tokensvc.schemas import ConnectRequest, ConnectResponse, SessionResponse
 from tokensvc.service.oauth import with_query
 from tokensvc.service.sessions import COOKIE_NAME, Sessions
 
 service_router = APIRouter(
-    prefix="/v1", tags=["connect"], dependencies=[Depends(require_api_key)], responses=responses(401)
+    prefix="/v1", tags=["connect"], dependencies=[Depends(require_api_key)], responses=problem_responses(401)
 )
 browser_router = APIRouter(tags=["browser"])
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-@service_router.post("/users/{user_id}/connect", response_model=ConnectResponse, responses=responses(413, 422))
-async def connect(user_id: UserId, links: LinksDep, body: ConnectRequest | None = None) -> ConnectResponse:
+@service_router.post("/users/{user_id}/connect", response_model=ConnectResponse)
+async def create_connect_link(user_id: UserId, links: LinksDep, body: ConnectRequest | None = None) -> ConnectResponse:
     """Strava's authorize URL for this user, with a signed, single-use state that lives ten minutes."""
     body = body or ConnectRequest()
     url, expires_at = links.authorize_url(
@@ -32,8 +32,8 @@ async def connect(user_id: UserId, links: LinksDep, body: ConnectRequest | None 
     return ConnectResponse(authorize_url=url, state_expires_at=expires_at)
 
 
-@service_router.post("/users/{user_id}/session", response_model=SessionResponse, responses=responses(422))
-async def mint_session(user_id: UserId, sessions: SessionsDep) -> Response:
+@service_router.post("/users/{user_id}/session", response_model=SessionResponse)
+async def create_session(user_id: UserId, sessions: SessionsDep) -> Response:
     """A browser session for this user, for apps whose own login comes first."""
     token, session = sessions.mint(user_id)
     body = SessionResponse(session_token=token, expires_at=session.expires_at, cookie_name=COOKIE_NAME)
@@ -44,9 +44,9 @@ async def mint_session(user_id: UserId, sessions: SessionsDep) -> Response:
     "/v1/oauth/strava/callback",
     response_class=HTMLResponse,
     status_code=303,
-    responses={200: {"description": "Connected page (no redirect_to)"}, **responses(400, 422, 503)},
+    responses={200: {"description": "Connected page (no redirect_to)"}, **problem_responses(400, 503)},
 )
-async def callback(
+async def oauth_callback(
     request: Request,
     oauth: OAuthServiceDep,
     sessions: SessionsDep,
@@ -70,9 +70,9 @@ async def callback(
 
 
 @browser_router.get(
-    "/v1/oauth/strava/authorize", status_code=303, response_class=RedirectResponse, responses=responses(401, 422)
+    "/v1/oauth/strava/authorize", status_code=303, response_class=RedirectResponse, responses=problem_responses(401)
 )
-async def authorize(
+async def oauth_authorize(
     session: RequiredSession,
     links: LinksDep,
     redirect_to: Annotated[str | None, Query(max_length=2048)] = None,

@@ -5,16 +5,22 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from tokensvc.api.deps import require_api_key
-from tokensvc.api.problems import responses
+from tokensvc.api.problems import problem_responses
 from tokensvc.service.sweeper import Sweeper
 
-router = APIRouter(prefix="/v1", tags=["operations"], dependencies=[Depends(require_api_key)], responses=responses(401))
+router = APIRouter(
+    prefix="/v1", tags=["operations"], dependencies=[Depends(require_api_key)], responses=problem_responses(401)
+)
 
 
 class SweepResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"checked": 57, "refreshed": 55, "failed": 1, "needs_reauth": 1}]}
+    )
+
     checked: int
     refreshed: int
     failed: int
@@ -26,7 +32,7 @@ async def get_sweeper(request: Request) -> Sweeper:
     return sweeper
 
 
-@router.post("/refresh-sweep", response_model=SweepResult, responses=responses(503))
+@router.post("/refresh-sweep", response_model=SweepResult, responses=problem_responses(503))
 async def refresh_sweep(sweeper: Annotated[Sweeper, Depends(get_sweeper)]) -> SweepResult:
     """Refresh every due user now (bounded concurrency; the same exactly-once rules as any refresh)."""
     report = await sweeper.sweep_once()

@@ -5,33 +5,37 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
+from pydantic import WithJsonSchema
 
 from tokensvc.api.deps import TokenServiceDep, UserId, require_api_key
-from tokensvc.api.problems import responses
+from tokensvc.api.problems import problem_responses
 from tokensvc.errors import ValidationFailed
 from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
 from tokensvc.service.status import Status
 
-router = APIRouter(prefix="/v1", tags=["tokens"], dependencies=[Depends(require_api_key)], responses=responses(401))
+router = APIRouter(
+    prefix="/v1", tags=["tokens"], dependencies=[Depends(require_api_key)], responses=problem_responses(401)
+)
 
 _NO_STORE = {"Cache-Control": "no-store"}
 _STORED_STATUSES: list[Status] = [s for s in Status if s is not Status.MISSING]
+_FILTERS = [s.value for s in _STORED_STATUSES]  # `missing` users have no row to list
 
 
-@router.put("/users/{user_id}/tokens", response_model=TokenStatus, responses=responses(413, 422, 503))
+@router.put("/users/{user_id}/tokens", response_model=TokenStatus, responses=problem_responses(503))
 async def put_tokens(user_id: UserId, body: TokenImport, service: TokenServiceDep) -> TokenStatus:
     """Import or replace a user's tokens (clears `needs_reauth`)."""
     return await service.import_tokens(user_id, body)
 
 
-@router.get("/users/{user_id}/token-status", response_model=TokenStatus, responses=responses(422, 503))
-async def token_status(user_id: UserId, service: TokenServiceDep) -> TokenStatus:
+@router.get("/users/{user_id}/token-status", response_model=TokenStatus, responses=problem_responses(503))
+async def get_token_status(user_id: UserId, service: TokenServiceDep) -> TokenStatus:
     """A user's token status, `missing` included. Never calls Strava."""
     return await service.status(user_id)
 
 
-@router.post("/users/{user_id}/refresh", response_model=RefreshResult, responses=responses(409, 422, 503))
-async def refresh(
+@router.post("/users/{user_id}/refresh", response_model=RefreshResult, responses=problem_responses(409, 503))
+async def refresh_tokens(
     user_id: UserId,
     service: TokenServiceDep,
     force: Annotated[bool, Query(description="Refresh even a valid token")] = False,
@@ -43,9 +47,9 @@ async def refresh(
 @router.get(
     "/users/{user_id}/access-token",
     response_model=AccessToken,
-    responses=responses(409, 422, 503),
+    responses=problem_responses(409, 503),
 )
-async def access_token(
+async def get_access_token(
     user_id: UserId,
     service: TokenServiceDep,
     min_ttl: Annotated[
@@ -57,18 +61,27 @@ async def access_token(
     return Response(token.model_dump_json(), media_type="application/json", headers=_NO_STORE)
 
 
-@router.delete("/users/{user_id}/tokens", status_code=204, responses=responses(422, 503))
+@router.delete("/users/{user_id}/tokens", status_code=204, responses=problem_responses(503))
 async def delete_tokens(user_id: UserId, service: TokenServiceDep) -> Response:
     """Deauthorize at Strava (best effort) and delete the user's tokens. Idempotent."""
     await service.delete(user_id)
     return Response(status_code=204)
 
 
-@router.get("/tokens", response_model=TokenPage, responses=responses(422, 503))
+@router.get("/tokens", response_model=TokenPage, responses=problem_responses(503))
 async def list_tokens(
     service: TokenServiceDep,
     status: Annotated[
-        str | None, Query(description="Comma-separated statuses; default all stored", max_length=200)
+        list[str] | None,
+        WithJsonSchema(
+            {
+                "type": "array",
+                "items": {"type": "string", "enum": _FILTERS},
+                "uniqueItems": True,
+                "examples": [["expired", "expiring_soon"]],
+            }
+        ),
+        Query(description="Statuses to list, comma-separated (or the parameter repeated); default every stored user"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -77,10 +90,11 @@ async def list_tokens(
     return await service.list_tokens(_parse_statuses(status), limit=limit, cursor=cursor)
 
 
-def _parse_statuses(raw: str | None) -> list[Status]:
-    if raw is None or not raw.strip():
+def _parse_statuses(raw: list[str] | None) -> list[Status]:
+    parts = [part.strip() for value in raw or () for part in value.split(",") if part.strip()]
+    if not parts:
         return _STORED_STATUSES
     try:
-        return [Status(part.strip()) for part in raw.split(",") if part.strip()]
+        return [Status(part) for part in parts]
     except ValueError as exc:
-        raise ValidationFailed(f"`status` takes a comma-separated list of {', '.join(Status)}") from exc
+        raise ValidationFailed(f"`status` takes a comma-separated list of {', '.join(_FILTERS)}") from exc

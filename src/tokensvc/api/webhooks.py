@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from tokensvc.api.problems import responses
+from tokensvc.api.problems import problem_responses
 from tokensvc.schemas import HubChallenge, StravaEvent, WebhookAck
 from tokensvc.service.webhooks import StravaWebhooks
 
@@ -22,8 +22,8 @@ async def get_webhooks(request: Request) -> StravaWebhooks:
 WebhooksDep = Annotated[StravaWebhooks, Depends(get_webhooks)]
 
 
-@router.get("/strava", response_model=HubChallenge, responses=responses(403, 422))
-async def subscription_check(
+@router.get("/strava", response_model=HubChallenge, responses=problem_responses(403))
+async def check_strava_subscription(
     webhooks: WebhooksDep,
     mode: Annotated[Literal["subscribe"], Query(alias="hub.mode")],
     challenge: Annotated[str, Query(alias="hub.challenge", max_length=256)],
@@ -33,8 +33,8 @@ async def subscription_check(
     return HubChallenge(challenge=webhooks.challenge(verify_token=verify_token, challenge=challenge))
 
 
-@router.post("/strava", response_model=WebhookAck, responses=responses(413, 422, 503))
-async def push_event(event: StravaEvent, webhooks: WebhooksDep) -> WebhookAck:
+@router.post("/strava", response_model=WebhookAck, responses=problem_responses(503))
+async def receive_strava_event(event: StravaEvent, webhooks: WebhooksDep) -> WebhookAck:
     """A Strava push event: a deauthorization is stored before the 200 and confirmed with Strava in the
     background; other events are acknowledged and ignored."""
     await webhooks.receive(event)
