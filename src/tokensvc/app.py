@@ -12,14 +12,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
 from tokensvc.api import audit, browser, docs, health, oauth, openapi, operations, problems, tokens, webhooks
 from tokensvc.api import dashboard as dashboard_api
 from tokensvc.api.cors import BrowserCORS
-from tokensvc.api.deps import ApiKeys
+from tokensvc.api.deps import ApiKeys, single_query_values
 from tokensvc.api.fastpath import AccessTokenFastPath
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.api.request_id import RequestId
@@ -257,6 +257,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        dependencies=[Depends(single_query_values)],
     )
     app.state.settings = settings
     app.state.api_keys = ApiKeys([k.get_secret_value() for k in settings.api_keys])

@@ -491,8 +491,10 @@ class StravaEvent(BaseModel):
     """A Strava push event (STRAVA.md). Unknown object and aspect types are well-formed too: they are
     acknowledged and ignored, so that Strava never retries an event tokensvc has no use for."""
 
+    # Strict: Strava sends JSON integers; `true` is not object 1 (Schemathesis found it accepted).
     model_config = ConfigDict(
         extra="ignore",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {

@@ -204,3 +204,12 @@ class TestStatusFilter:
             ).status_code == 200
         listed = (await client.get(f"/v1/tokens?{query}")).json()["items"]
         assert [item["user_id"] for item in listed] == ["gone", "soon"]
+
+
+@pytest.mark.parametrize("query", ["cursor=a&cursor=", "limit=5&limit=6"])
+async def test_a_single_value_parameter_given_twice_is_422(client: httpx.AsyncClient, query: str) -> None:
+    """Not the last value taken silently (Schemathesis sent two cursors, one empty, and got the first page)."""
+    response = await client.get(f"/v1/tokens?{query}")
+    assert response.status_code == 422
+    assert response.json()["code"] == "validation_error"
+    assert response.json()["errors"][0]["loc"] == ["query", query.split("=")[0]]

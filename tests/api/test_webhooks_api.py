@@ -152,6 +152,8 @@ class TestEvents:
             + b',"subscription_id":1,"updates":{"authorized":"false"}}',
             b'{"aspect_type":"update","event_time":1,"object_id":1,"object_type":"' + b"x" * 5000 + b'","owner_id":1,'
             b'"subscription_id":1,"updates":[]}',
+            b'{"aspect_type":"update","event_time":1,"object_id":true,"object_type":"athlete","owner_id":1,'
+            b'"subscription_id":1,"updates":{"authorized":"false"}}',
             b'{"object_type": "\'; DROP TABLE user_tokens; --"}',
             b"\xff\xfe\x00",
         ],

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
+import types
+import typing
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from tokensvc.errors import Forbidden, Unauthorized, UnsupportedMediaType
@@ -18,6 +21,28 @@ from tokensvc.schemas import USER_ID_PATTERN
 from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.sessions import COOKIE_NAME, Session, Sessions
 from tokensvc.service.tokens import TokenService
+
+
+async def single_query_values(request: Request) -> None:
+    """A parameter declared as one value, given twice, is refused (422) rather than silently taking the last one."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    repeated = {name for name in names if names.count(name) > 1}
+    if not repeated:
+        return
+    route = request.scope.get("route")
+    lists = {param.alias for param in getattr(getattr(route, "dependant", None), "query_params", ()) if _is_list(param)}
+    errors = [
+        {"type": "repeated", "loc": ("query", name), "msg": "give this parameter once", "input": None}
+        for name in sorted(repeated - lists)
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def _is_list(param: Any) -> bool:
+    annotation = param.field_info.annotation
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return any(typing.get_origin(option) in (list, set, tuple) for option in options)
 
 
 async def get_token_service(request: Request) -> TokenService:
