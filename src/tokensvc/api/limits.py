@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokensvc.api.problems import service_problem
+from tokensvc.errors import PayloadTooLarge
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -20,7 +21,7 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._reject(send)
+            await self._reject(scope, receive, send)
             return
         # Read the (small) body here, so an oversized stream is refused before the app sees any of it.
         chunks: list[bytes] = []
@@ -33,7 +34,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._reject(send)
+                await self._reject(scope, receive, send)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -49,24 +50,6 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "type": "https://tokensvc.dev/problems/payload_too_large",
-                "title": "Payload too large",
-                "status": 413,
-                "detail": f"request bodies are limited to {self.max_bytes} bytes",
-                "code": "payload_too_large",
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/problem+json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = service_problem(PayloadTooLarge(f"request bodies are limited to {self.max_bytes} bytes"))
+        await problem(scope, receive, send)
