@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokensvc.service.status import Status, classify
+from tokensvc.status import Status, classify
 
 NOW = 1_000_000.0
 BUFFER = 1800

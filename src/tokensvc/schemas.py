@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from tokensvc.service.status import Status
+from tokensvc.status import Status
 
 USER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 PROBLEM_TYPE = "https://tokensvc.dev/problems/"

@@ -1,4 +1,7 @@
-"""The status rules of CONTRACT.md, as one pure function of (row, now, buffer)."""
+"""The status rules of CONTRACT.md, as one pure function of (row, now, buffer).
+
+Below both `store/` (which filters and counts by status in SQL) and `service/`, so neither reaches up for it.
+"""
 
 from __future__ import annotations
 

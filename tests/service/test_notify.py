@@ -18,6 +18,7 @@ from standardwebhooks import Webhook
 
 from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_athlete, seed_user
 from tokensvc.app import Resources, notification_deliverer, open_resources
+from tokensvc.backoff import backoff_seconds
 from tokensvc.config import Settings
 from tokensvc.crypto import generate_notify_secret
 from tokensvc.db import make_engine
@@ -25,7 +26,7 @@ from tokensvc.errors import ReauthRequired
 from tokensvc.models import notifications, token_events
 from tokensvc.sandbox import SandboxState
 from tokensvc.service.journal import Journal
-from tokensvc.service.notify import NotificationDeliverer, backoff_seconds
+from tokensvc.service.notify import NotificationDeliverer
 from tokensvc.store.stats import notifications_pending
 
 SECRET = generate_notify_secret()

@@ -21,7 +21,7 @@ from tokensvc.errors import (
     TokensMissing,
 )
 from tokensvc.sandbox import FaultSpec, SandboxState, create_sandbox_app
-from tokensvc.service.status import Status
+from tokensvc.status import Status
 
 BUFFER = 1800
 

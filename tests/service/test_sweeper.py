@@ -12,11 +12,12 @@ import sqlalchemy as sa
 
 from tests.conftest import FakeClock, Seeded, make_settings, seed_user
 from tokensvc.app import Resources, open_resources
+from tokensvc.backoff import backoff_seconds
 from tokensvc.config import Settings
 from tokensvc.errors import ProviderRateLimited
 from tokensvc.sandbox import FaultSpec, SandboxState
-from tokensvc.service.status import Status
-from tokensvc.service.tokens import BACKOFF_CAP_SECONDS, backoff_seconds
+from tokensvc.service.tokens import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS
+from tokensvc.status import Status
 
 DUE_NOW = 900  # with the 1800 s buffer and a jitter of at most 899 s, such a user is due at once
 
@@ -128,9 +129,9 @@ class TestNoRefreshStorms:
     def test_backoff_grows_and_is_capped(self) -> None:
         """About 30 s, 60 s, 120 s … never above an hour; jittered within the upper half."""
         for failures, ceiling in [(1, 30), (2, 60), (3, 120), (8, 3600), (50, 3600)]:
-            samples = [backoff_seconds(failures) for _ in range(50)]
+            samples = [refresh_backoff(failures) for _ in range(50)]
             assert all(ceiling // 2 <= s <= ceiling for s in samples), (failures, samples)
-        assert backoff_seconds(1000) <= BACKOFF_CAP_SECONDS
+        assert refresh_backoff(1000) <= BACKOFF_CAP_SECONDS
 
     async def test_a_user_who_must_reconnect_is_never_retried(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
@@ -266,3 +267,8 @@ class TestStravaHeaders:
         reported = resources.strava.last_rate_limit.usage_15min
         assert reported >= 1
         assert (await resources.budget.state()).used_15min == reported
+
+
+def refresh_backoff(failures: int) -> int:
+    """The delay `TokenService` records after a failed automatic refresh."""
+    return int(backoff_seconds(failures, first=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS))

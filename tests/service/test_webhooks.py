@@ -18,7 +18,7 @@ from tokensvc.crypto import generate_notify_secret
 from tokensvc.errors import ReauthRequired
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.schemas import StravaEvent
-from tokensvc.service.status import Status
+from tokensvc.status import Status
 from tokensvc.store import journal as journal_store
 from tokensvc.store import webhook_events
 from tokensvc.store.webhook_events import StoredWebhookEvent

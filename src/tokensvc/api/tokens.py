@@ -11,7 +11,7 @@ from tokensvc.api.deps import TokenServiceDep, UserId, require_api_key
 from tokensvc.api.problems import problem_responses
 from tokensvc.errors import ValidationFailed
 from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
-from tokensvc.service.status import Status
+from tokensvc.status import Status
 
 router = APIRouter(
     prefix="/v1", tags=["tokens"], dependencies=[Depends(require_api_key)], responses=problem_responses(401)

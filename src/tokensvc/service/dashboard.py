@@ -14,7 +14,7 @@ from tokensvc import __version__
 from tokensvc.clock import Clock
 from tokensvc.service.rate_budget import BudgetState, RateBudget
 from tokensvc.service.signing import SignedTokens
-from tokensvc.service.status import Status
+from tokensvc.status import Status
 from tokensvc.store import stats
 from tokensvc.store.stats import Failure, OutcomeCounts
 

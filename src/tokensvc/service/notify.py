@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -28,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
+from tokensvc.backoff import backoff_seconds
 from tokensvc.clock import Clock
 from tokensvc.metrics import NOTIFICATIONS_TOTAL
 from tokensvc.store import outbox
@@ -40,12 +40,6 @@ log = structlog.get_logger(__name__)
 class DeliveryReport:
     delivered: int = 0
     failed: int = 0
-
-
-def backoff_seconds(attempt: int, *, first: float, cap: float) -> float:
-    """The wait after failed attempt number `attempt` (1-based): first, 2 x first, 4 x first, … up to `cap`, each
-    drawn from 50 to 100% of that so that notifications failing together do not retry together."""
-    return min(cap, first * 2.0 ** min(attempt - 1, 62)) * random.uniform(0.5, 1.0)
 
 
 class NotificationDeliverer:

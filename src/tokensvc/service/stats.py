@@ -18,7 +18,7 @@ from tokensvc.clock import Clock
 from tokensvc.db import Autocommit
 from tokensvc.schemas import RefreshCounts, RefreshWindows, Stats, UserCounts
 from tokensvc.service.rate_budget import RateBudget
-from tokensvc.service.status import Status
+from tokensvc.status import Status
 from tokensvc.store import stats as store
 
 _GAUGED = (Status.VALID, Status.EXPIRING_SOON, Status.EXPIRED, Status.NEEDS_REAUTH)

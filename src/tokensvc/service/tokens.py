@@ -14,7 +14,6 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import failpoints, metrics
+from tokensvc.backoff import backoff_seconds
 from tokensvc.clock import Clock
 from tokensvc.crypto import DecryptionError, Field, TokenCipher
 from tokensvc.db import Autocommit
@@ -52,7 +52,7 @@ from tokensvc.providers.strava import (
 from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
 from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
-from tokensvc.service.status import Status, classify
+from tokensvc.status import Status, classify
 from tokensvc.store import tokens as store
 from tokensvc.store.reader import EngineReader, RowReader
 from tokensvc.store.tokens import NewTokens, TokenRow
@@ -453,7 +453,7 @@ class TokenService:
             if isinstance(exc, ProviderRateLimited) and exc.from_strava:
                 delay = await self._budget.pause(exc.retry_after)
             else:
-                delay = backoff_seconds(row.failure_count + 1)
+                delay = int(backoff_seconds(row.failure_count + 1, first=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS))
             async with self._engine.begin() as conn:
                 await store.record_failure(conn, row.user_id, error=exc.code, retry_at=now + delay)
                 cause = exc.__cause__
@@ -644,12 +644,6 @@ class TokenService:
 AUTOMATIC_TRIGGERS = frozenset({"sweep", "background"})
 BACKOFF_BASE_SECONDS = 30
 BACKOFF_CAP_SECONDS = 3600
-
-
-def backoff_seconds(failures: int) -> int:
-    """Exponential backoff with jitter for automatic attempts: about 30 s, 60 s, 2 min … capped at an hour."""
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(0, failures - 1))
-    return int(random.uniform(ceiling / 2, ceiling))
 
 
 _OUTCOME_BY_CODE = {

@@ -28,12 +28,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import metrics
+from tokensvc.backoff import backoff_seconds
 from tokensvc.clock import Clock
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, RetryLater, TokensMissing, WebhookForbidden
 from tokensvc.providers.strava import ProviderConfigError, ProviderTransientError, StravaClient
 from tokensvc.schemas import StravaEvent
 from tokensvc.service.rate_budget import RateBudget
-from tokensvc.service.tokens import TokenService, backoff_seconds
+from tokensvc.service.tokens import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, TokenService
 from tokensvc.store import tokens as tokens_store
 from tokensvc.store import webhook_events as store
 from tokensvc.store.webhook_events import NewEvent, PendingEvent
@@ -162,7 +163,9 @@ class StravaWebhooks:
             for user_id in user_ids:
                 outcomes[await self._deauthorize_user(user_id, event.owner_id)] += 1
         except _RetryLater as exc:
-            delay = exc.retry_after or backoff_seconds(event.attempts + 1)
+            delay = exc.retry_after or int(
+                backoff_seconds(event.attempts + 1, first=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS)
+            )
             async with self._engine.begin() as conn:
                 await store.retry_later(
                     conn, event.id, next_attempt_at=int(self._clock()) + delay, result=f"retrying: {exc}"

@@ -13,7 +13,7 @@ from tokensvc.models import notifications as n
 from tokensvc.models import refresh_counts as c
 from tokensvc.models import token_events as e
 from tokensvc.models import user_tokens as t
-from tokensvc.service.status import Status
+from tokensvc.status import Status
 
 # Refresh outcomes as /v1/stats reports them: everything that is neither a success nor a rejection is a failure.
 SUCCESS = "succeeded"

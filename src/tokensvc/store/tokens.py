@@ -16,7 +16,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import user_tokens as t
-from tokensvc.service.status import Status
+from tokensvc.status import Status
 
 
 @dataclass(frozen=True, slots=True)
