@@ -2,10 +2,11 @@
 
 FastAPI's per-request machinery (dependency solving, parameter models, the middleware stack) was most of this
 endpoint's cost once the database read was cheap (bench/README.md). This ASGI layer answers the requests it can
-fully check by hand: a well-formed user id, a `min_ttl` of plain digits in 0..3600 and a valid API key. It calls
-the same service method and renders errors with the same problem handler, so answers are identical. Anything
-else (a bad id, parameter or key; another method) falls through untouched to the FastAPI route in
-`api/tokens.py`, which documents the endpoint and stays its reference implementation.
+fully check by hand: a well-formed user id, a `min_ttl` of plain digits in 0..3600, no parameter given twice and a
+valid API key. It calls the same service method and renders errors with the same problem handler, so answers are
+identical (tests/api/test_fastpath_property.py compares both routes on generated requests). Anything else (a bad
+id, parameter or key; another method) falls through untouched to the FastAPI route in `api/tokens.py`, which
+documents the endpoint and stays its reference implementation.
 """
 
 from __future__ import annotations
@@ -88,14 +89,17 @@ def _headers(scope: Scope) -> tuple[bytes | None, str]:
 
 
 def _min_ttl(query_string: bytes) -> int | None:
-    """`min_ttl` if the query is simple enough to check by hand (else None: let FastAPI validate it)."""
+    """`min_ttl` if the query is simple enough to check by hand (else None: let FastAPI validate it). A parameter
+    given twice is FastAPI's to refuse (`single_query_values`)."""
     if not query_string:
         return DEFAULT_MIN_TTL
-    params = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    values = [value for name, value in params if name == "min_ttl"]
-    if not values:
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    params = dict(pairs)
+    if len(params) < len(pairs):
+        return None
+    value = params.get("min_ttl")
+    if value is None:
         return DEFAULT_MIN_TTL
-    value = values[-1]
     if not value.isascii() or not value.isdigit() or int(value) > MAX_MIN_TTL:
         return None
     return int(value)
