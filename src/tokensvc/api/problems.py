@@ -35,11 +35,16 @@ PROBLEM_JSON = "application/problem+json"
 PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"  # api/openapi.py puts the schema there
 
 
+def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """The RFC 9457 members with the contract's `code`, then any extra members: every problem, and every example."""
+    return {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail, "code": code, **extra}
+
+
 def problem_response(
     status: int, code: str, title: str, detail: str, *, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    body = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail, "code": code, **extra}
-    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
+    body = problem_body(status, code, title, detail, **extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
 def service_problem(exc: TokenServiceError) -> JSONResponse:
@@ -158,8 +163,7 @@ _DESCRIPTIONS = {
 
 
 def _example(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
-    body = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail, "code": code, **extra}
-    return {"summary": title, "value": body}
+    return {"summary": title, "value": problem_body(status, code, title, detail, **extra)}
 
 
 _AUTHORIZE_URL = "https://tokens.example/v1/oauth/strava/authorize?user=42&state=eyJ1Ijoi..."
