@@ -376,6 +376,14 @@ class ConnectCompleteRequest(BaseModel):
 
 
 class ConnectCompleteResponse(BaseModel):
+    model_config = _examples(
+        {
+            "token_status": EXAMPLE_TOKEN_STATUS,
+            "session_token": "eyJ1IjoiMiJ9.aSb3xA.Yk6lZ...",
+            "session_expires_at": 1767225600,
+        }
+    )
+
     token_status: TokenStatus
     session_token: str
     session_expires_at: int

@@ -328,7 +328,8 @@ class TestProtocolEdges:
         spec = (await client.get("/openapi.json")).json()
         paths = spec["paths"]
         expected = {
-            ("/v1/users/{user_id}/tokens", "put"): {"401", "422", "413"},
+            ("/v1/users/{user_id}/tokens", "put"): {"401", "409", "422", "413"},
+            ("/v1/users/{user_id}/connect/complete", "post"): {"400", "401", "409", "422", "503"},
             ("/v1/users/{user_id}/token-status", "get"): {"401", "422"},
             ("/v1/users/{user_id}/refresh", "post"): {"401", "409", "503"},
             ("/v1/users/{user_id}/access-token", "get"): {"401", "409", "503"},
