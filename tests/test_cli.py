@@ -275,8 +275,10 @@ MIXED_LINES = [
     token_line("bob.smith-2_x", athlete_id=134815, scopes="read,activity:read_all"),  # 10
     token_line(42),  # 11
     token_line(None, user_id=_DROP),  # 12: no user_id at all
+    token_line("erin", athlete_id=134815),  # 13: bob's athlete (one athlete, one user)
+    token_line(".."),  # 14: a dot segment, not a user id
 ]
-BAD_LINES = {2, 3, 4, 5, 6, 7, 11, 12}
+BAD_LINES = {2, 3, 4, 5, 6, 7, 11, 12, 13, 14}
 # Token values on the bad lines: none may be echoed back.
 BAD_TOKENS = ["a b-access-plaintext", "a b-refresh-plaintext", "carol-access-plaintext", "dave-access-plaintext"]
 BAD_TOKENS += ["dave-refresh-plaintext", "42-access-plaintext", "42-refresh-plaintext", f"{'x' * 65}-access"]
@@ -306,6 +308,8 @@ class TestImportOnSqlite:
         assert "expires_at" in failures[7]
         assert "user_id" in failures[11]
         assert "user_id" in failures[12]
+        assert "athlete 134815 is connected to another user" in failures[13]
+        assert "user_id" in failures[14]
 
         db = tmp_path / "tokensvc.db"
         stored = sqlite_rows(db, "SELECT user_id, access_token_enc, refresh_token_enc FROM user_tokens ORDER BY 1")

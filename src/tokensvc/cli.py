@@ -233,6 +233,7 @@ def import_tokens(
 
 async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list[str]]:
     from tokensvc.app import open_resources
+    from tokensvc.errors import AthleteInUse
     from tokensvc.schemas import USER_ID_RE, TokenImport
 
     imported, failures = 0, []
@@ -261,7 +262,11 @@ async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list
                 reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 failures.append(f"line {number}: {reasons}")
                 continue
-            await res.service.import_tokens(user_id, body)
+            try:
+                await res.service.import_tokens(user_id, body)
+            except AthleteInUse:
+                failures.append(f"line {number}: athlete {body.athlete_id} is connected to another user")
+                continue
             imported += 1
     return imported, failures
 

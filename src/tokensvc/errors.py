@@ -49,6 +49,18 @@ class InvalidState(TokenServiceError):
     code, status, title = "invalid_state", 400, "Invalid OAuth state"
 
 
+class AthleteInUse(TokenServiceError):
+    """v1.1: one athlete, one user. Storing an athlete another user holds needs the caller to ask to move it."""
+
+    code, status, title = "athlete_in_use", 409, "Athlete connected to another user"
+
+
+class ConnectMismatch(TokenServiceError):
+    """v1.1: a connect confirmed (or landing in a browser signed in) for a user other than the flow's own."""
+
+    code, status, title = "connect_mismatch", 409, "Connect started for another user"
+
+
 class NeedsReconnect(TokenServiceError):
     """The user must go through Strava's consent again; 409s say so with `needs_reauth` and an authorize URL."""
 

@@ -123,6 +123,23 @@ class OAuthStateUse(SQLModel, table=True):
 oauth_state_uses: sa.Table = OAuthStateUse.__table__  # type: ignore[attr-defined]
 
 
+class ConnectConfirmation(SQLModel, table=True):
+    """A callback waiting for the app to confirm it (`connect/complete`): the flow's user, the scopes to store and
+    Strava's authorization code sealed with a key derived from the one-time `connect_id`. Only the id's hash is
+    kept, so the table alone neither names a usable id nor reveals a code. Rows live ten minutes."""
+
+    __tablename__ = "connect_confirmations"
+
+    id_hash: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(max_length=64)
+    scopes: str = Field(max_length=512)
+    code_sealed: str = Field(max_length=2048)
+    expires_at: int = Field(sa_type=sa.BigInteger, index=True)
+
+
+connect_confirmations: sa.Table = ConnectConfirmation.__table__  # type: ignore[attr-defined]
+
+
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
 
 

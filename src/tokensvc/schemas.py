@@ -21,7 +21,11 @@ from pydantic.json_schema import SkipJsonSchema
 
 from tokensvc.status import Status
 
-USER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# 1..64 of [A-Za-z0-9._-], but not "." or ".." (v1.1): written without look-ahead so every regex engine (pydantic's,
+# the generated clients') reads it the same way.
+USER_ID_PATTERN = (
+    r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"
+)
 PROBLEM_TYPE = "https://tokensvc.dev/problems/"
 USER_ID_RE = re.compile(USER_ID_PATTERN)
 # Strava tokens are 40 hex characters; anything far longer is not a token and would only bloat the row.
@@ -362,6 +366,27 @@ class ConnectRequest(BaseModel):
     )
     scopes: Scopes | None = Field(default=None, description="Default TOKENSVC_STRAVA_SCOPES")
     approval_prompt: Literal["auto", "force"] = "auto"
+
+
+class ConnectCompleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{"connect_id": "cn_..."}]})
+
+    connect_id: str = Field(min_length=1, max_length=128, description="From the redirect's `connect_id` parameter")
+    replace: bool = Field(default=False, description="Move the athlete from the user who holds it (v1.1)")
+
+
+class ConnectCompleteResponse(BaseModel):
+    model_config = _examples(
+        {
+            "token_status": EXAMPLE_TOKEN_STATUS,
+            "session_token": "eyJ1IjoiMiJ9.aSb3xA.Yk6lZ...",
+            "session_expires_at": 1767225600,
+        }
+    )
+
+    token_status: TokenStatus
+    session_token: str
+    session_expires_at: int
 
 
 class ConnectResponse(BaseModel):

@@ -49,3 +49,22 @@ def local_path(url: str) -> str:
     """The path and query of a tokensvc URL, for the in-process client."""
     parts = urlsplit(url)
     return f"{parts.path}?{parts.query}" if parts.query else parts.path
+
+
+async def follow_start(browser: httpx.AsyncClient, authorize_url: str) -> str:
+    """Open a connect link in `browser` (its own cookie jar), as a browser would. The service's browser-bound start
+    link answers 303 to Strava's consent page and leaves its binding cookie in the jar; Strava's own consent URL
+    (a flow the app confirms) is returned as it is."""
+    if authorize_url.startswith(STRAVA_TEST_BASE + "/"):
+        return authorize_url
+    response = await browser.get(local_path(authorize_url))
+    assert response.status_code == 303, response.text
+    location: str = response.headers["location"]
+    assert location.startswith(STRAVA_TEST_BASE + "/oauth/authorize?")
+    return location
+
+
+async def complete(client: httpx.AsyncClient, user_id: str, location: str, **body: object) -> httpx.Response:
+    """The app's backend confirming a connect: the `connect_id` of the callback's redirect, for `user_id`."""
+    connect_id = query_of(location)["connect_id"]
+    return await client.post(f"/v1/users/{user_id}/connect/complete", json={"connect_id": connect_id, **body})

@@ -129,6 +129,20 @@ class TestImportAndStatus:
             response, response.status_code, "validation_error" if response.status_code == 422 else "not_found"
         )
 
+    @pytest.mark.parametrize("user_id", ["%2E", "%2E%2E", "%2e%2e"], ids=["dot", "dotdot", "dotdot-lower"])
+    async def test_dot_and_dot_dot_are_not_user_ids(self, client: httpx.AsyncClient, user_id: str) -> None:
+        """v1.1: `.` and `..` are refused (a user id ends up in paths and URLs, where they mean something else);
+        percent-encoded here so the client sends them as the path segment itself."""
+        for method, path in (("GET", "token-status"), ("POST", "connect"), ("POST", "session")):
+            response = await client.request(method, f"/v1/users/{user_id}/{path}")
+            assert_problem(response, 422, "validation_error")
+
+    @pytest.mark.parametrize("user_id", ["...", ".a", "..a", "a.b"])
+    async def test_ids_with_dots_that_are_not_dot_segments_are_fine(
+        self, client: httpx.AsyncClient, user_id: str
+    ) -> None:
+        assert (await client.get(f"/v1/users/{user_id}/token-status")).json()["status"] == "missing"
+
     @pytest.mark.parametrize(
         "body",
         [
@@ -314,7 +328,8 @@ class TestProtocolEdges:
         spec = (await client.get("/openapi.json")).json()
         paths = spec["paths"]
         expected = {
-            ("/v1/users/{user_id}/tokens", "put"): {"401", "422", "413"},
+            ("/v1/users/{user_id}/tokens", "put"): {"401", "409", "422", "413"},
+            ("/v1/users/{user_id}/connect/complete", "post"): {"400", "401", "409", "422", "503"},
             ("/v1/users/{user_id}/token-status", "get"): {"401", "422"},
             ("/v1/users/{user_id}/refresh", "post"): {"401", "409", "503"},
             ("/v1/users/{user_id}/access-token", "get"): {"401", "409", "503"},
@@ -345,3 +360,42 @@ class TestDatabaseDown:
                 assert_problem(response, 503, "database_unavailable")
                 assert response.headers["retry-after"]
                 assert (await http.get("/healthz")).status_code == 200
+
+
+class TestOneAthleteOneUser:
+    """v1.1: storing an athlete another user holds is 409 `athlete_in_use` unless the caller moves it."""
+
+    @staticmethod
+    def body(seeded: Seeded) -> dict[str, Any]:
+        return {
+            "access_token": seeded.access_token,
+            "refresh_token": seeded.refresh_token,
+            "expires_at": seeded.expires_at,
+            "athlete_id": seeded.athlete_id,
+        }
+
+    async def test_importing_an_athlete_another_user_holds_is_409_and_changes_nothing(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        seeded = seed_athlete(sandbox, clock, expires_in=20_000)
+        assert (await client.put("/v1/users/first/tokens", json=self.body(seeded))).status_code == 200
+        refused = await client.put("/v1/users/second/tokens", json=self.body(seeded))
+        problem = assert_problem(refused, 409, "athlete_in_use")
+        assert problem["athlete_id"] == seeded.athlete_id
+        assert (await client.get("/v1/users/second/token-status")).json()["status"] == "missing"
+        assert (await client.get("/v1/users/first/token-status")).json()["status"] == "valid"
+        again = await client.put("/v1/users/first/tokens", json=self.body(seeded))  # the holder itself may
+        assert again.status_code == 200
+
+    async def test_replace_moves_the_athlete_and_the_previous_user_becomes_missing(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        seeded = seed_athlete(sandbox, clock, expires_in=20_000)
+        await client.put("/v1/users/first/tokens", json=self.body(seeded))
+        moved = await client.put("/v1/users/second/tokens?replace=true", json=self.body(seeded))
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["athlete_id"] == seeded.athlete_id
+        assert (await client.get("/v1/users/first/token-status")).json()["status"] == "missing"
+        token = (await client.get("/v1/users/second/access-token")).json()["access_token"]
+        assert token == seeded.access_token
+        assert sandbox.calls["deauthorize"] == 0  # the grant is the athlete's, now the second user's: not revoked

@@ -72,9 +72,10 @@ def start_sandbox(log_dir: Path, *extra: str) -> Process:
     return Process("sandbox", popen, line.split(" ", 1)[1], log)
 
 
-def start_service(name: str, log_dir: Path, env: dict[str, str], *args: str) -> Process:
-    """`tokensvc serve` on a free port with `env` (TOKENSVC_* settings); call `wait_ready` before use."""
-    port = free_port()
+def start_service(name: str, log_dir: Path, env: dict[str, str], *args: str, port: int | None = None) -> Process:
+    """`tokensvc serve` on `port` (default a free one) with `env` (TOKENSVC_* settings); call `wait_ready` before
+    use."""
+    port = port or free_port()
     log = log_dir / f"{name}.log"
     full_env = clean_env(**({"TOKENSVC_SWEEP_INTERVAL_SECONDS": "0"} | env))
     with log.open("wb") as sink:

@@ -68,6 +68,7 @@ class Stack:
     tokensvc: Process
     app: Process
     http: httpx.AsyncClient
+    public_url: str  # tokensvc as the browser sees it: another site than the app
 
     @property
     def sandbox(self) -> str:
@@ -87,9 +88,12 @@ class Stack:
 
 @pytest.fixture
 async def stack(example_dist: Path, tmp_path: Path) -> AsyncIterator[Stack]:
-    """tokensvc with its sandbox on one port and the example app (`vite preview`) on another, same site."""
-    app_port = free_port()
+    """tokensvc with its sandbox on one site (`localhost`) and the example app (`vite preview`) on another
+    (`127.0.0.1`), so the browser's cookie rules are those of a real deployment: tokensvc's cookies are third-party
+    to the app, and the app's confirmation (not a cookie) is what signs the user in."""
+    app_port, tokensvc_port = free_port(), free_port()
     app_origin = f"http://127.0.0.1:{app_port}"
+    public_url = f"http://localhost:{tokensvc_port}"
     tokensvc = start_service(
         "tokensvc",
         tmp_path,
@@ -97,15 +101,17 @@ async def stack(example_dist: Path, tmp_path: Path) -> AsyncIterator[Stack]:
             "TOKENSVC_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'tokensvc.db'}",
             "TOKENSVC_CORS_ORIGINS": app_origin,
             "TOKENSVC_REDIRECT_ALLOWLIST": f"{app_origin}/",
+            "TOKENSVC_PUBLIC_URL": public_url,
         },
         "--sandbox",
+        port=tokensvc_port,
     )
-    app = start_preview(tmp_path, tokensvc_url=tokensvc.url, api_key=API_KEY, port=app_port)
+    app = start_preview(tmp_path, tokensvc_url=public_url, api_key=API_KEY, port=app_port)
     try:
         await wait_ready(tokensvc)
         await wait_preview(app)
         async with httpx.AsyncClient(timeout=10) as http:
-            yield Stack(tokensvc, app, http)
+            yield Stack(tokensvc, app, http, public_url)
     finally:
         app.stop()
         tokensvc.stop()
@@ -165,6 +171,8 @@ async def approve_on_strava(page: Page, *, athlete_id: int | None = None) -> int
         await field_.fill(str(athlete_id))
     chosen = int(await field_.input_value())
     await page.click("#approve")
+    # tokensvc sends the browser back with strava=confirm&connect_id=…; the app's backend confirms it for its user
+    # and the page rewrites its URL to strava=connected.
     await page.wait_for_url(re.compile(r"[?&]strava=connected(&|$)"), timeout=UI_TIMEOUT_MS)
     return chosen
 
@@ -178,7 +186,7 @@ class TestDashboardInChromium:
         """Three components mount but tokensvc is asked once; the page never sees a token; reconnect works."""
         started = time.monotonic()
         app_url = f"{stack.app.url}/?user={USER}"
-        traffic = Traffic(stack.tokensvc.url)
+        traffic = Traffic(stack.public_url)
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
@@ -202,6 +210,9 @@ class TestDashboardInChromium:
                 await page.get_by_test_id("connect-button").click()
                 athlete_id = await approve_on_strava(page)
                 assert landing_query(page) == {"user": [USER], "strava": ["connected"]}
+                # the app's backend confirmed the connect_id for its user; tokensvc set no cookie on the way back
+                assert any(r.url == f"{stack.app.url}/api/connect/complete" for r in traffic.requests[traffic.mark :])
+                assert not [c for c in await context.cookies() if c["name"] == "tokensvc_session"]
 
                 # c. The three components mounted; tokensvc was asked once and refreshed once at Strava.
                 await expect_status(page, "valid")
@@ -278,7 +289,7 @@ class TestDashboardInChromium:
         ledger = await stack.control("GET", "/ledger")
         issued_hashes = {entry["sha256"] for entry in ledger[str(athlete_id)]}
         received = await traffic.received()
-        proactive = [body for url, body in received if url == f"{stack.tokensvc.url}/proactive-token-refresh"]
+        proactive = [body for url, body in received if url == f"{stack.public_url}/proactive-token-refresh"]
         assert proactive, "the page received no answer from tokensvc"
         assert all(body is not None for body in proactive), "an answer from tokensvc could not be read"
         for url, body in received:

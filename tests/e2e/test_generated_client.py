@@ -152,7 +152,9 @@ class TestGeneratedPythonClient:
         assert missing["code"] == "tokens_missing"
         assert missing["code_is_known"] is True
         assert missing["needs_reauth"] is True
-        assert missing["authorize_url"].startswith(f"{service.url}/sandbox/strava/oauth/authorize?")
+        # on purpose the service's browser-bound start link, not Strava's consent page (issue 14: connect only for
+        # the person who asked)
+        assert missing["authorize_url"].startswith(f"{service.url}/v1/oauth/strava/start?ticket=")
         reauth = seen["reauth_409"]
         assert (reauth["status"], reauth["parsed_as"], reauth["code"]) == (409, "Problem", "reauth_required")
         assert reauth["reauth_reason"] == "refresh_token_invalid"

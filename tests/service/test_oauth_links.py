@@ -7,9 +7,10 @@ import pytest
 from tests.conftest import FakeClock
 from tokensvc.errors import InvalidState, ValidationFailed
 from tokensvc.providers.strava import StravaClient
-from tokensvc.service.oauth import STATE_TTL_SECONDS, ConnectLinks, redirect_allowed, with_query
+from tokensvc.service.oauth import STATE_TTL_SECONDS, ConnectLinks, redirect_allowed, secret_hash, with_query
 
 ALLOW = ["https://app.example.com/dashboard", "http://localhost:5173"]
+DASH = "https://app.example.com/dashboard"
 
 
 class TestRedirectAllowList:
@@ -50,10 +51,18 @@ class TestRedirectAllowList:
             "http://localhost:5174/",
             "http://localhost:notaport/",
             "",
+            "https://app.example.com/dashboard/../evil",
+            "https://app.example.com/dashboard/..",
+            "https://app.example.com/dashboard/%2e%2e/admin",
+            "https://app.example.com/dashboard/%2E%2e/admin",
+            "https://app.example.com/dashboard/.%2e/admin",
+            "https://app.example.com/dashboard/./x",
+            "https://app.example.com/dashboard%2F..%2Fevil",
         ],
     )
     def test_open_redirect_attempts_are_refused(self, target: str) -> None:
-        """Protocol-relative, foreign hosts, look-alike hosts, userinfo, encoded slashes, other paths or ports."""
+        """Protocol-relative, foreign hosts, look-alike hosts, userinfo, encoded slashes, other paths or ports, dot
+        segments (plain or percent-encoded) that a browser would resolve out of the prefix."""
         assert not redirect_allowed(target, ALLOW)
 
     def test_an_empty_allowlist_allows_nothing(self) -> None:
@@ -97,13 +106,13 @@ class TestState:
 
     def test_every_state_is_different(self, links: ConnectLinks) -> None:
         """A fresh nonce per authorize URL: single use means one use of each."""
-        first, second = (state_of(links.authorize_url("u-1")[0]) for _ in range(2))
+        first, second = (state_of(links.authorize_url("u-1", redirect_to=DASH)[0]) for _ in range(2))
         assert first != second
         assert links.read_state(first).nonce != links.read_state(second).nonce
 
     def test_a_state_expires_after_ten_minutes(self, links: ConnectLinks, clock: FakeClock) -> None:
         """Ten minutes is accepted, one second more is not."""
-        state = state_of(links.authorize_url("u-1")[0])
+        state = state_of(links.authorize_url("u-1", redirect_to=DASH)[0])
         clock.advance(STATE_TTL_SECONDS)
         links.read_state(state)
         clock.advance(1)
@@ -114,7 +123,7 @@ class TestState:
     def test_a_forged_or_tampered_state_is_refused(self, links: ConnectLinks, mangle: object) -> None:
         """Any change to the signed state makes it invalid."""
         assert callable(mangle)
-        state = state_of(links.authorize_url("u-1")[0])
+        state = state_of(links.authorize_url("u-1", redirect_to=DASH)[0])
         with pytest.raises(InvalidState):
             links.read_state(mangle(state))
 
@@ -129,13 +138,13 @@ class TestState:
             clock=clock,
         )
         with pytest.raises(InvalidState):
-            links.read_state(state_of(other.authorize_url("u-1")[0]))
+            links.read_state(state_of(other.authorize_url("u-1", redirect_to=DASH)[0]))
 
     def test_the_authorize_url_asks_strava_for_the_right_things(self, links: ConnectLinks) -> None:
         """client_id, our callback as redirect_uri, response_type=code, approval_prompt and the scopes."""
         from urllib.parse import parse_qs, urlsplit
 
-        url, _ = links.authorize_url("u-1", scopes=["read", "activity:read"], approval_prompt="force")
+        url, _ = links.authorize_url("u-1", redirect_to=DASH, scopes=["read", "activity:read"], approval_prompt="force")
         parts = urlsplit(url)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         assert (parts.scheme, parts.netloc, parts.path) == ("https", "strava.test", "/oauth/authorize")
@@ -153,3 +162,28 @@ class TestState:
             links.authorize_url("u-1", redirect_to="https://evil.example/")
         with pytest.raises(ValidationFailed):
             links.authorize_url("u-1", scopes=["read", "everything"])
+
+
+class TestBrowserBinding:
+    def test_without_redirect_to_the_link_is_a_start_ticket_for_user_and_scopes(self, links: ConnectLinks) -> None:
+        """No state is handed out: the start link's ticket names the user and scopes; the state is made when a
+        browser opens it."""
+        from urllib.parse import parse_qs, urlsplit
+
+        url, _ = links.authorize_url("u-1", scopes=["read"])
+        assert url.startswith("https://tokens.test/v1/oauth/strava/start?ticket=")
+        assert links.read_ticket(parse_qs(urlsplit(url).query)["ticket"][0]) == ("u-1", ["read"])
+        with pytest.raises(InvalidState):
+            links.read_ticket(state_of(links.authorize_url("u-1", redirect_to=DASH)[0]))  # a state is no ticket
+
+    def test_a_bound_state_carries_the_browser_secret_s_hash_and_the_scopes(self, links: ConnectLinks) -> None:
+        url = links.browser_authorize_url("u-1", scopes=["read"], browser_secret="the-cookie")
+        state = state_of(url)
+        assert "the-cookie" not in state
+        claims = links.read_state(state)
+        assert (claims.browser_hash, claims.scopes, claims.redirect_to) == (
+            secret_hash("the-cookie", purpose="oauth-browser"),
+            ["read"],
+            None,
+        )
+        assert "approval_prompt=force" in url

@@ -15,7 +15,7 @@ from tests.conftest import FakeClock, import_body, make_settings, seed_user, wai
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
 from tokensvc.crypto import generate_notify_secret
-from tokensvc.errors import ReauthRequired
+from tokensvc.errors import AthleteInUse, ReauthRequired
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.schemas import StravaEvent
 from tokensvc.status import Status
@@ -131,20 +131,22 @@ class TestConfirmedDeauthorization:
         assert ("needs_reauth", "deauthorized (was refresh_token_invalid)") in kinds
         assert await notifications(resources, user.user_id) == ["token.needs_reauth"]
 
-    async def test_every_user_of_the_athlete_is_deauthorized_and_others_are_left_alone(
+    async def test_the_user_of_the_athlete_is_deauthorized_and_others_are_left_alone(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """Two users share the athlete: both lose their tokens; a user of another athlete keeps theirs."""
+        """One athlete, one user (v1.1: a second user is refused the athlete, so the two rows can no longer kill
+        each other's refresh tokens): the athlete's user loses the tokens; a user of another athlete keeps theirs."""
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
         bystander = await seed_user(resources, sandbox, clock, expires_in=20_000)
-        await resources.service.import_tokens("twin", import_body(user))
+        with pytest.raises(AthleteInUse):
+            await resources.service.import_tokens("twin", import_body(user))
         sandbox.revoke(user.athlete_id)
         await resources.webhooks.receive(deauthorization(user.athlete_id))
         await resources.webhooks.process_once()
         await assert_deauthorized(resources, user.user_id)
-        await assert_deauthorized(resources, "twin")
+        assert (await resources.service.status("twin")).status is Status.MISSING
         assert (await resources.service.status(bystander.user_id)).status is Status.VALID
-        assert (await events(resources))[0].result == "deauthorized 2, already 0, unconfirmed 0, gone 0"
+        assert (await events(resources))[0].result == "deauthorized 1, already 0, unconfirmed 0, gone 0"
 
 
 class TestDuplicates:

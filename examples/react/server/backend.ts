@@ -1,10 +1,13 @@
 /**
  * The example app's own backend, as a Vite plugin: the only place that holds the tokensvc API key.
  *
- * It adds three routes to both `vite` (dev) and `vite preview`:
- *   GET  /api/config   → { tokensvc_url }             read at run time, so one build serves any tokensvc
- *   POST /api/connect  → { authorize_url }            tokensvc's POST /v1/users/{id}/connect, with the API key
- *   POST /api/sync     → { athlete, synced_at }       fetches a fresh access token from tokensvc and calls Strava
+ * It adds four routes to both `vite` (dev) and `vite preview`:
+ *   GET  /api/config           → { tokensvc_url }     read at run time, so one build serves any tokensvc
+ *   POST /api/connect          → { authorize_url }    tokensvc's POST /v1/users/{id}/connect, with the API key
+ *   POST /api/connect/complete → { session_token, session_expires_at, token_status }
+ *                                                     confirms the `connect_id` tokensvc sent the browser back with,
+ *                                                     for this app's signed-in user (POST …/connect/complete)
+ *   POST /api/sync             → { athlete, synced_at } fetches a fresh access token from tokensvc and calls Strava
  *
  * In a real application these live in your server, and the user id comes from your own login session.
  * Here the page passes `?user=` along, because the example has no login of its own.
@@ -102,8 +105,14 @@ async function tokensvc(config: BackendConfig, path: string, init: RequestInit =
   if (!response.ok) {
     const problem = (await response.json().catch(() => ({}))) as { detail?: unknown; code?: unknown }
     const detail = typeof problem.detail === 'string' ? problem.detail : `tokensvc answered ${response.status}`
-    // 409 reauth_required is the user's to fix (reconnect); anything else is this backend's upstream failing.
-    if (response.status === 409) throw new HttpError(409, detail, { needs_reauth: problem.code === 'reauth_required' })
+    // 409 (reauth_required, connect_mismatch, athlete_in_use) and 400 (an invalid or spent connect_id) are the
+    // user's to fix by connecting again; anything else is this backend's upstream failing.
+    if (response.status === 409 || response.status === 400) {
+      throw new HttpError(response.status, detail, {
+        code: problem.code,
+        needs_reauth: problem.code === 'reauth_required',
+      })
+    }
     throw new HttpError(502, detail)
   }
   return response
@@ -122,6 +131,25 @@ async function connect(config: BackendConfig, req: IncomingMessage): Promise<unk
   })
   const { authorize_url } = (await response.json()) as { authorize_url: string }
   return { authorize_url }
+}
+
+const CONNECT_ID = /^[A-Za-z0-9_-]{1,128}$/
+
+async function completeConnect(config: BackendConfig, req: IncomingMessage): Promise<unknown> {
+  const body = await readJson(req)
+  // A real app takes the user from its own login session here: that is what makes the connect the signed-in
+  // user's. tokensvc answers 409 connect_mismatch when the flow was started for somebody else.
+  const userId = userIdOf(body)
+  const connectId = body.connect_id
+  if (typeof connectId !== 'string' || !CONNECT_ID.test(connectId)) {
+    throw new HttpError(422, 'connect_id must be the id tokensvc sent back')
+  }
+  const response = await tokensvc(config, `/v1/users/${userId}/connect/complete`, {
+    method: 'POST',
+    body: JSON.stringify({ connect_id: connectId }),
+  })
+  const { session_token, session_expires_at, token_status } = (await response.json()) as Record<string, unknown>
+  return { session_token, session_expires_at, token_status }
 }
 
 async function sync(config: BackendConfig, req: IncomingMessage): Promise<unknown> {
@@ -151,6 +179,7 @@ export function backendMiddleware(config: BackendConfig): Connect.NextHandleFunc
   const routes: Record<string, (req: IncomingMessage) => Promise<unknown>> = {
     'GET /api/config': async () => ({ tokensvc_url: config.tokensvcUrl }),
     'POST /api/connect': (req) => connect(config, req),
+    'POST /api/connect/complete': (req) => completeConnect(config, req),
     'POST /api/sync': (req) => sync(config, req),
   }
   return (req, res, next) => {

@@ -7,6 +7,7 @@ import { useStravaTokens } from './useStravaTokens'
 const RETURN_NOTICE: Record<string, string> = {
   connected: 'Strava is connected. Welcome back!',
   denied: 'You cancelled connecting Strava; you can try again any time.',
+  failed: 'Connecting Strava did not complete; please connect again.',
 }
 
 /** How many times this page load asked tokensvc: the point of the hook is that mounting three components says 1. */

@@ -53,3 +53,13 @@ export async function startConnect(redirectTo: string): Promise<string> {
 export function syncNow(): Promise<SyncResult> {
   return post<SyncResult>('/api/sync', { user_id: currentUserId() })
 }
+
+export interface ConnectCompleted {
+  session_token: string
+  session_expires_at: number
+}
+
+/** Confirm the `connect_id` tokensvc sent the browser back with, for the current user, through the app's backend. */
+export function completeConnect(connectId: string): Promise<ConnectCompleted> {
+  return post<ConnectCompleted>('/api/connect/complete', { user_id: currentUserId(), connect_id: connectId })
+}

@@ -10,7 +10,7 @@
  */
 import { useEffect, useSyncExternalStore } from 'react'
 
-import { startConnect } from './appBackend'
+import { completeConnect, startConnect } from './appBackend'
 import { getConfig } from './config'
 
 /** tokensvc's TokenStatus (CONTRACT.md): never any token material. */
@@ -143,13 +143,47 @@ function interpret(httpStatus: number, body: unknown): Partial<StravaTokensState
   }
 }
 
+// --- coming back from Strava -----------------------------------------------------------------------------------
+
+const SESSION_KEY = 'tokensvc_session_token'
+
+/**
+ * tokensvc sends the browser back with `strava=confirm&connect_id=…` and stores nothing until the app's backend
+ * confirms that id for its signed-in user. The backend's answer carries a tokensvc session token for that user,
+ * which this page then sends as a bearer (tokensvc sets no cookie on such a return). The URL is rewritten to
+ * `strava=connected` (or `strava=failed`) so a reload does not try to spend the id again.
+ */
+async function confirmReturn(): Promise<void> {
+  const url = new URL(window.location.href)
+  const connectId = url.searchParams.get('connect_id')
+  if (url.searchParams.get('strava') !== 'confirm' || connectId === null) return
+  url.searchParams.delete('connect_id')
+  try {
+    const { session_token: token } = await completeConnect(connectId)
+    window.sessionStorage.setItem(SESSION_KEY, token)
+    url.searchParams.set('strava', 'connected')
+  } catch {
+    url.searchParams.set('strava', 'failed')
+  }
+  window.history.replaceState(null, '', url.toString())
+}
+
+let confirmation: Promise<void> | null = null
+
 async function callTokensvc(): Promise<Partial<StravaTokensState>> {
   try {
+    confirmation ??= confirmReturn()
+    await confirmation
     const { tokensvcUrl } = await getConfig()
+    const sessionToken = window.sessionStorage.getItem(SESSION_KEY)
     const response = await fetch(`${tokensvcUrl}/proactive-token-refresh`, {
       method: 'POST',
-      credentials: 'include', // the tokensvc_session cookie (HttpOnly: this script never sees it)
-      headers: { 'Content-Type': 'application/json' },
+      // the session: the token the app's backend got at confirmation, else tokensvc's HttpOnly cookie
+      credentials: 'include',
+      headers: {
+        'Content-Type': 'application/json',
+        ...(sessionToken === null ? {} : { Authorization: `Bearer ${sessionToken}` }),
+      },
       body: '{}',
     })
     const body: unknown = await response.json().catch(() => ({}))
@@ -175,21 +209,16 @@ export function ensureFresh(): Promise<StravaTokensState> {
 export function currentPageUrl(): string {
   const url = new URL(window.location.href)
   url.searchParams.delete('strava')
+  url.searchParams.delete('connect_id')
   return url.toString()
 }
 
-/** Send the user to Strava's consent page, coming back to this page afterwards. */
+/** Send the user to Strava's consent page, coming back to this page afterwards (where the app confirms). */
 export async function reconnect(): Promise<void> {
   const redirectTo = currentPageUrl()
   try {
-    if (state.authorizeUrl !== null) {
-      // tokensvc's own reconnect link: it knows the user from the session cookie.
-      const target = new URL(state.authorizeUrl)
-      target.searchParams.set('redirect_to', redirectTo)
-      window.location.assign(target.toString())
-      return
-    }
-    // No session yet: the app's backend asks tokensvc for a connect link with its API key.
+    // Always through the app's backend, for the user signed in to the app: the connect it confirms on return is
+    // then this user's (tokensvc's own reconnect link would need its cookie, which a confirmed connect never sets).
     window.location.assign(await startConnect(redirectTo))
   } catch (error) {
     setState({ error: error instanceof Error ? error.message : 'Could not start connecting to Strava.' })

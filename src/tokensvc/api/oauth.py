@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -10,8 +11,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from tokensvc.api.deps import LinksDep, OAuthServiceDep, RequiredSession, SessionsDep, UserId, require_api_key
 from tokensvc.api.problems import problem_responses
-from tokensvc.schemas import ConnectRequest, ConnectResponse, SessionResponse
-from tokensvc.service.oauth import with_query
+from tokensvc.schemas import (
+    ConnectCompleteRequest,
+    ConnectCompleteResponse,
+    ConnectRequest,
+    ConnectResponse,
+    SessionResponse,
+)
+from tokensvc.service.oauth import BROWSER_COOKIE, STATE_TTL_SECONDS, CallbackBrowser, ConnectLinks, with_query
 from tokensvc.service.sessions import COOKIE_NAME, Sessions
 
 service_router = APIRouter(
@@ -20,11 +27,14 @@ service_router = APIRouter(
 browser_router = APIRouter(tags=["browser"])
 
 _NO_STORE = {"Cache-Control": "no-store"}
+_BROWSER_COOKIE_PATH = "/v1/oauth/strava"
 
 
 @service_router.post("/users/{user_id}/connect", response_model=ConnectResponse)
 async def create_connect_link(user_id: UserId, links: LinksDep, body: ConnectRequest | None = None) -> ConnectResponse:
-    """Strava's authorize URL for this user, with a signed, single-use state that lives ten minutes."""
+    """The URL to send this user to, with a signed, single-use state that lives ten minutes. With `redirect_to`,
+    Strava's consent page, and the app confirms the result (`connect/complete`); without, a link to this service
+    that binds the flow to the browser opening it, then goes on to Strava."""
     body = body or ConnectRequest()
     url, expires_at = links.authorize_url(
         user_id, redirect_to=body.redirect_to, scopes=body.scopes, approval_prompt=body.approval_prompt
@@ -40,11 +50,41 @@ async def create_session(user_id: UserId, sessions: SessionsDep) -> Response:
     return Response(body.model_dump_json(), media_type="application/json", headers=_NO_STORE)
 
 
+@service_router.post(
+    "/users/{user_id}/connect/complete",
+    response_model=ConnectCompleteResponse,
+    responses=problem_responses(400, 409, 503),
+)
+async def complete_connect(
+    user_id: UserId, body: ConnectCompleteRequest, oauth: OAuthServiceDep, sessions: SessionsDep
+) -> Response:
+    """The app's backend confirms a connect (the `connect_id` of the redirect) for the user signed in there: the
+    code is exchanged and the tokens stored only now. Another user's `connect_id` is 409 `connect_mismatch`; an
+    unknown, used or expired one is 400 `invalid_state`; an athlete another user holds is 409 `athlete_in_use`
+    unless `replace`."""
+    status = await oauth.complete(user_id, body.connect_id, replace=body.replace)
+    token, session = sessions.mint(user_id)
+    result = ConnectCompleteResponse(token_status=status, session_token=token, session_expires_at=session.expires_at)
+    return Response(result.model_dump_json(), media_type="application/json", headers=_NO_STORE)
+
+
+@browser_router.get(
+    "/v1/oauth/strava/start", status_code=303, response_class=RedirectResponse, responses=problem_responses(400)
+)
+async def oauth_start(
+    request: Request, links: LinksDep, ticket: Annotated[str | None, Query(max_length=2048)] = None
+) -> RedirectResponse:
+    """The link `connect` hands out without `redirect_to`: binds the flow to this browser (a short-lived cookie
+    whose hash is in the state) and sends it on to Strava's consent page, always shown."""
+    user_id, scopes = links.read_ticket(ticket)
+    return _to_strava_bound(request, links, user_id, scopes)
+
+
 @browser_router.get(
     "/v1/oauth/strava/callback",
     response_class=HTMLResponse,
     status_code=303,
-    responses={200: {"description": "Connected page (no redirect_to)"}, **problem_responses(400, 503)},
+    responses={200: {"description": "Connected page (no redirect_to)"}, **problem_responses(400, 409, 503)},
 )
 async def oauth_callback(
     request: Request,
@@ -55,17 +95,24 @@ async def oauth_callback(
     scope: Annotated[str | None, Query(max_length=512)] = None,
     error: Annotated[str | None, Query(max_length=256)] = None,
 ) -> Response:
-    """Where Strava sends the user back: checks the state, exchanges the code, stores tokens, sets the session."""
-    result = await oauth.callback(state=state, code=code, scope=scope, error=error)
+    """Where Strava sends the user back. With `redirect_to`: nothing stored, no cookie, a 303 to the app with a
+    one-time `connect_id` for its backend to complete. Without: only in the browser that started the flow, the
+    code is exchanged, the tokens stored and the session set."""
+    session = sessions.verify(request.cookies.get(COOKIE_NAME))
+    browser = CallbackBrowser(
+        binding=request.cookies.get(BROWSER_COOKIE), session_user=session.user_id if session else None
+    )
+    result = await oauth.callback(state=state, code=code, scope=scope, error=error, browser=browser)
     if result.outcome == "denied":
         if result.redirect_to:
             return RedirectResponse(with_query(result.redirect_to, strava="denied"), status_code=303)
         return _page(400, "Not connected", "You declined to connect Strava. You can close this page and try again.")
-    if result.redirect_to:
-        response: Response = RedirectResponse(with_query(result.redirect_to, strava="connected"), status_code=303)
-    else:
-        response = _page(200, "Connected", "Strava is connected. You can close this page.")
+    if result.outcome == "confirm" and result.redirect_to and result.connect_id:
+        target = with_query(result.redirect_to, strava="confirm", connect_id=result.connect_id)
+        return RedirectResponse(target, status_code=303, headers={**_NO_STORE, "Referrer-Policy": "no-referrer"})
+    response = _page(200, "Connected", "Strava is connected. You can close this page.")
     _set_session_cookie(response, sessions, result.user_id, secure=request.app.state.settings.public_url)
+    response.delete_cookie(BROWSER_COOKIE, path=_BROWSER_COOKIE_PATH)
     return response
 
 
@@ -73,13 +120,33 @@ async def oauth_callback(
     "/v1/oauth/strava/authorize", status_code=303, response_class=RedirectResponse, responses=problem_responses(401)
 )
 async def oauth_authorize(
+    request: Request,
     session: RequiredSession,
     links: LinksDep,
     redirect_to: Annotated[str | None, Query(max_length=2048)] = None,
 ) -> RedirectResponse:
-    """Send the session's user straight to Strava's consent page (the reconnect button)."""
+    """Send the session's user straight to Strava's consent page (the reconnect button). With `redirect_to` the
+    app confirms the result (`connect_id`); without, the flow is bound to this browser."""
+    if redirect_to is None:
+        return _to_strava_bound(request, links, session.user_id, links.default_scopes)
     url, _expires_at = links.authorize_url(session.user_id, redirect_to=redirect_to, approval_prompt="force")
     return RedirectResponse(url, status_code=303, headers=_NO_STORE)
+
+
+def _to_strava_bound(request: Request, links: ConnectLinks, user_id: str, scopes: list[str]) -> RedirectResponse:
+    binding = secrets.token_urlsafe(32)
+    url = links.browser_authorize_url(user_id, scopes=scopes, browser_secret=binding)
+    response = RedirectResponse(url, status_code=303, headers=_NO_STORE)
+    response.set_cookie(
+        BROWSER_COOKIE,
+        binding,
+        max_age=STATE_TTL_SECONDS,
+        httponly=True,
+        samesite="lax",
+        secure=request.app.state.settings.public_url.startswith("https://"),
+        path=_BROWSER_COOKIE_PATH,
+    )
+    return response
 
 
 def _set_session_cookie(response: Response, sessions: Sessions, user_id: str, *, secure: str) -> None:

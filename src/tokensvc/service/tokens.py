@@ -23,7 +23,7 @@ from typing import Any
 import stamina
 import structlog
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc import failpoints, metrics
 from tokensvc.backoff import backoff_seconds
@@ -31,6 +31,7 @@ from tokensvc.clock import Clock
 from tokensvc.crypto import DecryptionError, Field, TokenCipher
 from tokensvc.db import Autocommit
 from tokensvc.errors import (
+    AthleteInUse,
     ProviderMisconfigured,
     ProviderRateLimited,
     ProviderUnavailable,
@@ -156,8 +157,10 @@ class TokenService:
 
     # -- writes -----------------------------------------------------------------------------------------------
 
-    async def import_tokens(self, user_id: str, body: TokenImport) -> TokenStatus:
-        """Insert or replace a user's tokens in one transaction (waits for an in-flight refresh's row lock)."""
+    async def import_tokens(self, user_id: str, body: TokenImport, *, replace: bool = False) -> TokenStatus:
+        """Insert or replace a user's tokens in one transaction (waits for an in-flight refresh's row lock).
+
+        Raises AthleteInUse when another user holds the athlete, unless `replace` moves it here."""
         tokens = NewTokens(
             access_token_enc=self._cipher.encrypt(body.access_token, user_id=user_id, field="access"),
             refresh_token_enc=self._cipher.encrypt(body.refresh_token, user_id=user_id, field="refresh"),
@@ -167,28 +170,58 @@ class TokenService:
         )
         async with self._engine.begin() as conn:
             previous = await store.lock_for_refresh(conn, user_id)
+            moved = await self._claim_athlete(conn, user_id, body.athlete_id, replace=replace)
             row = await store.upsert(
                 conn, user_id, tokens, athlete_id=body.athlete_id, scopes=body.scopes, now=self._now_dt()
             )
             await self.journal.stored(conn, user_id, kind="imported", previous_reason=_reason(previous))
-        self.row_changed(user_id)
+        self._rows_changed(user_id, moved)
         log.info("token.imported", user_id=user_id, expires_at=row.expires_at, version=row.version)
         return self._status(user_id, row)
 
-    async def store_grant(self, user_id: str, grant: TokenGrant, *, scopes: Sequence[str]) -> TokenStatus:
-        """Store a connect's first pair (one transaction; clears `needs_reauth`, waits for an in-flight refresh)."""
+    async def store_grant(
+        self, user_id: str, grant: TokenGrant, *, scopes: Sequence[str], replace: bool = False
+    ) -> TokenStatus:
+        """Store a connect's first pair (one transaction; clears `needs_reauth`, waits for an in-flight refresh).
+
+        Raises AthleteInUse when another user holds the athlete, unless `replace` moves it here."""
         if grant.refresh_token is None:
             raise ProviderUnavailable("Strava's code exchange returned no refresh token", retry_after=5)
         tokens = self._encrypt_grant(user_id, grant)
         async with self._engine.begin() as conn:
             previous = await store.lock_for_refresh(conn, user_id)
+            moved = await self._claim_athlete(conn, user_id, grant.athlete_id, replace=replace)
             row = await store.upsert(
                 conn, user_id, tokens, athlete_id=grant.athlete_id, scopes=list(scopes), now=self._now_dt()
             )
             await self.journal.stored(conn, user_id, kind="connected", previous_reason=_reason(previous))
-        self.row_changed(user_id)
+        self._rows_changed(user_id, moved)
         log.info("token.connected", user_id=user_id, athlete_id=row.athlete_id, was=_reason(previous))
         return self._status(user_id, row)
+
+    async def _claim_athlete(
+        self, conn: AsyncConnection, user_id: str, athlete_id: int | None, *, replace: bool
+    ) -> list[str]:
+        """One athlete, one user: refuse an athlete another user holds, or (`replace`) take it from them, who become
+        `missing` (their row is deleted, not revoked at Strava: the grant is the athlete's, now this user's)."""
+        if athlete_id is None:
+            return []
+        await store.lock_athlete(conn, athlete_id)
+        holders = await store.holders_of_athlete(conn, athlete_id, other_than=user_id)
+        if holders and not replace:
+            raise AthleteInUse(
+                "this Strava athlete is connected to another user; ask to move it (`replace`) or use that user",
+                athlete_id=athlete_id,
+            )
+        for holder in holders:
+            await store.delete(conn, holder.user_id)
+            await self.journal.revoked(conn, holder.user_id, athlete_id=athlete_id, reason="moved")
+            log.info("token.athlete_moved", user_id=holder.user_id, to_user_id=user_id, athlete_id=athlete_id)
+        return [holder.user_id for holder in holders]
+
+    def _rows_changed(self, user_id: str, others: Sequence[str]) -> None:
+        for changed in (user_id, *others):
+            self.row_changed(changed)
 
     async def refresh(self, user_id: str, *, force: bool = False, trigger: str = "api") -> RefreshResult:
         """Refresh if due (or `force`), sharing any refresh already in flight for this user.

@@ -266,3 +266,19 @@ async def list_by_status(
         stmt = stmt.where(sa.tuple_(t.c.expires_at, t.c.user_id) > sa.tuple_(*after))
     stmt = stmt.order_by(t.c.expires_at, t.c.user_id).limit(limit)
     return [_row(r) for r in (await conn.execute(stmt)).all()]
+
+
+async def lock_athlete(conn: AsyncConnection, athlete_id: int) -> None:
+    """Serialise stores of one athlete until the transaction ends (one athlete, one user). Postgres: a transaction
+    advisory lock on the athlete; SQLite: the database's write lock, which every write transaction holds anyway."""
+    if conn.dialect.name == "postgresql":
+        key = sa.func.hashtextextended(f"tokensvc.athlete:{athlete_id}", 0)
+        await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+
+
+async def holders_of_athlete(conn: AsyncConnection, athlete_id: int, *, other_than: str) -> list[TokenRow]:
+    """The other users holding tokens for this athlete (rows whose tokens were discarded hold nothing)."""
+    stmt = _SELECT.where(
+        t.c.athlete_id == athlete_id, t.c.user_id != other_than, t.c.access_token_enc.is_not(None)
+    ).order_by(t.c.user_id)
+    return [_row(row) for row in (await conn.execute(stmt)).all()]
