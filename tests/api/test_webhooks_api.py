@@ -321,6 +321,7 @@ class TestSecretPath:
         """The bare path and any other segment: 404 for the check and for events; nothing stored."""
         assert (await client.get(path, params=challenge())).status_code == 404
         assert (await client.post(path, json=event(athlete))).status_code == 404
+        assert (await client.post(path, content=b"not json")).status_code == 404  # refused before the body
         assert await stored_events(client) == []
 
 
