@@ -1,5 +1,11 @@
-"""Strava webhooks: the subscription check, and athlete deauthorizations, stored at once and applied in the
-background only once Strava confirms them.
+"""Strava webhooks: the subscription check; athlete deauthorizations, stored at once and applied in the background
+only once Strava confirms them; every other event for a connected athlete forwarded to the app through the outbox.
+
+The intake costs an attacker more than it costs us: an event naming another subscription (once the app's is known)
+or an athlete nobody holds is dropped after one index read; a deauthorization arms the athlete's one pending check
+(one row per athlete, nothing of the body kept; events coalesce into it, and a finished check is re-armed no sooner
+than `recheck_seconds` after it ran); a forwarded event is one outbox row per user keyed by its content (Strava's
+retries collapse), with only Strava's documented `updates`, capped per athlete and hour (service/forwarded_events.py).
 
 Events are unsigned, so an event is a hint, never proof. For every user connected as the athlete, the processor
 asks Strava about the user's own access token (obtained through the normal exactly-once refresh path): 401 means
