@@ -4,6 +4,7 @@ they come, and stronger than a racing refresh. SQLite and Postgres, the sandbox 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -398,3 +399,35 @@ class TestRaceWithRefresh:
         await assert_deauthorized(resources, user.user_id)
         assert sandbox.calls["athlete"] == 2  # the first answer was about a row that no longer existed
         assert sandbox.stats()["ledger_violations"] == []
+
+
+class TestEventDuringACheck:
+    async def test_an_event_that_comes_while_the_check_runs_makes_it_run_again(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """The check was claimed (its Strava call may already have been answered) when a (real) deauthorization
+        comes: the event is not lost in it; the check stays pending and runs again after the re-check delay."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        assert await resources.webhooks.receive(deauthorization(user.athlete_id))
+        now = int(clock())
+        async with resources.engine.begin() as conn:
+            (claimed,) = await webhook_events.claim_pending(conn, now=now, limit=10, lease_until=now + 300)
+        clock.advance(1)
+        assert await resources.webhooks.receive(deauthorization(user.athlete_id, event_time=EVENT_TIME + 1))
+        assert not await resources.webhooks.receive(deauthorization(user.athlete_id, event_time=EVENT_TIME + 2))
+        async with resources.engine.begin() as conn:
+            finished = await webhook_events.finish(
+                conn,
+                claimed,
+                state="unconfirmed",
+                result="r",
+                processed_at=datetime.now(UTC),
+                recheck_at=now + 600,
+            )
+        assert finished is False
+        (event,) = await events(resources)
+        assert (event.state, event.next_attempt_at) == ("pending", now + 600)
+        sandbox.revoke(user.athlete_id)
+        clock.advance(600)
+        assert await resources.webhooks.process_once() == 1
+        await assert_deauthorized(resources, user.user_id)

@@ -172,7 +172,8 @@ class StravaWebhooks:
         )
         now = self._clock()
         async with self._engine.begin() as conn:
-            armed = await store.arm_check(conn, new, received_at=datetime.fromtimestamp(now, UTC), due_at=int(now))
+            # whole seconds: a check being processed is touched at most once a second (store.arm_check)
+            armed = await store.arm_check(conn, new, received_at=datetime.fromtimestamp(int(now), UTC), due_at=int(now))
         if armed:
             self.wake()
         return _STORED_CHECK if armed else "coalesced"
@@ -266,16 +267,22 @@ class StravaWebhooks:
             state = "no_user"
         result = ", ".join(f"{name} {outcomes[name]}" for name in (_APPLIED, _ALREADY, _UNCONFIRMED, _GONE))
         async with self._engine.begin() as conn:
-            await store.finish(
+            finished = await store.finish(
                 conn,
-                event.id,
+                event,
                 state=state,
                 result=result,
                 processed_at=self._now_dt(),
                 recheck_at=int(self._clock()) + self.recheck_seconds,
             )
         metrics.DEAUTHORIZATIONS_TOTAL.labels(outcome=state).inc()
-        log.info("webhook.deauthorization_processed", athlete_id=event.owner_id, state=state, users=len(user_ids))
+        log.info(
+            "webhook.deauthorization_processed",
+            athlete_id=event.owner_id,
+            state=state,
+            users=len(user_ids),
+            again_after=None if finished else self.recheck_seconds,  # an event came while it ran
+        )
 
     async def _deauthorize_user(self, user_id: str, athlete_id: int) -> UserOutcome:
         """Confirm with Strava, then discard the user's tokens if the row is still the one that was checked.

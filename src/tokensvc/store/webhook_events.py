@@ -41,6 +41,7 @@ class PendingEvent:
     id: int
     owner_id: int
     attempts: int
+    received_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,10 @@ async def arm_check(conn: AsyncConnection, event: NewEvent, *, received_at: date
             "processed_at": None,
             "result": None,
         },
-        where=w.c.state != PENDING,
+        # A finished check is re-armed. A pending one that is not due now (claimed by a processor, or waiting for a
+        # retry) is touched once a second at most: the new `received_at` tells `finish` that an event came while the
+        # check ran, so the check runs again rather than the event being lost in a check that started before it.
+        where=sa.or_(w.c.state != PENDING, sa.and_(w.c.next_attempt_at > due_at, w.c.received_at < received_at)),
     ).returning(w.c.id)
     return (await conn.execute(stmt)).first() is not None
 
@@ -125,7 +129,7 @@ async def claim_pending(conn: AsyncConnection, *, now: int, limit: int, lease_un
     on ix_strava_webhook_events_pending.
     """
     stmt = (
-        sa.select(w.c.id, w.c.owner_id, w.c.attempts)
+        sa.select(w.c.id, w.c.owner_id, w.c.attempts, w.c.received_at)
         .where(w.c.state == PENDING, w.c.next_attempt_at <= now)
         .order_by(w.c.next_attempt_at, w.c.id)
         .limit(limit)
@@ -139,24 +143,35 @@ async def claim_pending(conn: AsyncConnection, *, now: int, limit: int, lease_un
 
 async def finish(
     conn: AsyncConnection,
-    event_id: int,
+    event: PendingEvent,
     *,
     state: str,
     result: str,
     processed_at: datetime,
-    recheck_at: int | None = None,
-) -> None:
+    recheck_at: int,
+) -> bool:
     """Record how a check ended (`confirmed`, `unconfirmed`, `no_user`); it is not taken again until an event re-arms
-    it (`arm_check`), and then not before `recheck_at`."""
-    values: dict[str, object] = {
-        "state": state,
-        "result": result[:200],
-        "processed_at": processed_at,
-        "attempts": w.c.attempts + 1,
-    }
-    if recheck_at is not None:
-        values["next_attempt_at"] = recheck_at
-    await conn.execute(sa.update(w).where(w.c.id == event_id).values(**values))
+    it (`arm_check`), and then not before `recheck_at`. When an event came while the check ran (its `received_at`
+    moved), the check stays pending, due at `recheck_at`, and False is returned."""
+    finished = await conn.execute(
+        sa.update(w)
+        .where(w.c.id == event.id, w.c.received_at == event.received_at)
+        .values(
+            state=state,
+            result=result[:200],
+            processed_at=processed_at,
+            attempts=w.c.attempts + 1,
+            next_attempt_at=recheck_at,
+        )
+    )
+    if finished.rowcount:
+        return True
+    await conn.execute(
+        sa.update(w)
+        .where(w.c.id == event.id)
+        .values(attempts=w.c.attempts + 1, next_attempt_at=recheck_at, result=f"again: {result}"[:200])
+    )
+    return False
 
 
 async def retry_later(conn: AsyncConnection, event_id: int, *, next_attempt_at: int, result: str) -> None:
