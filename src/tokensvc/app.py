@@ -163,6 +163,8 @@ async def open_resources(
         budget=budget,
         verify_token=verify_token.get_secret_value() if verify_token else None,
         clock=clock,
+        path_secret=path_secret.get_secret_value() if (path_secret := settings.strava_webhook_path_secret) else None,
+        forward_per_athlete_hour=settings.webhook_forward_per_athlete_hour,
         poll_interval_seconds=settings.webhook_poll_interval_seconds,
     )
     notifier = notification_deliverer(settings, engine, clock=clock)

@@ -272,7 +272,7 @@ async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list
 
 
 subscription_app = typer.Typer(
-    help="Manage the Strava push subscription that sends deauthorizations to /v1/webhooks/strava (one per app).",
+    help="Manage the Strava push subscription that sends events to /v1/webhooks/strava (one per app).",
     no_args_is_help=True,
 )
 app.add_typer(subscription_app, name="strava-subscription")
@@ -303,16 +303,61 @@ async def _with_strava(settings: Settings, action: Callable[[StravaClient], Awai
         await strava.aclose()
 
 
+async def _learn_subscription(settings: Settings, subscription_id: int | None) -> None:
+    """Tell the service's database the app's subscription id (None: none), so events naming another are dropped."""
+    from datetime import UTC, datetime
+
+    from tokensvc.db import make_engine
+    from tokensvc.store import webhook_events
+
+    engine = make_engine(settings.database_url, statement_cache=settings.db_statement_cache)
+    try:
+        async with engine.begin() as conn:
+            await webhook_events.learn_subscription(conn, subscription_id, now=datetime.now(UTC))
+    finally:
+        await engine.dispose()
+
+
+def _remember_subscription(settings: Settings, subscription_id: int | None) -> None:
+    """Best effort: a database that cannot be written (not migrated, unreachable) is reported, not fatal, since
+    the subscription at Strava is what was asked for."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        asyncio.run(_learn_subscription(settings, subscription_id))
+    except (SQLAlchemyError, OSError) as exc:
+        typer.echo(
+            f"tokensvc: could not record the subscription id in the database ({type(exc).__name__}); events "
+            "naming other subscriptions are not dropped until it is (run `strava-subscription show`)",
+            err=True,
+        )
+
+
+def _callback_path(settings: Settings) -> str:
+    secret = settings.strava_webhook_path_secret
+    return "/v1/webhooks/strava" + (f"/{secret.get_secret_value()}" if secret is not None else "")
+
+
 def _strava_failure(exc: Exception) -> typer.Exit:
     """Strava said no, or could not be reached: the reason on stderr, exit 1."""
     typer.echo(f"tokensvc: {exc}", err=True)
     return typer.Exit(code=1)
 
 
+def _shown(callback_url: str, settings: Settings) -> str:
+    """The callback URL with the path secret masked (terminal output ends up in logs and tickets)."""
+    secret = settings.strava_webhook_path_secret
+    return callback_url.replace(secret.get_secret_value(), "<path-secret>") if secret is not None else callback_url
+
+
 @subscription_app.command("create")
 def subscription_create(
     callback_url: Annotated[
-        str | None, typer.Option(help="Where Strava sends events; default <TOKENSVC_PUBLIC_URL>/v1/webhooks/strava")
+        str | None,
+        typer.Option(
+            help="Where Strava sends events; default <TOKENSVC_PUBLIC_URL>/v1/webhooks/strava (plus "
+            "/<TOKENSVC_STRAVA_WEBHOOK_PATH_SECRET> when that is set)"
+        ),
     ] = None,
 ) -> None:
     """Subscribe: Strava checks the callback (the running service must answer it), then sends events there."""
@@ -327,7 +372,7 @@ def subscription_create(
     if callback_url is None:
         if not settings.public_url:
             raise _fail("pass --callback-url, or set TOKENSVC_PUBLIC_URL (the service's external base URL)")
-        callback_url = f"{settings.public_url.rstrip('/')}/v1/webhooks/strava"
+        callback_url = f"{settings.public_url.rstrip('/')}{_callback_path(settings)}"
     verify_token = settings.strava_webhook_verify_token.get_secret_value()
     url = callback_url
     try:
@@ -336,7 +381,8 @@ def subscription_create(
         )
     except ProviderError as exc:
         raise _strava_failure(exc) from exc
-    typer.echo(f"created push subscription {subscription_id} for {callback_url}")
+    _remember_subscription(settings, subscription_id)
+    typer.echo(f"created push subscription {subscription_id} for {_shown(callback_url, settings)}")
 
 
 @subscription_app.command("show")
@@ -349,12 +395,14 @@ def subscription_show() -> None:
         subscriptions = asyncio.run(_with_strava(settings, lambda strava: strava.list_subscriptions()))
     except ProviderError as exc:
         raise _strava_failure(exc) from exc
+    # Strava's list is the authority on the app's subscription: remember it (or that there is none).
+    _remember_subscription(settings, subscriptions[0].id if len(subscriptions) == 1 else None)
     if not subscriptions:
         typer.echo("no push subscription", err=True)
         raise typer.Exit(code=1)
     for subscription in subscriptions:
         created = f" (created {subscription.created_at})" if subscription.created_at else ""
-        typer.echo(f"push subscription {subscription.id}: {subscription.callback_url}{created}")
+        typer.echo(f"push subscription {subscription.id}: {_shown(subscription.callback_url, settings)}{created}")
 
 
 @subscription_app.command("delete")
@@ -378,6 +426,8 @@ def subscription_delete(
         deleted = asyncio.run(_with_strava(settings, delete))
     except ProviderError as exc:
         raise _strava_failure(exc) from exc
+    if subscription_id is None or deleted:
+        _remember_subscription(settings, None)
     if not deleted:
         typer.echo("no push subscription to delete")
     for each in deleted:

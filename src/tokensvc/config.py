@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from functools import cached_property
 from pathlib import Path
@@ -66,6 +67,11 @@ class Settings(BaseSettings):
     # How often each replica looks for Strava webhook events due for (another) attempt; a new event wakes the
     # replica that received it at once. 0 turns processing off in this process.
     webhook_poll_interval_seconds: int = Field(default=30, ge=0)
+    # A secret path segment for the callback (`/v1/webhooks/strava/{secret}`); the bare path then answers 404.
+    strava_webhook_path_secret: SecretStr | None = None
+    # Forwarded Strava events (activity and athlete updates) per athlete and clock hour; a burst beyond is counted
+    # and dropped: events are unsigned, and the app's worker spends read units on each one.
+    webhook_forward_per_athlete_hour: int = Field(default=100, ge=0, le=100_000)
     notify_url: str | None = None
     notify_secret: SecretStr | None = None
     # Delivery of notifications (service/notify.py): one POST's timeout; how often each replica looks for due rows
@@ -141,6 +147,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "TOKENSVC_SESSION_SECRET must be at least 32 characters (e.g. `python -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))'`)"
+            )
+        return value
+
+    @field_validator("strava_webhook_path_secret")
+    @classmethod
+    def _path_secret_format(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", value.get_secret_value()):
+            raise ValueError(
+                "TOKENSVC_STRAVA_WEBHOOK_PATH_SECRET must be 16..128 characters of [A-Za-z0-9_-] (e.g. `python -c "
+                "'import secrets; print(secrets.token_urlsafe(24))'`)"
             )
         return value
 

@@ -46,7 +46,8 @@ RATE_LIMIT_PAUSED_UNTIL = Gauge(
 NOTIFICATIONS_PENDING = Gauge("tokensvc_notifications_pending", "Outbox notifications not yet delivered (DB-wide)")
 WEBHOOK_EVENTS_TOTAL = Counter(
     "tokensvc_strava_webhook_events_total",
-    "Strava push events received, by kind (deauthorization, duplicate, ignored)",
+    "Strava push events received, by what became of them (deauthorization, coalesced, forwarded, duplicate, "
+    "over_cap, unknown_athlete, other_subscription, ignored)",
     ["kind"],
 )
 DEAUTHORIZATIONS_TOTAL = Counter(

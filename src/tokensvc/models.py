@@ -257,6 +257,34 @@ sa.Index(
 strava_webhook_events: sa.Table = StravaWebhookEvent.__table__  # type: ignore[attr-defined]
 
 
+class StravaSubscription(SQLModel, table=True):
+    """The app's own push subscription id, once known (one row, `slot` 1): learned from `strava-subscription`
+    and from Strava's list, so that events naming another subscription can be dropped."""
+
+    __tablename__ = "strava_subscription"
+
+    slot: int = Field(default=1, primary_key=True)
+    subscription_id: int = Field(sa_type=sa.BigInteger)
+    learned_at: datetime = Field(sa_type=UTCDateTime)
+
+
+strava_subscription: sa.Table = StravaSubscription.__table__  # type: ignore[attr-defined]
+
+
+class StravaEventWindow(SQLModel, table=True):
+    """Forwarded Strava events per athlete in the current clock hour (one row per athlete, overwritten when the
+    hour turns): what caps a burst of (unsigned) events."""
+
+    __tablename__ = "strava_event_windows"
+
+    athlete_id: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    window_start: int = Field(sa_type=sa.BigInteger)
+    count: int = Field(default=0)
+
+
+strava_event_windows: sa.Table = StravaEventWindow.__table__  # type: ignore[attr-defined]
+
+
 class RefreshCount(SQLModel, table=True):
     """Refresh attempts at Strava per hour and outcome, counted in the transaction of each attempt: what
     `/v1/stats` and the dashboard's chart read (a few dozen rows a day, however many athletes). Successes are only

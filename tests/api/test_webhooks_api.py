@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from asgi_lifespan import LifespanManager
 from pydantic import SecretStr
 
@@ -101,19 +102,54 @@ class TestSubscriptionCheck:
                     assert_problem(await http.get(PATH, params=challenge(token)), 403, "forbidden")
 
 
+@pytest.fixture
+async def athlete(client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock) -> int:
+    """A connected athlete (events for athletes nobody holds are dropped before anything is stored)."""
+    user = seed_athlete(sandbox, clock, expires_in=20_000)
+    imported = await client.put(f"/v1/users/{user.user_id}/tokens", json=import_body(user).model_dump())
+    assert imported.status_code == 200
+    return user.athlete_id
+
+
 class TestEvents:
-    async def test_a_deauthorization_is_stored_before_the_200(self, client: httpx.AsyncClient) -> None:
-        """The 200 comes after the commit: the pending row is there the moment the answer is."""
-        response = await client.post(PATH, json=event(4242), headers={"Authorization": ""})
+    async def test_a_deauthorization_is_stored_before_the_200(self, client: httpx.AsyncClient, athlete: int) -> None:
+        """The 200 comes after the commit: the athlete's pending check is there the moment the answer is, and it
+        keeps nothing of the body but the ids and times."""
+        padded = event(athlete, updates={"authorized": "false", "padding": "x" * 60_000})
+        response = await client.post(PATH, json=padded, headers={"Authorization": ""})
         assert response.status_code == 200
         assert response.json() == {"received": True}
         (stored,) = await stored_events(client)
-        assert (stored.owner_id, stored.state, stored.dedupe_key) == (4242, "pending", "athlete:4242:1800000000:1001")
+        assert (stored.owner_id, stored.state, stored.dedupe_key) == (athlete, "pending", f"deauth:{athlete}")
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        async with engine.connect() as conn:
+            payload = (await conn.execute(sa.text("SELECT payload FROM strava_webhook_events"))).scalar_one()
+        assert payload == ""
 
-    async def test_repeats_are_acknowledged_and_stored_once(self, client: httpx.AsyncClient) -> None:
-        """Strava's retries all get 200; one row."""
-        responses = [await client.post(PATH, json=event(4242)) for _ in range(3)]
-        assert [r.status_code for r in responses] == [200, 200, 200]
+    async def test_repeats_and_replays_are_acknowledged_and_coalesced(
+        self, client: httpx.AsyncClient, athlete: int
+    ) -> None:
+        """Strava's retries, and events with other times and other contents for the athlete, all get 200: one
+        pending check."""
+        bodies = [event(athlete)] * 3 + [event(athlete, event_time=t, object_id=t) for t in range(1, 50)]
+        responses = [await client.post(PATH, json=body) for body in bodies]
+        assert {r.status_code for r in responses} == {200}
+        assert len(await stored_events(client)) == 1
+
+    async def test_an_event_for_an_athlete_nobody_holds_stores_nothing(self, client: httpx.AsyncClient) -> None:
+        """Athlete ids are public: an event for one no user holds is counted and dropped."""
+        response = await client.post(PATH, json=event(4242))
+        assert response.status_code == 200
+        assert await stored_events(client) == []
+
+    async def test_once_our_subscription_is_known_events_naming_another_are_dropped(
+        self, client: httpx.AsyncClient, athlete: int
+    ) -> None:
+        """The service learned its subscription id (1001): an event naming 7 stores nothing; 1001 does."""
+        await client.app.state.webhooks.learn_subscription(1001)  # type: ignore[attr-defined]
+        assert (await client.post(PATH, json=event(athlete, subscription_id=7))).status_code == 200
+        assert await stored_events(client) == []
+        assert (await client.post(PATH, json=event(athlete, subscription_id=1001))).status_code == 200
         assert len(await stored_events(client)) == 1
 
     @pytest.mark.parametrize(
@@ -254,3 +290,42 @@ class TestThroughTheSandbox:
         with pytest.raises(ProviderRequestError, match="callback"):
             await strava.create_subscription("http://tokensvc.test/v1/webhooks/strava", "not-ours")
         assert await strava.list_subscriptions() == []
+
+
+SECRET = "s3cret-path-segment-0123456789"
+
+
+class TestSecretPath:
+    @pytest.fixture
+    def settings(self, database_url: str) -> Settings:
+        return make_settings(
+            database_url,
+            strava_webhook_verify_token=SecretStr(VERIFY_TOKEN),
+            strava_webhook_path_secret=SecretStr(SECRET),
+            webhook_poll_interval_seconds=0,
+        )
+
+    async def test_the_secret_path_answers_the_check_and_takes_events(
+        self, client: httpx.AsyncClient, athlete: int
+    ) -> None:
+        """With TOKENSVC_STRAVA_WEBHOOK_PATH_SECRET set, `/v1/webhooks/strava/{secret}` is the callback."""
+        checked = await client.get(f"{PATH}/{SECRET}", params=challenge())
+        assert checked.json() == {"hub.challenge": "15f7d1a91c1f40f8a748fd134752feb3"}
+        assert (await client.post(f"{PATH}/{SECRET}", json=event(athlete))).status_code == 200
+        assert len(await stored_events(client)) == 1
+
+    @pytest.mark.parametrize("path", [PATH, f"{PATH}/wrong-secret-0123456789", f"{PATH}/{SECRET}x"])
+    async def test_every_other_path_is_404_and_stores_nothing(
+        self, client: httpx.AsyncClient, athlete: int, path: str
+    ) -> None:
+        """The bare path and any other segment: 404 for the check and for events; nothing stored."""
+        assert (await client.get(path, params=challenge())).status_code == 404
+        assert (await client.post(path, json=event(athlete))).status_code == 404
+        assert (await client.post(path, content=b"not json")).status_code == 404  # refused before the body
+        assert await stored_events(client) == []
+
+
+async def test_without_a_path_secret_a_secret_path_is_404(client: httpx.AsyncClient, athlete: int) -> None:
+    """Unset, only the bare path serves: `/v1/webhooks/strava/<anything>` is 404."""
+    assert_problem(await client.post(f"{PATH}/{SECRET}", json=event(athlete)), 404, "not_found")
+    assert await stored_events(client) == []

@@ -85,7 +85,10 @@ class TestRetention:
                 )
                 await webhook_events.insert(conn, event, received_at=old, due_at=int(clock()))
             processed = (await webhook_events.list_recent(conn, limit=10))[-1]
-            await webhook_events.finish(conn, processed.id, state="confirmed", result="ok", processed_at=old)
+            claimed = webhook_events.PendingEvent(processed.id, 7, 0, old)
+            await webhook_events.finish(
+                conn, claimed, state="confirmed", result="ok", processed_at=old, recheck_at=int(clock())
+            )
         clock.advance(31 * DAY)
         report = await Housekeeping(resources.engine, clock=clock, retention_days=30).run_once()
         assert (report.notifications_purged, report.webhook_events_purged) == (1, 1)

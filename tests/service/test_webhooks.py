@@ -4,6 +4,7 @@ they come, and stronger than a racing refresh. SQLite and Postgres, the sandbox 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -153,8 +154,8 @@ class TestDuplicates:
     async def test_strava_retries_are_one_row_and_one_effect(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """The same event three times: one row; a later replay (another event_time): no second effect, no
-        second notification, and no Strava call at all."""
+        """The same event three times: one row; a later replay (another event_time) re-arms the athlete's one
+        check, no sooner than the re-check delay: no second effect, no second notification, no Strava call."""
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
         sandbox.revoke(user.athlete_id)
         received = [await resources.webhooks.receive(deauthorization(user.athlete_id)) for _ in range(3)]
@@ -162,11 +163,13 @@ class TestDuplicates:
         assert len(await events(resources)) == 1
         await resources.webhooks.process_once()
         calls = dict(sandbox.calls)
-        await resources.webhooks.receive(deauthorization(user.athlete_id, event_time=EVENT_TIME + 5))
-        await resources.webhooks.process_once()
-        replay, first = await events(resources)
-        assert (first.state, replay.state) == ("confirmed", "confirmed")
-        assert replay.result == "deauthorized 0, already 1, unconfirmed 0, gone 0"
+        assert await resources.webhooks.receive(deauthorization(user.athlete_id, event_time=EVENT_TIME + 5))
+        assert await resources.webhooks.process_once() == 0  # not before the re-check delay
+        clock.advance(resources.webhooks.recheck_seconds)
+        assert await resources.webhooks.process_once() == 1
+        (event,) = await events(resources)
+        assert event.state == "confirmed"
+        assert event.result == "deauthorized 0, already 1, unconfirmed 0, gone 0"
         assert dict(sandbox.calls) == calls
         await assert_deauthorized(resources, user.user_id)
         assert await notifications(resources, user.user_id) == ["token.needs_reauth"]
@@ -244,28 +247,31 @@ class TestForgedEvents:
         assert (await audit(resources, user.user_id))[-1][0] == "deauthorization_unconfirmed"
         assert await notifications(resources, user.user_id) == []
 
-    async def test_an_event_for_an_unknown_athlete_changes_nothing_and_calls_nobody(
+    async def test_an_event_for_an_unknown_athlete_is_dropped_and_calls_nobody(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """No user has the athlete: state no_user, no Strava call."""
+        """No user has the athlete: nothing stored, no Strava call."""
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
-        await resources.webhooks.receive(deauthorization(987_654))
-        await resources.webhooks.process_once()
-        (event,) = await events(resources)
-        assert (event.state, event.owner_id) == ("no_user", 987_654)
+        assert await resources.webhooks.receive(deauthorization(987_654)) is False
+        assert await resources.webhooks.process_once() == 0
+        assert await events(resources) == []
         assert sum(sandbox.calls.values()) == 0
         assert (await resources.service.status(user.user_id)).status is Status.VALID
 
-    async def test_other_events_are_acknowledged_but_not_stored(
+    async def test_events_of_no_known_kind_are_acknowledged_but_not_stored(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """An activity event, or an athlete update that is not a deauthorization, stores nothing."""
+        """An athlete create, a club event, an activity event of an odd aspect: nothing stored or forwarded."""
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
-        activity = deauthorization(user.athlete_id, object_type="activity", aspect_type="create", updates={})
-        renamed = deauthorization(user.athlete_id, updates={"title": "new name"})
-        assert await resources.webhooks.receive(activity) is False
-        assert await resources.webhooks.receive(renamed) is False
+        odd: list[dict[str, Any]] = [
+            {"aspect_type": "create"},
+            {"object_type": "club"},
+            {"object_type": "activity", "aspect_type": "x"},
+        ]
+        for changes in odd:
+            assert await resources.webhooks.receive(deauthorization(user.athlete_id, **changes)) is False
         assert await events(resources) == []
+        assert await notifications(resources, user.user_id) == []
 
 
 class TestStravaUnavailable:
@@ -395,3 +401,35 @@ class TestRaceWithRefresh:
         await assert_deauthorized(resources, user.user_id)
         assert sandbox.calls["athlete"] == 2  # the first answer was about a row that no longer existed
         assert sandbox.stats()["ledger_violations"] == []
+
+
+class TestEventDuringACheck:
+    async def test_an_event_that_comes_while_the_check_runs_makes_it_run_again(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """The check was claimed (its Strava call may already have been answered) when a (real) deauthorization
+        comes: the event is not lost in it; the check stays pending and runs again after the re-check delay."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        assert await resources.webhooks.receive(deauthorization(user.athlete_id))
+        now = int(clock())
+        async with resources.engine.begin() as conn:
+            (claimed,) = await webhook_events.claim_pending(conn, now=now, limit=10, lease_until=now + 300)
+        clock.advance(1)
+        assert await resources.webhooks.receive(deauthorization(user.athlete_id, event_time=EVENT_TIME + 1))
+        assert not await resources.webhooks.receive(deauthorization(user.athlete_id, event_time=EVENT_TIME + 2))
+        async with resources.engine.begin() as conn:
+            finished = await webhook_events.finish(
+                conn,
+                claimed,
+                state="unconfirmed",
+                result="r",
+                processed_at=datetime.now(UTC),
+                recheck_at=now + 600,
+            )
+        assert finished is False
+        (event,) = await events(resources)
+        assert (event.state, event.next_attempt_at) == ("pending", now + 600)
+        sandbox.revoke(user.athlete_id)
+        clock.advance(600)
+        assert await resources.webhooks.process_once() == 1
+        await assert_deauthorized(resources, user.user_id)

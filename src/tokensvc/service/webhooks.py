@@ -1,5 +1,11 @@
-"""Strava webhooks: the subscription check, and athlete deauthorizations, stored at once and applied in the
-background only once Strava confirms them.
+"""Strava webhooks: the subscription check; athlete deauthorizations, stored at once and applied in the background
+only once Strava confirms them; every other event for a connected athlete forwarded to the app through the outbox.
+
+The intake costs an attacker more than it costs us: an event naming another subscription (once the app's is known)
+or an athlete nobody holds is dropped after one index read; a deauthorization arms the athlete's one pending check
+(one row per athlete, nothing of the body kept; events coalesce into it, and a finished check is re-armed no sooner
+than `recheck_seconds` after it ran); a forwarded event is one outbox row per user keyed by its content (Strava's
+retries collapse), with only Strava's documented `updates`, capped per athlete and hour (service/forwarded_events.py).
 
 Events are unsigned, so an event is a hint, never proof. For every user connected as the athlete, the processor
 asks Strava about the user's own access token (obtained through the normal exactly-once refresh path): 401 means
@@ -19,6 +25,7 @@ import asyncio
 import hashlib
 import hmac
 import random
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Final, Literal
@@ -33,6 +40,8 @@ from tokensvc.clock import Clock
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, RetryLater, TokensMissing, WebhookForbidden
 from tokensvc.providers.strava import ProviderConfigError, ProviderTransientError, StravaClient
 from tokensvc.schemas import StravaEvent
+from tokensvc.service import forwarded_events as forwarded
+from tokensvc.service.forwarded_events import forwarded_type
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.tokens import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, TokenService
 from tokensvc.store import tokens as tokens_store
@@ -51,6 +60,10 @@ _UNCONFIRMED: Final = "unconfirmed"
 _GONE: Final = "gone"
 _MIN_TTL = 60  # enough life for the one confirmation call
 _ROUNDS = 3  # re-checks when the user's row changes between the check and the guard
+_STORED_CHECK: Final = "deauthorization"
+_FORWARDED: Final = "forwarded"
+_SUBSCRIPTION_TTL = 60.0  # how stale this replica's idea of the app's subscription id may be
+HOUR = 3600
 
 
 class _RetryLater(Exception):
@@ -73,6 +86,9 @@ class StravaWebhooks:
         budget: RateBudget,
         verify_token: str | None,
         clock: Clock,
+        path_secret: str | None = None,
+        forward_per_athlete_hour: int = 100,
+        recheck_seconds: int = 600,
         poll_interval_seconds: int = 30,
         lease_seconds: int = 300,
         batch_size: int = 20,
@@ -82,7 +98,11 @@ class StravaWebhooks:
         self._strava = strava
         self._budget = budget
         self._verify_digest = hashlib.sha256(verify_token.encode()).digest() if verify_token else None
+        self._path_digest = hashlib.sha256(path_secret.encode()).digest() if path_secret else None
         self._clock = clock
+        self.forward_per_athlete_hour = forward_per_athlete_hour
+        self.recheck_seconds = recheck_seconds
+        self._subscription: tuple[float, int | None] | None = None
         self.poll_interval_seconds = poll_interval_seconds
         self.lease_seconds = lease_seconds
         self.batch_size = batch_size
@@ -104,35 +124,104 @@ class StravaWebhooks:
         log.info("webhook.challenge_answered")
         return challenge
 
+    def path_matches(self, presented: str | None) -> bool:
+        """Whether a request came to the configured callback path: the secret segment when one is set (compared in
+        constant time), else the bare path."""
+        if self._path_digest is None or presented is None:
+            return self._path_digest is None and presented is None
+        return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), self._path_digest)
+
     async def receive(self, event: StravaEvent) -> bool:
-        """Store a deauthorization (one transaction; a repeat of a stored one writes nothing) and wake the
-        processor; other events are only counted. True when the event was new and stored. No Strava call."""
-        if not event.is_deauthorization:
-            metrics.WEBHOOK_EVENTS_TOTAL.labels(kind="ignored").inc()
-            log.info(
-                "webhook.event_ignored",
-                object_type=event.object_type,
-                aspect_type=event.aspect_type,
-                owner_id=event.owner_id,
-            )
-            return False
+        """Decide an event before the 200: dropped (another subscription's, an athlete nobody holds, of no known
+        kind, over the athlete's cap), coalesced into the athlete's pending deauthorization check, or forwarded to
+        the app through the outbox. True when something was stored. One read and at most one short transaction;
+        no Strava call."""
+        kind = await self._receive(event)
+        metrics.WEBHOOK_EVENTS_TOTAL.labels(kind=kind).inc()
+        log.info(
+            "webhook.event_received",
+            kind=kind,
+            object_type=event.object_type,
+            aspect_type=event.aspect_type,
+            athlete_id=event.owner_id,
+        )
+        return kind in (_STORED_CHECK, _FORWARDED)
+
+    async def _receive(self, event: StravaEvent) -> str:
+        if not await self._ours(event.subscription_id):
+            return "other_subscription"
+        event_type = None if event.is_deauthorization else forwarded_type(event)
+        if not event.is_deauthorization and (event_type is None or not self._tokens.journal.notify):
+            return "ignored"
+        async with self._engine.connect() as conn:
+            user_ids = await store.users_of_athlete(conn, event.owner_id)
+        if not user_ids:
+            return "unknown_athlete"
+        if event_type is None:
+            return await self._arm_check(event)
+        return await self._forward(event, event_type, user_ids)
+
+    async def _arm_check(self, event: StravaEvent) -> str:
         new = NewEvent(
-            dedupe_key=f"athlete:{event.owner_id}:{event.event_time}:{event.subscription_id}",
+            dedupe_key=f"deauth:{event.owner_id}",
             owner_id=event.owner_id,
             object_type=event.object_type,
             aspect_type=event.aspect_type,
             event_time=event.event_time,
             subscription_id=event.subscription_id,
-            payload=event.model_dump_json(),
+            payload="",
         )
         now = self._clock()
         async with self._engine.begin() as conn:
-            stored = await store.insert(conn, new, received_at=datetime.fromtimestamp(now, UTC), due_at=int(now))
-        metrics.WEBHOOK_EVENTS_TOTAL.labels(kind="deauthorization" if stored else "duplicate").inc()
-        log.info("webhook.deauthorization_received", athlete_id=event.owner_id, duplicate=not stored)
-        if stored:
+            # whole seconds: a check being processed is touched at most once a second (store.arm_check)
+            armed = await store.arm_check(conn, new, received_at=datetime.fromtimestamp(int(now), UTC), due_at=int(now))
+        if armed:
             self.wake()
-        return stored
+        return _STORED_CHECK if armed else "coalesced"
+
+    async def _forward(self, event: StravaEvent, event_type: str, user_ids: list[str]) -> str:
+        """One transaction: the athlete's count for the hour looked at first (over the cap nothing is written: no
+        row, and no dead row either), then a notification per user (Strava's retries are the same rows) and the
+        count raised. Replicas racing at the cap may each store one more."""
+        updates = forwarded.documented_updates(event.updates)
+        now = self._clock()
+        window = int(now) - int(now) % HOUR
+        created_at = datetime.fromtimestamp(now, UTC)
+        async with self._engine.begin() as conn:
+            if await store.forwarded_count(conn, event.owner_id, window_start=window) >= self.forward_per_athlete_hour:
+                return "over_cap"
+            stored = 0
+            for user_id in user_ids:
+                stored += await store.enqueue_forwarded(
+                    conn,
+                    message_id=forwarded.message_id(event, updates, user_id),
+                    event_type=event_type,
+                    user_id=user_id,
+                    payload=forwarded.payload(event, event_type, updates, user_id, now=created_at),
+                    created_at=created_at,
+                    deliver_at=int(now),
+                )
+            if not stored:
+                return "duplicate"
+            await store.count_forwarded(conn, event.owner_id, window_start=window)
+        return _FORWARDED
+
+    async def _ours(self, subscription_id: int) -> bool:
+        """False for an event naming another subscription than the app's, once the service knows the app's (read
+        from the database at most every `_SUBSCRIPTION_TTL` seconds)."""
+        now = time.monotonic()
+        if self._subscription is None or now - self._subscription[0] > _SUBSCRIPTION_TTL:
+            async with self._engine.connect() as conn:
+                self._subscription = (now, await store.known_subscription(conn))
+        known = self._subscription[1]
+        return known is None or known == subscription_id
+
+    async def learn_subscription(self, subscription_id: int | None) -> None:
+        """Record the app's push subscription id (None: it has none); every replica sees it within a minute."""
+        async with self._engine.begin() as conn:
+            await store.learn_subscription(conn, subscription_id, now=self._now_dt())
+        self._subscription = None
+        log.info("webhook.subscription_learned", subscription_id=subscription_id)
 
     # -- processing ---------------------------------------------------------------------------------------------
 
@@ -181,9 +270,22 @@ class StravaWebhooks:
             state = "no_user"
         result = ", ".join(f"{name} {outcomes[name]}" for name in (_APPLIED, _ALREADY, _UNCONFIRMED, _GONE))
         async with self._engine.begin() as conn:
-            await store.finish(conn, event.id, state=state, result=result, processed_at=self._now_dt())
+            finished = await store.finish(
+                conn,
+                event,
+                state=state,
+                result=result,
+                processed_at=self._now_dt(),
+                recheck_at=int(self._clock()) + self.recheck_seconds,
+            )
         metrics.DEAUTHORIZATIONS_TOTAL.labels(outcome=state).inc()
-        log.info("webhook.deauthorization_processed", athlete_id=event.owner_id, state=state, users=len(user_ids))
+        log.info(
+            "webhook.deauthorization_processed",
+            athlete_id=event.owner_id,
+            state=state,
+            users=len(user_ids),
+            again_after=None if finished else self.recheck_seconds,  # an event came while it ran
+        )
 
     async def _deauthorize_user(self, user_id: str, athlete_id: int) -> UserOutcome:
         """Confirm with Strava, then discard the user's tokens if the row is still the one that was checked.

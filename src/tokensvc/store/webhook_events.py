@@ -1,10 +1,13 @@
-"""All SQL about Strava push events: store one (Strava's retries are one row), claim pending ones across
-replicas, and record how each ended. Functions take the caller's connection; the caller owns the transaction."""
+"""All SQL about Strava push events: one pending deauthorization check per athlete (every event for the athlete
+coalesces into it), claim pending ones across replicas, record how each ended; forwarded events put in the outbox
+once (Strava's retries are one row) and counted per athlete and hour; the app's own subscription id. Functions take
+the caller's connection; the caller owns the transaction."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -12,6 +15,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import PROCESSED_EVENT
+from tokensvc.models import notifications as n
+from tokensvc.models import strava_event_windows as win
+from tokensvc.models import strava_subscription as sub
 from tokensvc.models import strava_webhook_events as w
 from tokensvc.models import user_tokens as t
 from tokensvc.store.housekeeping import batch_delete
@@ -35,6 +41,7 @@ class PendingEvent:
     id: int
     owner_id: int
     attempts: int
+    received_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,48 @@ async def insert(conn: AsyncConnection, event: NewEvent, *, received_at: datetim
     return (await conn.execute(stmt)).first() is not None
 
 
+def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
+    return pg_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
+
+
+async def arm_check(conn: AsyncConnection, event: NewEvent, *, received_at: datetime, due_at: int) -> bool:
+    """Make sure the athlete has one pending check, due no earlier than `due_at` nor before the re-check time its
+    last check left (`next_attempt_at` of a finished row). True when a check was armed now, False when one was
+    pending already (the event coalesces into it). One row per athlete, whatever the caller sends."""
+    stmt = _insert(conn, w).values(
+        dedupe_key=event.dedupe_key,
+        owner_id=event.owner_id,
+        object_type=event.object_type,
+        aspect_type=event.aspect_type,
+        event_time=event.event_time,
+        subscription_id=event.subscription_id,
+        payload="",
+        received_at=received_at,
+        state=PENDING,
+        attempts=0,
+        next_attempt_at=due_at,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[w.c.dedupe_key],
+        set_={
+            "state": PENDING,
+            "attempts": 0,
+            "event_time": stmt.excluded.event_time,
+            "received_at": stmt.excluded.received_at,
+            "next_attempt_at": sa.case(
+                (w.c.next_attempt_at > due_at, w.c.next_attempt_at), else_=sa.literal(due_at, sa.BigInteger)
+            ),
+            "processed_at": None,
+            "result": None,
+        },
+        # A finished check is re-armed. A pending one that is not due now (claimed by a processor, or waiting for a
+        # retry) is touched once a second at most: the new `received_at` tells `finish` that an event came while the
+        # check ran, so the check runs again rather than the event being lost in a check that started before it.
+        where=sa.or_(w.c.state != PENDING, sa.and_(w.c.next_attempt_at > due_at, w.c.received_at < received_at)),
+    ).returning(w.c.id)
+    return (await conn.execute(stmt)).first() is not None
+
+
 async def claim_pending(conn: AsyncConnection, *, now: int, limit: int, lease_until: int) -> list[PendingEvent]:
     """Take up to `limit` pending events that are due, oldest first, and lease them until `lease_until`.
 
@@ -80,7 +129,7 @@ async def claim_pending(conn: AsyncConnection, *, now: int, limit: int, lease_un
     on ix_strava_webhook_events_pending.
     """
     stmt = (
-        sa.select(w.c.id, w.c.owner_id, w.c.attempts)
+        sa.select(w.c.id, w.c.owner_id, w.c.attempts, w.c.received_at)
         .where(w.c.state == PENDING, w.c.next_attempt_at <= now)
         .order_by(w.c.next_attempt_at, w.c.id)
         .limit(limit)
@@ -92,13 +141,37 @@ async def claim_pending(conn: AsyncConnection, *, now: int, limit: int, lease_un
     return events
 
 
-async def finish(conn: AsyncConnection, event_id: int, *, state: str, result: str, processed_at: datetime) -> None:
-    """Record how an event ended (`confirmed`, `unconfirmed`, `no_user`); it is never taken again."""
+async def finish(
+    conn: AsyncConnection,
+    event: PendingEvent,
+    *,
+    state: str,
+    result: str,
+    processed_at: datetime,
+    recheck_at: int,
+) -> bool:
+    """Record how a check ended (`confirmed`, `unconfirmed`, `no_user`); it is not taken again until an event re-arms
+    it (`arm_check`), and then not before `recheck_at`. When an event came while the check ran (its `received_at`
+    moved), the check stays pending, due at `recheck_at`, and False is returned."""
+    finished = await conn.execute(
+        sa.update(w)
+        .where(w.c.id == event.id, w.c.received_at == event.received_at)
+        .values(
+            state=state,
+            result=result[:200],
+            processed_at=processed_at,
+            attempts=w.c.attempts + 1,
+            next_attempt_at=recheck_at,
+        )
+    )
+    if finished.rowcount:
+        return True
     await conn.execute(
         sa.update(w)
-        .where(w.c.id == event_id)
-        .values(state=state, result=result[:200], processed_at=processed_at, attempts=w.c.attempts + 1)
+        .where(w.c.id == event.id)
+        .values(attempts=w.c.attempts + 1, next_attempt_at=recheck_at, result=f"again: {result}"[:200])
     )
+    return False
 
 
 async def retry_later(conn: AsyncConnection, event_id: int, *, next_attempt_at: int, result: str) -> None:
@@ -145,3 +218,76 @@ async def purge_processed(conn: AsyncConnection, *, before: datetime, limit: int
     processed = sa.and_(sa.text(PROCESSED_EVENT), w.c.processed_at < before)
     result = await conn.execute(batch_delete(w, w.c.id, processed, limit=limit))
     return int(result.rowcount or 0)
+
+
+# -- forwarded events --------------------------------------------------------------------------------------------
+
+
+async def enqueue_forwarded(
+    conn: AsyncConnection,
+    *,
+    message_id: str,
+    event_type: str,
+    user_id: str,
+    payload: str,
+    created_at: datetime,
+    deliver_at: int,
+) -> bool:
+    """Put a forwarded event in the notification outbox under `message_id` (derived from the event, so Strava's
+    retries are one row); False, and nothing written, when that id is there already."""
+    stmt = (
+        _insert(conn, n)
+        .values(
+            id=message_id,
+            event_type=event_type,
+            user_id=user_id,
+            payload=payload,
+            created_at=created_at,
+            next_attempt_at=deliver_at,
+            attempts=0,
+        )
+        .on_conflict_do_nothing(index_elements=[n.c.id])
+        .returning(n.c.id)
+    )
+    return (await conn.execute(stmt)).first() is not None
+
+
+async def forwarded_count(conn: AsyncConnection, athlete_id: int, *, window_start: int) -> int:
+    """The athlete's forwarded events in the hour starting at `window_start` (a primary key lookup)."""
+    stmt = sa.select(win.c.count).where(win.c.athlete_id == athlete_id, win.c.window_start == window_start)
+    return int((await conn.execute(stmt)).scalar_one_or_none() or 0)
+
+
+async def count_forwarded(conn: AsyncConnection, athlete_id: int, *, window_start: int) -> int:
+    """Add one forwarded event to the athlete's count for the hour starting at `window_start` (an older hour's
+    count starts over) and return the new count."""
+    stmt = _insert(conn, win).values(athlete_id=athlete_id, window_start=window_start, count=1)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[win.c.athlete_id],
+        set_={
+            "count": sa.case((win.c.window_start == window_start, win.c.count + 1), else_=1),
+            "window_start": window_start,
+        },
+    ).returning(win.c.count)
+    return int((await conn.execute(stmt)).scalar_one())
+
+
+# -- the app's own subscription ----------------------------------------------------------------------------------
+
+
+async def known_subscription(conn: AsyncConnection) -> int | None:
+    """The app's push subscription id, if the service has learned it."""
+    return (await conn.execute(sa.select(sub.c.subscription_id).where(sub.c.slot == 1))).scalar_one_or_none()
+
+
+async def learn_subscription(conn: AsyncConnection, subscription_id: int | None, *, now: datetime) -> None:
+    """Record the app's push subscription id (None: there is none any more, so no event is dropped for its id)."""
+    if subscription_id is None:
+        await conn.execute(sa.delete(sub).where(sub.c.slot == 1))
+        return
+    stmt = _insert(conn, sub).values(slot=1, subscription_id=subscription_id, learned_at=now)
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[sub.c.slot], set_={"subscription_id": subscription_id, "learned_at": now}
+        )
+    )
