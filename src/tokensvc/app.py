@@ -21,6 +21,7 @@ from tokensvc.api import dashboard as dashboard_api
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys, single_query_values
 from tokensvc.api.fastpath import AccessTokenFastPath
+from tokensvc.api.inflight import InFlightLimit
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.api.request_id import RequestId
 from tokensvc.background import PeriodicJob
@@ -291,6 +292,7 @@ def create_app(
     app.add_middleware(RequestId)  # inside the fast path, so the hot call pays nothing for it
     if fast_path:
         app.add_middleware(AccessTokenFastPath, owner=app)  # outermost: the hot call skips everything else
+    app.add_middleware(InFlightLimit, limit=settings.max_requests_in_flight)  # outermost: refusing costs nothing
     return app
 
 

@@ -255,3 +255,32 @@ class RefreshCount(SQLModel, table=True):
 
 
 refresh_counts: sa.Table = RefreshCount.__table__  # type: ignore[attr-defined]
+
+
+class SignInFailure(SQLModel, table=True):
+    """Failed dashboard sign-ins of one client (an IPv4 address or an IPv6 /64) since its last success, and until
+    when it must wait (epoch seconds). Shared by every replica; a row leaves at a success or a day after its last
+    failure."""
+
+    __tablename__ = "sign_in_failures"
+
+    client: str = Field(primary_key=True, max_length=64)
+    failures: int = Field(default=0)
+    blocked_until: int = Field(default=0, sa_type=sa.BigInteger)
+    last_failed_at: int = Field(default=0, sa_type=sa.BigInteger, index=True)
+
+
+sign_in_failures: sa.Table = SignInFailure.__table__  # type: ignore[attr-defined]
+
+
+class SessionVersion(SQLModel, table=True):
+    """The current version of a subject's sessions (`admin`, or `user:<user_id>`): a session signed with an older
+    version is void. Sign-out and `DELETE …/tokens` add one; no row means version 0."""
+
+    __tablename__ = "session_versions"
+
+    subject: str = Field(primary_key=True, max_length=80)
+    version: int = Field(default=0)
+
+
+session_versions: sa.Table = SessionVersion.__table__  # type: ignore[attr-defined]

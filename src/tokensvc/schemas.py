@@ -265,6 +265,9 @@ class ProblemCode(StrEnum):
     DATABASE_UNAVAILABLE = "database_unavailable"
     TOKEN_UNREADABLE = "token_unreadable"
     HTTP_ERROR = "http_error"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    OVERLOADED = "overloaded"
 
 
 class ValidationIssue(BaseModel):
