@@ -43,7 +43,8 @@ def wait_after(failures: int) -> int:
     """Seconds a client with `failures` consecutive failures must wait before its next try."""
     if failures < FREE_FAILURES:
         return 0
-    return min(2 ** min(failures - FREE_FAILURES + 1, 10), MAX_WAIT_SECONDS)  # 2**10 s is over the cap
+    doublings = min(failures - FREE_FAILURES + 1, 10)  # 2**10 s is past the cap already
+    return min(1 << doublings, MAX_WAIT_SECONDS)
 
 
 class SignInThrottle:
