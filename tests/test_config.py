@@ -329,6 +329,14 @@ class TestSecretLengths:
         assert prepared.admin_password.get_secret_value() == "sandbox-key"
 
 
+class TestCorsOrigins:
+    @pytest.mark.parametrize("value", ["*", "https://app.example,*", "https://*.example"])
+    def test_a_wildcard_is_refused(self, value: str) -> None:
+        """`*` was accepted and then reflected any origin with credentials (issue 14)."""
+        with pytest.raises(ValidationError, match="exact origins"):
+            settings(cors_origins=value)
+
+
 class TestTrustedProxies:
     def test_addresses_and_networks_are_accepted(self) -> None:
         assert settings(trusted_proxies="10.0.0.5, 10.1.0.0/16,::1").trusted_proxies == [

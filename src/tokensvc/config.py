@@ -115,6 +115,16 @@ class Settings(BaseSettings):
         mode="before",
     )(_split_csv)
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        if any("*" in origin for origin in value):
+            raise ValueError(
+                "list the exact origins of your apps (e.g. https://app.example.com): a wildcard would let any site "
+                "call the browser endpoints with its visitors' session cookies"
+            )
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies_are_addresses(cls, value: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from tokensvc.service.status import Status
 USER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 PROBLEM_TYPE = "https://tokensvc.dev/problems/"
 USER_ID_RE = re.compile(USER_ID_PATTERN)
+MAX_BIGINT = 2**63 - 1  # the largest value a BIGINT column (and SQLite's INTEGER) holds
 # Strava tokens are 40 hex characters; anything far longer is not a token and would only bloat the row.
 TokenText = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
 Scope = Annotated[str, StringConstraints(pattern=r"^[a-z_]+(:[a-z_]+)?$", max_length=64)]

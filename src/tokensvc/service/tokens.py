@@ -49,7 +49,15 @@ from tokensvc.providers.strava import (
     StravaClient,
     TokenGrant,
 )
-from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
+from tokensvc.schemas import (
+    MAX_BIGINT,
+    USER_ID_RE,
+    AccessToken,
+    RefreshResult,
+    TokenImport,
+    TokenPage,
+    TokenStatus,
+)
 from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.status import Status, classify
@@ -665,12 +673,17 @@ def _encode_cursor(row: TokenRow) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[int, str]:
+    """Range-checked before any SQL: a tampered cursor (an int past BIGINT, a NUL in the id) is a 422, never a
+    database error (a 500 on SQLite, a `database_unavailable` on Postgres, before issue 14)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         expires_at, user_id = raw.split(":", 1)
-        return int(expires_at), user_id
+        expires = int(expires_at)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise ValidationFailed("`cursor` is not a cursor this service issued") from exc
+    if not 0 <= expires <= MAX_BIGINT or not USER_ID_RE.fullmatch(user_id):
+        raise ValidationFailed("`cursor` is not a cursor this service issued")
+    return expires, user_id
 
 
 def _reason(row: TokenRow | None) -> str | None:
