@@ -25,6 +25,7 @@ from tokensvc.api.inflight import InFlightLimit
 from tokensvc.api.json_body import RefuseLoneSurrogates
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.api.request_id import RequestId
+from tokensvc.api.security_headers import SecurityHeaders
 from tokensvc.background import PeriodicJob
 from tokensvc.clock import SYNC_INTERVAL_SECONDS, Clock, DatabaseClock
 from tokensvc.config import Settings, sandbox_state_path
@@ -292,8 +293,9 @@ def create_app(
     app.add_middleware(BrowserCORS, origins=cors_origins)
     app.add_middleware(BodySizeLimit)
     app.add_middleware(RequestId)  # inside the fast path, so the hot call pays nothing for it
+    app.add_middleware(SecurityHeaders)  # every answer but the fast path's, which adds them itself
     if fast_path:
-        app.add_middleware(AccessTokenFastPath, owner=app)  # outermost: the hot call skips everything else
+        app.add_middleware(AccessTokenFastPath, owner=app)  # the hot call skips everything else
     app.add_middleware(InFlightLimit, limit=settings.max_requests_in_flight)  # outermost: refusing costs nothing
     return app
 
