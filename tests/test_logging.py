@@ -15,13 +15,17 @@ from tokensvc import logging as tokensvc_logging
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # Strava-shaped: 40 hex characters
 
 
+def fail(exc: Exception) -> None:
+    raise exc
+
+
 class TestAfterFormatting:
     def test_a_token_in_a_traceback_is_redacted(self) -> None:
         """Tracebacks were formatted after redaction, so an exception's message carried a token out."""
         log = structlog.get_logger("tokensvc.test")
         with captured_logs() as logs:
             try:
-                raise RuntimeError(f"Strava said no to {TOKEN}")
+                fail(RuntimeError(f"Strava said no to {TOKEN}"))
             except RuntimeError:
                 log.exception("token.refresh.crashed")
         assert TOKEN not in logs.text
@@ -56,7 +60,7 @@ class TestStdlibLoggers:
         """aiosqlite at DEBUG logs every SQL parameter; uvicorn logs what it likes: both are redacted now."""
         logging.getLogger("aiosqlite").debug("executing %s with %r", "UPDATE user_tokens", (TOKEN,))
         try:
-            raise ValueError(TOKEN)
+            fail(ValueError(TOKEN))
         except ValueError:
             logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
         err = capsys.readouterr().err
