@@ -420,11 +420,20 @@ class TestSqliteKeyFile:
             found = real_exists(self, *args, **kwargs)
             if self == key_file and not found:
                 key_file.write_text(other_process_key + "\n")
+                key_file.chmod(0o600)  # as tokensvc makes it
             return found
 
         monkeypatch.setattr(Path, "exists", exists_then_the_other_process_wins)
         keys = encryption_keys(settings(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
         assert keys == [other_process_key]
+
+    def test_a_key_file_others_may_read_refuses_to_start(self, tmp_path: Path) -> None:
+        """Issue 14: the key file was read whatever its mode; the start is refused, saying what to run."""
+        key_file = tmp_path / "app.db.key"
+        key_file.write_text(generate_key())
+        key_file.chmod(0o644)
+        with pytest.raises(ConfigError, match="chmod 600"):
+            encryption_keys(settings(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
 
 
 class TestInMemorySqlite:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from tokensvc.crypto import (
     KeyConfigError,
+    KeyFileError,
     check_key,
     check_notify_secret,
     generate_key,
@@ -338,7 +339,10 @@ def encryption_keys(settings: Settings) -> list[str]:
     path = sqlite_key_path(settings.database_url)
     if path is None:  # an in-memory database dies with the process, and so may its key
         return [generate_key()]
-    key, created = load_or_create_key_file(path)
+    try:
+        key, created = load_or_create_key_file(path)
+    except KeyFileError as exc:
+        raise ConfigError(f"{exc} (or set TOKENSVC_ENCRYPTION_KEYS)") from exc
     log = structlog.get_logger(__name__)
     if created:
         log.warning("encryption.key_generated", path=str(path), note="back this file up with the database")
