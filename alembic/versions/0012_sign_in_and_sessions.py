@@ -1,4 +1,4 @@
-"""Sign-in throttling shared by replicas (`sign_in_failures`) and revocable sessions (`session_versions`).
+"""Sign-in throttling shared by replicas (`sign_in_failures`) and revocable sessions (`session_revocations`).
 
 Revision ID: 0012
 Revises: 0008
@@ -27,14 +27,14 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_sign_in_failures_last_failed_at"), "sign_in_failures", ["last_failed_at"])
     op.create_table(
-        "session_versions",
+        "session_revocations",
         sa.Column("subject", sa.String(length=80), nullable=False),
-        sa.Column("version", sa.Integer(), nullable=False),
-        sa.PrimaryKeyConstraint("subject", name=op.f("pk_session_versions")),
+        sa.Column("not_before_ms", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("subject", name=op.f("pk_session_revocations")),
     )
 
 
 def downgrade() -> None:
-    op.drop_table("session_versions")
+    op.drop_table("session_revocations")
     op.drop_index(op.f("ix_sign_in_failures_last_failed_at"), table_name="sign_in_failures")
     op.drop_table("sign_in_failures")

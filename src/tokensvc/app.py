@@ -39,6 +39,7 @@ from tokensvc.service.journal import Journal
 from tokensvc.service.notify import NotificationDeliverer
 from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.rate_budget import RateBudget
+from tokensvc.service.revocation import SessionRevocations
 from tokensvc.service.sessions import Sessions
 from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
@@ -236,6 +237,7 @@ def create_app(
             app.state.connect_links = res.links
             app.state.oauth_service = res.oauth
             app.state.sessions = res.sessions
+            app.state.revocations = SessionRevocations(res.engine, clock=res.clock)
             app.state.sweeper = res.sweeper
             app.state.dashboard = res.dashboard
             app.state.audit = res.audit

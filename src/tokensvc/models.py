@@ -273,14 +273,14 @@ class SignInFailure(SQLModel, table=True):
 sign_in_failures: sa.Table = SignInFailure.__table__  # type: ignore[attr-defined]
 
 
-class SessionVersion(SQLModel, table=True):
-    """The current version of a subject's sessions (`admin`, or `user:<user_id>`): a session signed with an older
-    version is void. Sign-out and `DELETE …/tokens` add one; no row means version 0."""
+class SessionRevocation(SQLModel, table=True):
+    """Sessions of a subject (`admin`, or `user:<user_id>`) issued before `not_before_ms` (epoch milliseconds) are
+    void: sign-out and `DELETE …/tokens` move it to their moment. No row: no session of the subject was ended."""
 
-    __tablename__ = "session_versions"
+    __tablename__ = "session_revocations"
 
     subject: str = Field(primary_key=True, max_length=80)
-    version: int = Field(default=0)
+    not_before_ms: int = Field(default=0, sa_type=sa.BigInteger)
 
 
-session_versions: sa.Table = SessionVersion.__table__  # type: ignore[attr-defined]
+session_revocations: sa.Table = SessionRevocation.__table__  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ from tokensvc.clock import Clock
 from tokensvc.config import Settings
 from tokensvc.errors import TooManyRequests
 from tokensvc.service.dashboard import ADMIN_COOKIE, AdminSessions, DashboardService
+from tokensvc.service.revocation import ADMIN, SessionRevocations
 from tokensvc.service.sign_in import SignInThrottle, client_key
 
 log = structlog.get_logger(__name__)
@@ -109,6 +110,17 @@ def _foreign_origin(request: Request, auth: AuthDep) -> HTMLResponse | None:
     return _page(render_login(error="This form may only be sent from the dashboard's own pages."), 403)
 
 
+def _revocations(request: Request) -> SessionRevocations:
+    revocations: SessionRevocations = request.app.state.revocations
+    return revocations
+
+
+async def _signed_in(request: Request, auth: DashboardAuth) -> bool:
+    """An admin cookie that is signed, unexpired, and minted after the last sign-out."""
+    issued_ms = auth.sessions.issued_ms(request.cookies.get(ADMIN_COOKIE))
+    return issued_ms is not None and not await _revocations(request).is_revoked(ADMIN, issued_ms=issued_ms)
+
+
 @router.get("", response_class=HTMLResponse)
 async def dashboard(
     request: Request, auth: AuthDep, service: Annotated[DashboardService, Depends(get_dashboard)]
@@ -118,7 +130,7 @@ async def dashboard(
     if presented is not None:
         if not auth.api_keys.accepts(presented):
             return _page(render_login(error="That API key is not valid."), 401)
-    elif not auth.sessions.verify(request.cookies.get(ADMIN_COOKIE)):
+    elif not await _signed_in(request, auth):
         return _see_other(f"{PREFIX}/login")
     return _page(render_dashboard(await service.view()))
 
@@ -126,7 +138,7 @@ async def dashboard(
 @router.get("/login", response_class=HTMLResponse)
 async def login_form(request: Request, auth: AuthDep) -> Response:
     """The sign-in form (straight to the dashboard when already signed in)."""
-    if auth.sessions.verify(request.cookies.get(ADMIN_COOKIE)):
+    if await _signed_in(request, auth):
         return _see_other(PREFIX)
     return _page(render_login())
 
@@ -176,9 +188,11 @@ def _too_many(request: Request, exc: TooManyRequests) -> Response:
 
 @router.post("/logout", response_class=HTMLResponse)
 async def logout(request: Request, auth: AuthDep) -> Response:
-    """Forget the admin cookie."""
+    """End every admin session (on every replica) and forget the cookie."""
     if (refused := _foreign_origin(request, auth)) is not None:
         return refused
+    await _revocations(request).revoke(ADMIN)
+    log.info("dashboard.logout", client=client_key(request.client.host if request.client else None))
     response = _see_other(f"{PREFIX}/login")
     response.delete_cookie(ADMIN_COOKIE, path=PREFIX, httponly=True, samesite="strict", secure=auth.secure_cookie)
     return response

@@ -60,7 +60,9 @@ from tokensvc.schemas import (
 )
 from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
+from tokensvc.service.revocation import user_subject
 from tokensvc.service.status import Status, classify
+from tokensvc.store import session_revocations
 from tokensvc.store import tokens as store
 from tokensvc.store.reader import EngineReader, RowReader
 from tokensvc.store.tokens import NewTokens, TokenRow
@@ -211,8 +213,10 @@ class TokenService:
         )
 
     async def delete(self, user_id: str) -> None:
-        """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard. Idempotent."""
+        """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard, which also
+        ends the user's browser sessions (`service/revocation.py`). Idempotent."""
         async with self._engine.begin() as conn:
+            await session_revocations.revoke(conn, user_subject(user_id), now_ms=int(self._clock() * 1000))
             row = await store.lock_for_refresh(conn, user_id)
             if row is None:
                 return
