@@ -67,7 +67,7 @@ from tokensvc.service.stats import StatsService
 from tokensvc.store import outbox, webhook_events
 from tokensvc.store import tokens as token_store
 
-API_KEY = "growth-key"
+API_KEY = "growth-key-0123456789"
 BUFFER = 1800
 RETENTION_DAYS = 90
 HISTORY_DAYS = 100

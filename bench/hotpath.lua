@@ -1,7 +1,7 @@
 -- wrk script for bench/hotpath.py: one endpoint per run; every response is checked and non-200s are counted.
 --
 --   wrk -t2 -c64 -d15s --latency -s bench/hotpath.lua http://127.0.0.1:PORT -- healthz
---   wrk -t2 -c64 -d15s --latency -s bench/hotpath.lua http://127.0.0.1:PORT -- access-token 1000 bench-key bench-user-
+--   wrk -t2 -c64 -d15s --latency -s bench/hotpath.lua http://127.0.0.1:PORT -- access-token 1000 bench-key-0123456789 bench-user-
 --
 -- access-token: GET /v1/users/<prefix><n>/access-token with n uniform in [0, users) per request, and the header
 -- `Authorization: Bearer <key>`. Both modes go through the same Lua callbacks, so wrk's own cost is the same.
@@ -26,7 +26,7 @@ function init(args)
   first_bad = ""
   math.randomseed(os.time() * 97 + thread_id * 7919)
   if mode == "access-token" then
-    wrk.headers["Authorization"] = "Bearer " .. (args[3] or "bench-key")
+    wrk.headers["Authorization"] = "Bearer " .. (args[3] or "bench-key-0123456789")
   elseif mode ~= "healthz" then
     error("mode must be healthz or access-token, got " .. tostring(mode))
   end

@@ -62,7 +62,7 @@ from benchlib import (
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 LUA_SCRIPT = BENCH_DIR / "hotpath.lua"
-API_KEY = "bench-key"
+API_KEY = "bench-key-0123456789"
 USER_PREFIX = "bench-user-"
 TOKEN_LIFETIME_SECONDS = 6 * 3600
 SEED_CONCURRENCY = 32

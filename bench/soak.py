@@ -70,7 +70,7 @@ from benchlib import (
 from tokensvc.crypto import TokenCipher, generate_key
 
 BENCH_DIR = Path(__file__).resolve().parent
-API_KEY = "soak-key"
+API_KEY = "soak-key-0123456789ab"
 CLIENT_ID = "sandbox-client"
 CLIENT_SECRET = "sandbox-secret"  # the sandbox's built-in credentials (public on purpose)
 VERIFY_TOKEN = "soak-verify"

@@ -81,7 +81,7 @@ from tokensvc.store.tokens import due_statement
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-API_KEY = "sweepbench-key"
+API_KEY = "sweepbench-key-0123"
 CLIENT_ID = "sandbox-client"
 CLIENT_SECRET = "sandbox-secret"  # the sandbox's built-in credentials (public on purpose)
 USER_PREFIX = "sweep-user-"

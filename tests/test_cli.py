@@ -470,7 +470,10 @@ class TestServeRefusesToStart:
     def test_with_a_postgres_url_and_no_encryption_keys(self, tmp_path: Path, sandbox: bool) -> None:
         """Postgres without TOKENSVC_ENCRYPTION_KEYS: exit 2 naming it and `tokensvc gen-key`, no connection tried."""
         env = cli_env(
-            database_url=UNREACHABLE_PG, strava_client_id="12345", strava_client_secret="s3cret", api_keys="key-1"
+            database_url=UNREACHABLE_PG,
+            strava_client_id="12345",
+            strava_client_secret="s3cret",
+            api_keys="key-1-0123456789abc",
         )
         args = ["serve", "--port", str(free_port()), *(["--sandbox"] if sandbox else [])]
         result = tokensvc(args, env=env, cwd=tmp_path)

@@ -43,7 +43,7 @@ def strava_ready(**values: Any) -> Settings:
     base: dict[str, Any] = {
         "strava_client_id": "12345",
         "strava_client_secret": "strava-secret",
-        "api_keys": "key-1",
+        "api_keys": "key-1-0123456789abc",
         "encryption_keys": generate_key(),
         "database_url": DEFAULT_SQLITE_URL,
         "session_secret": "session-secret-" + "s" * 32,
@@ -280,7 +280,7 @@ class TestPrepareOutsideSandbox:
         prepared = prepare(strava_ready(), sandbox=False)
         assert prepared.strava_base_url == "https://www.strava.com"
         assert prepared.strava_client_id == "12345"
-        assert secrets_of(prepared.api_keys) == ["key-1"]
+        assert secrets_of(prepared.api_keys) == ["key-1-0123456789abc"]
 
     @pytest.mark.parametrize(
         "missing",
@@ -304,6 +304,52 @@ class TestPrepareOutsideSandbox:
         """No API keys outside the sandbox: ConfigError naming TOKENSVC_API_KEYS."""
         with pytest.raises(ConfigError, match="TOKENSVC_API_KEYS"):
             prepare(strava_ready(api_keys=""), sandbox=False)
+
+
+class TestSecretLengths:
+    """Issue 14: `TOKENSVC_ADMIN_PASSWORD=b` and `TOKENSVC_API_KEYS=a` were accepted."""
+
+    @pytest.mark.parametrize("keys", ["a", "long-enough-key-0001,short"])
+    def test_a_short_api_key_refuses_to_start(self, keys: str) -> None:
+        """Any key under 16 characters: ConfigError naming the variable and which key."""
+        with pytest.raises(ConfigError, match=r"TOKENSVC_API_KEYS: key number \d+ is shorter than 16"):
+            prepare(strava_ready(api_keys=keys), sandbox=False)
+
+    def test_a_short_admin_password_refuses_to_start(self) -> None:
+        """An admin password under 12 characters: ConfigError naming it."""
+        with pytest.raises(ConfigError, match="TOKENSVC_ADMIN_PASSWORD is shorter than 12"):
+            prepare(strava_ready(admin_password="b"), sandbox=False)
+        prepare(strava_ready(admin_password="twelve-chars"), sandbox=False)
+
+    def test_the_sandbox_takes_short_secrets_and_signs_in_with_its_key(self) -> None:
+        """`--sandbox` is for trying out: short secrets pass; without a password the form takes `sandbox-key`."""
+        prepare(strava_ready(api_keys="a", admin_password="b"), sandbox=True)
+        prepared = prepare(settings(encryption_keys=generate_key()), sandbox=True)
+        assert prepared.admin_password is not None
+        assert prepared.admin_password.get_secret_value() == "sandbox-key"
+
+
+class TestCorsOrigins:
+    @pytest.mark.parametrize("value", ["*", "https://app.example,*", "https://*.example"])
+    def test_a_wildcard_is_refused(self, value: str) -> None:
+        """`*` was accepted and then reflected any origin with credentials (issue 14)."""
+        with pytest.raises(ValidationError, match="exact origins"):
+            settings(cors_origins=value)
+
+
+class TestTrustedProxies:
+    def test_addresses_and_networks_are_accepted(self) -> None:
+        assert settings(trusted_proxies="10.0.0.5, 10.1.0.0/16,::1").trusted_proxies == [
+            "10.0.0.5",
+            "10.1.0.0/16",
+            "::1",
+        ]
+
+    @pytest.mark.parametrize("value", ["*", "proxy.internal", "10.0.0.0/33"])
+    def test_anything_else_is_refused(self, value: str) -> None:
+        """Only explicit addresses: `*` would let any client claim any address."""
+        with pytest.raises(ValidationError, match="not an IP address or network"):
+            settings(trusted_proxies=value)
 
 
 class TestEncryptionKeysForPostgres:
@@ -374,11 +420,20 @@ class TestSqliteKeyFile:
             found = real_exists(self, *args, **kwargs)
             if self == key_file and not found:
                 key_file.write_text(other_process_key + "\n")
+                key_file.chmod(0o600)  # as tokensvc makes it
             return found
 
         monkeypatch.setattr(Path, "exists", exists_then_the_other_process_wins)
         keys = encryption_keys(settings(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
         assert keys == [other_process_key]
+
+    def test_a_key_file_others_may_read_refuses_to_start(self, tmp_path: Path) -> None:
+        """Issue 14: the key file was read whatever its mode; the start is refused, saying what to run."""
+        key_file = tmp_path / "app.db.key"
+        key_file.write_text(generate_key())
+        key_file.chmod(0o644)
+        with pytest.raises(ConfigError, match="chmod 600"):
+            encryption_keys(settings(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
 
 
 class TestInMemorySqlite:

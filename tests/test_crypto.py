@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import stat
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from tokensvc.crypto import (
     DecryptionError,
     KeyConfigError,
+    KeyFileError,
     TokenCipher,
     generate_key,
     load_or_create_key_file,
@@ -321,10 +323,43 @@ class TestKeyFile:
         """An operator-provided key file is used as is (surrounding whitespace stripped), not replaced."""
         path = tmp_path / "tokensvc.key"
         path.write_text(f"{key}\n")
+        path.chmod(0o600)
 
         loaded, created = load_or_create_key_file(path)
 
         assert (loaded, created) == (key, False)
+
+    @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+    def test_a_key_file_others_may_read_or_write_is_refused(self, tmp_path: Path, key: str, mode: int) -> None:
+        """Issue 14: an existing key file was read whatever its mode; now anything beyond 0600 is refused."""
+        path = tmp_path / "tokensvc.key"
+        path.write_text(key)
+        path.chmod(mode)
+        with pytest.raises(KeyFileError, match="chmod 600"):
+            load_or_create_key_file(path)
+
+    def test_a_symlinked_key_file_is_refused(self, tmp_path: Path, key: str) -> None:
+        """A link (perhaps to a key someone else controls) is not followed, even to a 0600 file."""
+        target = tmp_path / "elsewhere.key"
+        target.write_text(key)
+        target.chmod(0o600)
+        path = tmp_path / "tokensvc.key"
+        path.symlink_to(target)
+        with pytest.raises(KeyFileError, match="symbolic link"):
+            load_or_create_key_file(path)
+        dangling = tmp_path / "dangling.key"
+        dangling.symlink_to(tmp_path / "nothing-here")
+        with pytest.raises(KeyFileError, match="symbolic link"):
+            load_or_create_key_file(dangling)
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+    def test_a_key_file_of_another_user_is_refused(self, tmp_path: Path, key: str) -> None:
+        path = tmp_path / "tokensvc.key"
+        path.write_text(key)
+        path.chmod(0o600)
+        os.chown(path, 4242, -1)
+        with pytest.raises(KeyFileError, match="belongs to another user"):
+            load_or_create_key_file(path)
 
     def test_a_ciphertext_survives_a_restart_through_the_key_file(self, tmp_path: Path) -> None:
         """What one process encrypts with the file's key, the next process (same file) decrypts."""

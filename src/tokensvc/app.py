@@ -21,8 +21,11 @@ from tokensvc.api import dashboard as dashboard_api
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys, single_query_values
 from tokensvc.api.fastpath import AccessTokenFastPath
+from tokensvc.api.inflight import InFlightLimit
+from tokensvc.api.json_body import RefuseLoneSurrogates
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.api.request_id import RequestId
+from tokensvc.api.security_headers import SecurityHeaders
 from tokensvc.background import PeriodicJob
 from tokensvc.clock import SYNC_INTERVAL_SECONDS, Clock, DatabaseClock
 from tokensvc.config import Settings, sandbox_state_path
@@ -36,6 +39,7 @@ from tokensvc.service.journal import Journal
 from tokensvc.service.notify import NotificationDeliverer
 from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.rate_budget import RateBudget
+from tokensvc.service.revocation import SessionRevocations
 from tokensvc.service.sessions import Sessions
 from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
@@ -235,6 +239,7 @@ def create_app(
             app.state.connect_links = res.links
             app.state.oauth_service = res.oauth
             app.state.sessions = res.sessions
+            app.state.revocations = SessionRevocations(res.engine, clock=res.clock)
             app.state.sweeper = res.sweeper
             app.state.dashboard = res.dashboard
             app.state.audit = res.audit
@@ -288,11 +293,14 @@ def create_app(
                 state_file=sandbox_state_path(settings),  # Strava remembers its grants across our restarts
             ),
         )
+    app.add_middleware(RefuseLoneSurrogates)  # inside the size limit: it reads a bounded body
     app.add_middleware(BrowserCORS, origins=cors_origins)
     app.add_middleware(BodySizeLimit)
     app.add_middleware(RequestId)  # inside the fast path, so the hot call pays nothing for it
+    app.add_middleware(SecurityHeaders)  # every answer but the fast path's, which adds them itself
     if fast_path:
-        app.add_middleware(AccessTokenFastPath, owner=app)  # outermost: the hot call skips everything else
+        app.add_middleware(AccessTokenFastPath, owner=app)  # the hot call skips everything else
+    app.add_middleware(InFlightLimit, limit=settings.max_requests_in_flight)  # outermost: refusing costs nothing
     return app
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from tokensvc import logging as tokensvc_logging
 from tokensvc.config import SANDBOX_API_KEY, ConfigError, Settings, encryption_keys, prepare
 from tokensvc.crypto import generate_key, generate_notify_secret
+from tokensvc.edge import EdgeLimits, edge_protocol
 from tokensvc.service.keys import BatchDone, KeyRotator, RotationReport
 from tokensvc.service.sweeper import SweepReport
 
@@ -111,6 +112,17 @@ def serve(
         # could meet the server's close on a reused connection) and of load balancers (typically 60 s): the
         # caller, not the server, should be the one to close an idle connection.
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        # h11 with a head cap and read deadlines (edge.py); httptools has neither.
+        http=edge_protocol(
+            EdgeLimits(
+                max_header_bytes=prepared.max_header_bytes,
+                header_timeout_seconds=prepared.header_timeout_seconds,
+                body_timeout_seconds=prepared.body_timeout_seconds,
+            )
+        ),
+        # X-Forwarded-For / -Proto only from TOKENSVC_TRUSTED_PROXIES (uvicorn would trust 127.0.0.1 by default).
+        proxy_headers=bool(prepared.trusted_proxies),
+        forwarded_allow_ips=prepared.trusted_proxies or None,
     )
     server = uvicorn.Server(config)
     # Uvicorn announces its address only for sockets it bound itself.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from functools import cached_property
@@ -16,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from tokensvc.crypto import (
     KeyConfigError,
+    KeyFileError,
     check_key,
     check_notify_secret,
     generate_key,
@@ -100,10 +102,45 @@ class Settings(BaseSettings):
     gauge_interval_seconds: float = Field(default=10.0, ge=1, le=300)
     # Row-lock wait for a refresh: longer than one Strava call, so a waiter outlives the holder's HTTP timeout.
     lock_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Limits at the edge (edge.py, api/inflight.py, docs/security.md): the request line and headers (431 above),
+    # the time to send them and then the body (408 after), the requests one process works on at once (503
+    # `overloaded` above; the probes exempt), and the proxies whose X-Forwarded-For / -Proto are believed
+    # (addresses or networks; none by default: the peer's address is the client's).
+    max_header_bytes: int = Field(default=16 * 1024, ge=4096, le=1024 * 1024)
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_seconds: float = Field(default=20.0, gt=0, le=600)
+    max_requests_in_flight: int = Field(default=2048, ge=1, le=1_000_000)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     _split = field_validator(
-        "api_keys", "encryption_keys", "decryption_keys", "cors_origins", "redirect_allowlist", mode="before"
+        "api_keys",
+        "encryption_keys",
+        "decryption_keys",
+        "cors_origins",
+        "redirect_allowlist",
+        "trusted_proxies",
+        mode="before",
     )(_split_csv)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        if any("*" in origin for origin in value):
+            raise ValueError(
+                "list the exact origins of your apps (e.g. https://app.example.com): a wildcard would let any site "
+                "call the browser endpoints with its visitors' session cookies"
+            )
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/8)") from None
+        return value
 
     @field_validator("encryption_keys", "decryption_keys")
     @classmethod
@@ -253,6 +290,8 @@ def prepare(settings: Settings, *, sandbox: bool, host: str = "127.0.0.1", port:
             update["api_keys"] = [SecretStr(SANDBOX_API_KEY)]
         if settings.session_secret is None:
             update["session_secret"] = SecretStr(secrets.token_urlsafe(32))
+        if settings.admin_password is None:  # the dashboard's form takes the admin password only
+            update["admin_password"] = SecretStr(SANDBOX_API_KEY)
     else:
         if not settings.strava_client_id or settings.strava_client_secret is None:
             raise ConfigError(
@@ -264,6 +303,7 @@ def prepare(settings: Settings, *, sandbox: bool, host: str = "127.0.0.1", port:
                 "Set TOKENSVC_API_KEYS (comma-separated bearer keys for the service API); without one no caller "
                 "could use the service."
             )
+        _refuse_short_secrets(settings)
     update["encryption_keys"] = [SecretStr(k) for k in encryption_keys(settings)]
     if not sandbox and settings.session_secret is None:
         raise ConfigError(
@@ -271,6 +311,26 @@ def prepare(settings: Settings, *, sandbox: bool, host: str = "127.0.0.1", port:
             "browser sessions and the OAuth state of the Connect with Strava flow."
         )
     return settings.model_copy(update=update)
+
+
+MIN_API_KEY_LENGTH = 16
+MIN_ADMIN_PASSWORD_LENGTH = 12
+
+
+def _refuse_short_secrets(settings: Settings) -> None:
+    """Outside the sandbox, API keys and the admin password long enough not to be guessed (ConfigError)."""
+    for number, key in enumerate(settings.api_keys, start=1):
+        if len(key.get_secret_value()) < MIN_API_KEY_LENGTH:
+            raise ConfigError(
+                f"TOKENSVC_API_KEYS: key number {number} is shorter than {MIN_API_KEY_LENGTH} characters; use "
+                "random keys (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)."
+            )
+    password = settings.admin_password
+    if password is not None and len(password.get_secret_value()) < MIN_ADMIN_PASSWORD_LENGTH:
+        raise ConfigError(
+            f"TOKENSVC_ADMIN_PASSWORD is shorter than {MIN_ADMIN_PASSWORD_LENGTH} characters; choose a longer one "
+            "(or unset it: the dashboard then opens only with `Authorization: Bearer <api key>`)."
+        )
 
 
 def _reachable_host(host: str) -> str:
@@ -295,7 +355,10 @@ def encryption_keys(settings: Settings) -> list[str]:
     path = sqlite_key_path(settings.database_url)
     if path is None:  # an in-memory database dies with the process, and so may its key
         return [generate_key()]
-    key, created = load_or_create_key_file(path)
+    try:
+        key, created = load_or_create_key_file(path)
+    except KeyFileError as exc:
+        raise ConfigError(f"{exc} (or set TOKENSVC_ENCRYPTION_KEYS)") from exc
     log = structlog.get_logger(__name__)
     if created:
         log.warning("encryption.key_generated", path=str(path), note="back this file up with the database")

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -120,8 +121,8 @@ def load_or_create_key_file(path: Path) -> tuple[str, bool]:
     Safe when several processes start at once: the key is written to a private temporary file and linked into
     place, which fails for all but the first; the others then read the complete file.
     """
-    if path.exists():
-        return path.read_text().strip(), False
+    if path.is_symlink() or path.exists():
+        return read_key_file(path), False
     key = generate_key()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -130,10 +131,37 @@ def load_or_create_key_file(path: Path) -> tuple[str, bool]:
             handle.write(key + "\n")
         os.link(tmp, path)
     except FileExistsError:
-        return path.read_text().strip(), False
+        return read_key_file(path), False
     finally:
         tmp.unlink(missing_ok=True)
     return key, True
+
+
+class KeyFileError(Exception):
+    """The SQLite key file may have been read or replaced by someone else; the message says what to fix."""
+
+
+def read_key_file(path: Path) -> str:
+    """The key in an existing key file, only when it is a regular file (no symlink), owned by this user and
+    readable by nobody else (mode 0600 or stricter). Raises KeyFileError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if path.is_symlink():
+            raise KeyFileError(f"the key file {path} is a symbolic link; put the key file itself there") from None
+        raise KeyFileError(f"cannot read the key file {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyFileError(f"the key file {path} is not a regular file")
+        if info.st_uid != os.getuid():
+            raise KeyFileError(f"the key file {path} belongs to another user (uid {info.st_uid}); chown it to yours")
+        if info.st_mode & 0o077:
+            raise KeyFileError(
+                f"the key file {path} is readable or writable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"run `chmod 600 {path}`"
+            )
+        return handle.read().strip()
 
 
 NOTIFY_SECRET_PREFIX = "whsec_"

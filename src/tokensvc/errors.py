@@ -148,3 +148,9 @@ class WebhookForbidden(TokenServiceError):
     """A Strava subscription check with a verify token that is not ours (or none is configured)."""
 
     code, status, title = "forbidden", 403, "Forbidden"
+
+
+class TooManyRequests(RetryLater):
+    """A 429: this client must wait (Retry-After) before trying again (e.g. after failed sign-ins)."""
+
+    code, status, title = "too_many_requests", 429, "Too many requests"

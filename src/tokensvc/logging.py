@@ -15,6 +15,8 @@ _SENSITIVE_KEY = re.compile(r"(token|secret|password|authorization|cookie)$", re
 _ALLOWED_KEYS = frozenset({"event"})
 # Strava tokens are 40 hex characters; bearer credentials follow "Bearer ".
 _TOKEN_TEXT = re.compile(r"\b[0-9a-f]{40}\b|(?i:bearer)\s+\S+")
+# In a rendered line a credential ends where its JSON string or Python repr does.
+_TOKEN_IN_LINE = re.compile(r"\b[0-9a-f]{40}\b|(?i:bearer)\s+[^\s\"'\\,\]\})]+")
 REDACTED = "[redacted]"
 
 
@@ -25,6 +27,12 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
         elif isinstance(value, str):
             event_dict[key] = _TOKEN_TEXT.sub(REDACTED, value)
     return event_dict
+
+
+def redact_rendered(_logger: Any, _method: str, rendered: str) -> str:
+    """The last word on the finished line, whatever rendered it: a token nested in a list or a dict, in a
+    formatted traceback or in a stdlib logger's message is caught here even where `redact` did not look."""
+    return _TOKEN_IN_LINE.sub(REDACTED, rendered)
 
 
 class _CurrentStderr:
@@ -38,16 +46,32 @@ class _CurrentStderr:
 
 
 def processors(*, json: bool) -> list[Any]:
-    """The processor chain every log line goes through: request context, level, time, redaction, rendering."""
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    """The processor chain every log line goes through: request context, level, time, the traceback formatted,
+    then redaction (of the fields, then of the rendered line)."""
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
-        structlog.processors.format_exc_info,
-        renderer,
+        *_finishing(json=json),
     ]
+
+
+def _finishing(*, json: bool) -> list[Any]:
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    return [structlog.processors.format_exc_info, redact, renderer, redact_rendered]
+
+
+def stdlib_formatter(*, json: bool) -> logging.Formatter:
+    """A formatter that sends stdlib loggers' records (uvicorn, aiosqlite, alembic) through the same chain."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_finishing(json=json)],
+    )
 
 
 def detached_context() -> contextvars.Context:
@@ -74,7 +98,13 @@ def configure(level: str = "INFO", *, json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(levelname)s [%(name)s] %(message)s")
+    # Every stdlib logger through the same redaction and rendering (uvicorn's errors; aiosqlite at DEBUG logs
+    # every SQL parameter).
+    handler = logging.StreamHandler(_CurrentStderr())
+    handler.setFormatter(stdlib_formatter(json=as_json))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
     # Request lines name URLs, and migration chatter names every plugin: neither helps an operator at INFO.
     for noisy in ("httpx", "httpcore", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -300,3 +300,32 @@ class RefreshCount(SQLModel, table=True):
 
 
 refresh_counts: sa.Table = RefreshCount.__table__  # type: ignore[attr-defined]
+
+
+class SignInFailure(SQLModel, table=True):
+    """Failed dashboard sign-ins of one client (an IPv4 address or an IPv6 /64) since its last success, and until
+    when it must wait (epoch seconds). Shared by every replica; a row leaves at a success or a day after its last
+    failure."""
+
+    __tablename__ = "sign_in_failures"
+
+    client: str = Field(primary_key=True, max_length=64)
+    failures: int = Field(default=0)
+    blocked_until: int = Field(default=0, sa_type=sa.BigInteger)
+    last_failed_at: int = Field(default=0, sa_type=sa.BigInteger, index=True)
+
+
+sign_in_failures: sa.Table = SignInFailure.__table__  # type: ignore[attr-defined]
+
+
+class SessionRevocation(SQLModel, table=True):
+    """Sessions of a subject (`admin`, or `user:<user_id>`) issued before `not_before_ms` (epoch milliseconds) are
+    void: sign-out and `DELETE …/tokens` move it to their moment. No row: no session of the subject was ended."""
+
+    __tablename__ = "session_revocations"
+
+    subject: str = Field(primary_key=True, max_length=80)
+    not_before_ms: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+session_revocations: sa.Table = SessionRevocation.__table__  # type: ignore[attr-defined]

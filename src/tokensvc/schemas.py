@@ -28,6 +28,7 @@ USER_ID_PATTERN = (
 )
 PROBLEM_TYPE = "https://tokensvc.dev/problems/"
 USER_ID_RE = re.compile(USER_ID_PATTERN)
+MAX_BIGINT = 2**63 - 1  # the largest value a BIGINT column (and SQLite's INTEGER) holds
 # Strava tokens are 40 hex characters; anything far longer is not a token and would only bloat the row.
 TokenText = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
 Scope = Annotated[str, StringConstraints(pattern=r"^[a-z_]+(:[a-z_]+)?$", max_length=64)]
@@ -269,6 +270,9 @@ class ProblemCode(StrEnum):
     DATABASE_UNAVAILABLE = "database_unavailable"
     TOKEN_UNREADABLE = "token_unreadable"
     HTTP_ERROR = "http_error"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    OVERLOADED = "overloaded"
 
 
 class ValidationIssue(BaseModel):

@@ -61,9 +61,9 @@ class TestSignIn:
         assert 'name="secret"' in form.text
         assert 'action="/dashboard/login"' in form.text
 
-    @pytest.mark.parametrize("secret", [API_KEY, ADMIN_PASSWORD], ids=["api-key", "admin-password"])
-    async def test_an_api_key_or_the_admin_password_signs_in(self, browser: httpx.AsyncClient, secret: str) -> None:
-        """The right secret sets a strict, HttpOnly cookie scoped to /dashboard and opens the dashboard."""
+    async def test_the_admin_password_signs_in(self, browser: httpx.AsyncClient) -> None:
+        """The admin password sets a strict, HttpOnly cookie scoped to /dashboard and opens the dashboard."""
+        secret = ADMIN_PASSWORD
         response = await sign_in(browser, secret, origin=BASE)
         assert response.status_code == 303
         assert response.headers["location"] == "/dashboard"
@@ -82,8 +82,14 @@ class TestSignIn:
 
     @pytest.mark.parametrize(
         "body",
-        [{"secret": "wrong"}, {"secret": ""}, {"other": API_KEY}, {"secret": API_KEY + "x"}],
-        ids=["wrong", "empty", "missing", "longer"],
+        [
+            {"secret": "wrong"},
+            {"secret": ""},
+            {"other": ADMIN_PASSWORD},
+            {"secret": ADMIN_PASSWORD + "x"},
+            {"secret": API_KEY},
+        ],
+        ids=["wrong", "empty", "missing", "longer", "api-key"],
     )
     async def test_a_wrong_secret_gets_401_and_the_form_again(
         self, browser: httpx.AsyncClient, body: dict[str, str]
@@ -93,13 +99,14 @@ class TestSignIn:
         assert response.status_code == 401
         assert "set-cookie" not in response.headers
         assert 'name="secret"' in response.text
-        assert "neither an API key nor the admin password" in response.text
+        assert "not the admin password" in response.text
         assert API_KEY not in response.text
+        assert ADMIN_PASSWORD not in response.text
         assert (await browser.get("/dashboard")).status_code == 303
 
     async def test_a_json_body_is_not_a_sign_in(self, browser: httpx.AsyncClient) -> None:
         """Only the form counts: a JSON body with the right key is refused, never a 500."""
-        response = await browser.post("/dashboard/login", json={"secret": API_KEY})
+        response = await browser.post("/dashboard/login", json={"secret": ADMIN_PASSWORD})
         assert response.status_code == 401
         assert "set-cookie" not in response.headers
 
@@ -108,20 +115,20 @@ class TestSignIn:
         self, browser: httpx.AsyncClient, origin: str
     ) -> None:
         """Same origin only (not even the CORS origins): 403 and no cookie, even with the right secret."""
-        response = await sign_in(browser, API_KEY, origin=origin)
+        response = await sign_in(browser, ADMIN_PASSWORD, origin=origin)
         assert response.status_code == 403
         assert "set-cookie" not in response.headers
 
     async def test_a_tampered_cookie_is_no_session(self, browser: httpx.AsyncClient) -> None:
         """Changing the signed value sends the browser back to the form."""
-        await sign_in(browser, API_KEY)
+        await sign_in(browser, ADMIN_PASSWORD)
         token = browser.cookies["tokensvc_admin"]
         browser.cookies.set("tokensvc_admin", token[:-3] + ("xyz" if not token.endswith("xyz") else "abc"))
         assert (await browser.get("/dashboard")).status_code == 303
 
     async def test_an_expired_cookie_is_no_session(self, browser: httpx.AsyncClient, clock: FakeClock) -> None:
         """An admin login lasts ADMIN_TTL_SECONDS, then the form again."""
-        await sign_in(browser, API_KEY)
+        await sign_in(browser, ADMIN_PASSWORD)
         clock.advance(ADMIN_TTL_SECONDS - 1)
         assert (await browser.get("/dashboard")).status_code == 200
         clock.advance(2)
@@ -140,7 +147,7 @@ class TestSignIn:
 
     async def test_an_admin_cookie_is_not_a_user_session(self, browser: httpx.AsyncClient) -> None:
         """The admin token does not act for any user on the browser endpoints."""
-        await sign_in(browser, API_KEY)
+        await sign_in(browser, ADMIN_PASSWORD)
         token = browser.cookies["tokensvc_admin"]
         browser.cookies.set(COOKIE_NAME, token)
         response = await browser.get("/v1/me/token-status")
@@ -160,7 +167,7 @@ class TestSignIn:
 
     async def test_sign_out_forgets_the_cookie(self, browser: httpx.AsyncClient) -> None:
         """After sign-out the dashboard asks to sign in again; sign-out checks the origin too."""
-        await sign_in(browser, API_KEY)
+        await sign_in(browser, ADMIN_PASSWORD)
         assert (await browser.post("/dashboard/logout", headers={"origin": "http://evil.test"})).status_code == 403
         assert (await browser.get("/dashboard")).status_code == 200
         response = await browser.post("/dashboard/logout", headers={"origin": BASE})
@@ -168,26 +175,32 @@ class TestSignIn:
         assert response.headers["location"] == "/dashboard/login"
         assert (await browser.get("/dashboard")).status_code == 303
 
-    async def test_without_an_admin_password_only_api_keys_sign_in(
+    async def test_without_an_admin_password_the_form_signs_nobody_in(
         self, database_url: str, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
     ) -> None:
-        """TOKENSVC_ADMIN_PASSWORD unset: an empty secret signs nobody in; the API key still does."""
+        """TOKENSVC_ADMIN_PASSWORD unset: no secret signs in through the form (not even an API key, so the form is
+        no oracle for them); a bearer API key still opens the page."""
         application = app_for(database_url, clock, strava_transport, admin_password=None)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=BASE) as http:
+        async with (
+            LifespanManager(application),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=BASE) as http,
+        ):
             assert (await sign_in(http, "")).status_code == 401
             assert (await sign_in(http, ADMIN_PASSWORD)).status_code == 401
-            assert (await sign_in(http, API_KEY)).status_code == 303
+            assert (await sign_in(http, API_KEY)).status_code == 401
+            assert (await http.get("/dashboard", headers={"Authorization": f"Bearer {API_KEY}"})).status_code == 200
 
     async def test_the_cookie_is_secure_when_the_public_url_is_https(
         self, database_url: str, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
     ) -> None:
         """PUBLIC_URL https: the admin cookie is Secure, and the https origin is the one accepted."""
         application = app_for(database_url, clock, strava_transport, public_url="https://tokensvc.test")
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=application), base_url="https://tokensvc.test"
-        ) as http:
-            assert (await sign_in(http, API_KEY, origin=BASE)).status_code == 403
-            response = await sign_in(http, API_KEY, origin="https://tokensvc.test")
+        async with (
+            LifespanManager(application),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="https://tokensvc.test") as http,
+        ):
+            assert (await sign_in(http, ADMIN_PASSWORD, origin=BASE)).status_code == 403
+            response = await sign_in(http, ADMIN_PASSWORD, origin="https://tokensvc.test")
             assert response.status_code == 303
             assert "Secure" in response.headers["set-cookie"]
 
@@ -195,6 +208,57 @@ class TestSignIn:
         """HTML pages for people, not API endpoints."""
         paths = (await browser.get("/openapi.json")).json()["paths"]
         assert not [path for path in paths if path.startswith("/dashboard")]
+
+
+def client_at(app: FastAPI, address: str) -> httpx.AsyncClient:
+    """A browser at `address` (the peer address the service sees)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(address, 40000)), base_url=BASE)
+
+
+class TestSignInThrottle:
+    async def test_after_five_failures_a_client_waits_longer_each_time(self, app: FastAPI, clock: FakeClock) -> None:
+        """Five wrong tries cost nothing; then 429 too_many_requests with a growing Retry-After, the right password
+        refused too while waiting (so no guess is checked), and a success forgets the failures."""
+        async with client_at(app, "203.0.113.7") as guesser:
+            assert [(await sign_in(guesser, f"guess-{n}")).status_code for n in range(5)] == [401] * 5
+            blocked = await guesser.post("/dashboard/login", data={"secret": ADMIN_PASSWORD})
+            assert blocked.status_code == 429
+            assert blocked.headers["retry-after"] == "2"
+            assert blocked.headers["content-type"] == "application/problem+json"
+            assert blocked.json()["code"] == "too_many_requests"
+            assert "set-cookie" not in blocked.headers
+            clock.advance(2)
+            assert (await sign_in(guesser, "guess-5")).status_code == 401
+            page = await guesser.post("/dashboard/login", data={"secret": "x"}, headers={"accept": "text/html"})
+            assert page.status_code == 429
+            assert page.headers["retry-after"] == "4"
+            assert "Too many failed sign-ins" in page.text
+            clock.advance(4)
+            assert (await sign_in(guesser, ADMIN_PASSWORD)).status_code == 303
+            assert [(await sign_in(guesser, f"again-{n}")).status_code for n in range(5)] == [401] * 5
+
+    async def test_another_client_is_not_locked_out(self, app: FastAPI) -> None:
+        """The guesser's failures do not stop the operator at another address (nor X-Forwarded-For, not trusted)."""
+        async with client_at(app, "203.0.113.7") as guesser, client_at(app, "198.51.100.2") as operator:
+            for n in range(8):
+                await sign_in(guesser, f"guess-{n}", **{"x-forwarded-for": "198.51.100.2"})
+            assert (await sign_in(guesser, ADMIN_PASSWORD)).status_code == 429
+            assert (await sign_in(operator, ADMIN_PASSWORD)).status_code == 303
+
+    async def test_the_throttle_is_shared_by_replicas(
+        self, app: FastAPI, database_url: str, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
+    ) -> None:
+        """Failures counted by one replica block the client at another (same database)."""
+        other = app_for(database_url, clock, strava_transport)
+        async with (
+            LifespanManager(other),
+            client_at(app, "203.0.113.9") as first,
+            client_at(other, "203.0.113.9") as second,
+        ):
+            for n in range(3):
+                assert (await sign_in(first, f"a-{n}")).status_code == 401
+                assert (await sign_in(second, f"b-{n}")).status_code in (401, 429)
+            assert (await sign_in(first, ADMIN_PASSWORD)).status_code == 429
 
 
 class TestDashboardContent:

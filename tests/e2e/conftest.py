@@ -13,7 +13,7 @@ from tests.e2e.processes import Process, start_sandbox
 from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 from tokensvc.crypto import generate_key
 
-API_KEY = "e2e-key"
+API_KEY = "e2e-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 

@@ -142,7 +142,7 @@ class TestOperatorsDashboardInChromium:
                 await expect(page).to_have_url(f"{service.url}/dashboard/login", timeout=UI_TIMEOUT_MS)
                 await page.fill("#secret", "not the password")
                 await page.click("#sign-in")
-                await expect(page.get_by_role("alert")).to_contain_text("neither an API key nor the admin password")
+                await expect(page.get_by_role("alert")).to_contain_text("That is not the admin password")
 
                 await page.fill("#secret", ADMIN_PASSWORD)
                 await page.click("#sign-in")

@@ -1,8 +1,8 @@
 """The operators' dashboard at /dashboard: server-rendered HTML behind an admin login (not part of the OpenAPI API).
 
-Sign in with one of TOKENSVC_API_KEYS or TOKENSVC_ADMIN_PASSWORD; the login sets a signed, expiring
-`tokensvc_admin` cookie (HttpOnly, SameSite=Strict, scoped to /dashboard). `Authorization: Bearer <api key>` also
-opens the page, for scripts and curl.
+Sign in with TOKENSVC_ADMIN_PASSWORD (only: the form is no oracle for API keys), throttled per client
+(service/sign_in.py); the login sets a signed, expiring `tokensvc_admin` cookie (HttpOnly, SameSite=Strict, scoped
+to /dashboard). `Authorization: Bearer <api key>` also opens the page, for scripts and curl.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from tokensvc.api.dashboard_page import render_dashboard, render_login
 from tokensvc.api.deps import ApiKeys
+from tokensvc.api.problems import service_problem
 from tokensvc.clock import Clock
 from tokensvc.config import Settings
+from tokensvc.errors import TooManyRequests
 from tokensvc.service.dashboard import ADMIN_COOKIE, AdminSessions, DashboardService
+from tokensvc.service.revocation import ADMIN, SessionRevocations
+from tokensvc.service.sign_in import SignInThrottle, client_key
 
 log = structlog.get_logger(__name__)
 
@@ -43,13 +47,14 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 @dataclass(frozen=True, slots=True)
 class DashboardAuth:
-    """Who may sign in (API keys or the admin password, as digests), the cookie signer, and the page's origin."""
+    """Who may sign in (the admin password, as a digest), the cookie signer, and the page's origin."""
 
     accepted: ApiKeys
     api_keys: ApiKeys
     sessions: AdminSessions
     origin: str
     secure_cookie: bool
+    clock: Clock
 
 
 def install(app: FastAPI, settings: Settings, *, clock: Clock) -> None:
@@ -60,11 +65,12 @@ def install(app: FastAPI, settings: Settings, *, clock: Clock) -> None:
     secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
     public = urlsplit(settings.public_url or "")
     app.state.dashboard_auth = DashboardAuth(
-        accepted=ApiKeys([*api_keys, password] if password else api_keys),
+        accepted=ApiKeys([password] if password else []),
         api_keys=ApiKeys(api_keys),
         sessions=AdminSessions(secret, ttl_seconds=ADMIN_TTL_SECONDS, clock=clock),
         origin=f"{public.scheme}://{public.netloc}",
         secure_cookie=public.scheme == "https",
+        clock=clock,
     )
     app.include_router(router)
 
@@ -104,6 +110,17 @@ def _foreign_origin(request: Request, auth: AuthDep) -> HTMLResponse | None:
     return _page(render_login(error="This form may only be sent from the dashboard's own pages."), 403)
 
 
+def _revocations(request: Request) -> SessionRevocations:
+    revocations: SessionRevocations = request.app.state.revocations
+    return revocations
+
+
+async def _signed_in(request: Request, auth: DashboardAuth) -> bool:
+    """An admin cookie that is signed, unexpired, and minted after the last sign-out."""
+    issued_ms = auth.sessions.issued_ms(request.cookies.get(ADMIN_COOKIE))
+    return issued_ms is not None and not await _revocations(request).is_revoked(ADMIN, issued_ms=issued_ms)
+
+
 @router.get("", response_class=HTMLResponse)
 async def dashboard(
     request: Request, auth: AuthDep, service: Annotated[DashboardService, Depends(get_dashboard)]
@@ -113,7 +130,7 @@ async def dashboard(
     if presented is not None:
         if not auth.api_keys.accepts(presented):
             return _page(render_login(error="That API key is not valid."), 401)
-    elif not auth.sessions.verify(request.cookies.get(ADMIN_COOKIE)):
+    elif not await _signed_in(request, auth):
         return _see_other(f"{PREFIX}/login")
     return _page(render_dashboard(await service.view()))
 
@@ -121,22 +138,31 @@ async def dashboard(
 @router.get("/login", response_class=HTMLResponse)
 async def login_form(request: Request, auth: AuthDep) -> Response:
     """The sign-in form (straight to the dashboard when already signed in)."""
-    if auth.sessions.verify(request.cookies.get(ADMIN_COOKIE)):
+    if await _signed_in(request, auth):
         return _see_other(PREFIX)
     return _page(render_login())
 
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, auth: AuthDep) -> Response:
-    """Check the secret (an API key or the admin password) and set the admin cookie."""
+    """Check the admin password (throttled per client) and set the admin cookie."""
     if (refused := _foreign_origin(request, auth)) is not None:
         return refused
+    client = client_key(request.client.host if request.client else None)
+    throttle = SignInThrottle(request.app.state.engine, clock=auth.clock)
+    try:
+        await throttle.check(client)
+    except TooManyRequests as exc:
+        log.warning("dashboard.login.throttled", client=client, retry_after=exc.retry_after)
+        return _too_many(request, exc)
     form = await request.form(max_files=0, max_fields=4)
     secret = form.get("secret")
     if not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET_LENGTH or not auth.accepted.accepts(secret):
-        log.warning("dashboard.login.failed", client=request.client.host if request.client else None)
-        return _page(render_login(error="That is neither an API key nor the admin password."), 401)
-    log.info("dashboard.login.succeeded", client=request.client.host if request.client else None)
+        wait = await throttle.failed(client)
+        log.warning("dashboard.login.failed", client=client, wait_seconds=wait)
+        return _page(render_login(error="That is not the admin password."), 401)
+    await throttle.succeeded(client)
+    log.info("dashboard.login.succeeded", client=client)
     response = _see_other(PREFIX)
     response.set_cookie(
         ADMIN_COOKIE,
@@ -150,11 +176,23 @@ async def login(request: Request, auth: AuthDep) -> Response:
     return response
 
 
+def _too_many(request: Request, exc: TooManyRequests) -> Response:
+    """429 with Retry-After: the sign-in page for a browser, problem+json for anything else."""
+    if "text/html" in request.headers.get("accept", ""):
+        message = f"Too many failed sign-ins from this address: try again in {exc.retry_after} seconds."
+        page = _page(render_login(error=message), 429)
+        page.headers["Retry-After"] = str(exc.retry_after)
+        return page
+    return service_problem(exc)
+
+
 @router.post("/logout", response_class=HTMLResponse)
 async def logout(request: Request, auth: AuthDep) -> Response:
-    """Forget the admin cookie."""
+    """End every admin session (on every replica) and forget the cookie."""
     if (refused := _foreign_origin(request, auth)) is not None:
         return refused
+    await _revocations(request).revoke(ADMIN)
+    log.info("dashboard.logout", client=client_key(request.client.host if request.client else None))
     response = _see_other(f"{PREFIX}/login")
     response.delete_cookie(ADMIN_COOKIE, path=PREFIX, httponly=True, samesite="strict", secure=auth.secure_cookie)
     return response

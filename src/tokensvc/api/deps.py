@@ -19,6 +19,7 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 from tokensvc.errors import Forbidden, Unauthorized, UnsupportedMediaType
 from tokensvc.schemas import USER_ID_PATTERN
 from tokensvc.service.oauth import ConnectLinks, OAuthService
+from tokensvc.service.revocation import SessionRevocations, user_subject
 from tokensvc.service.sessions import COOKIE_NAME, Session, Sessions
 from tokensvc.service.tokens import TokenService
 
@@ -97,6 +98,9 @@ async def optional_session(
     session = sessions.verify(cookie)
     if session is None and bearer is not None and bearer.scheme.lower() == "bearer":
         session = sessions.verify(bearer.credentials.strip())
+    revocations: SessionRevocations = request.app.state.revocations
+    if session is not None and await revocations.is_revoked(user_subject(session.user_id), issued_ms=session.issued_ms):
+        return None  # ended by `DELETE …/tokens`
     return session
 
 

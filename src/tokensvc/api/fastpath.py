@@ -23,6 +23,7 @@ from tokensvc.api.deps import ApiKeys
 from tokensvc.api.problems import DATABASE_ERRORS, database_problem, service_problem
 from tokensvc.api.request_id import HEADER as REQUEST_ID_HEADER
 from tokensvc.api.request_id import valid_or_new
+from tokensvc.api.security_headers import STATIC_HEADERS
 from tokensvc.errors import TokenServiceError
 from tokensvc.service.tokens import TokenService
 
@@ -53,6 +54,7 @@ class AccessTokenFastPath:
                         finally:
                             reset_contextvars(**bound)
                         response.raw_headers.append((REQUEST_ID_HEADER, request_id.encode("ascii")))
+                        response.raw_headers.extend(STATIC_HEADERS)  # this path skips SecurityHeaders
                         await response(scope, receive, send)
                         return
         await self.app(scope, receive, send)

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.db import Autocommit
 from tokensvc.errors import ValidationFailed
-from tokensvc.schemas import EventPage, TokenEventOut
+from tokensvc.schemas import MAX_BIGINT, EventPage, TokenEventOut
 from tokensvc.store import journal as store
 
 _CURSOR_PREFIX = "ev1:"
@@ -52,6 +52,6 @@ def decode_cursor(cursor: str) -> int:
         event_id = int(raw.removeprefix(_CURSOR_PREFIX)) if raw.startswith(_CURSOR_PREFIX) else 0
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise ValidationFailed("`cursor` is not a cursor this service issued") from exc
-    if event_id < 1:
+    if not 1 <= event_id <= MAX_BIGINT:  # past BIGINT the database itself would fail (a 500, not a 422)
         raise ValidationFailed("`cursor` is not a cursor this service issued")
     return event_id

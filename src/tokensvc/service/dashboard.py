@@ -43,18 +43,23 @@ class AdminSessions:
 
     def __init__(self, secret: str, *, ttl_seconds: int, clock: Clock) -> None:
         self._tokens = SignedTokens(secret, purpose="admin", max_age=ttl_seconds, clock=clock)
+        self._clock = clock
         self.ttl_seconds = ttl_seconds
 
     def mint(self) -> str:
-        token, _expires_at = self._tokens.dumps({"admin": True})
+        token, _expires_at = self._tokens.dumps({"admin": True, "i": int(self._clock() * 1000)})
         return token
 
-    def verify(self, token: str | None) -> bool:
-        """True only for an unexpired, untampered admin token."""
+    def issued_ms(self, token: str | None) -> int | None:
+        """When an unexpired, untampered admin token was minted (epoch ms; 0 for one without the time); None
+        for anything else. Whether it was revoked since is the caller's check (`SessionRevocations`)."""
         if not token:
-            return False
+            return None
         payload = self._tokens.loads(token)
-        return payload is not None and payload.get("admin") is True
+        if payload is None or payload.get("admin") is not True:
+            return None
+        issued = payload.get("i")
+        return issued if isinstance(issued, int) else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ COOKIE_NAME = "tokensvc_session"
 class Session:
     user_id: str
     expires_at: int
+    issued_ms: int = 0  # when it was minted (epoch ms): sessions issued before a revocation are void
 
 
 class Sessions:
@@ -22,11 +23,13 @@ class Sessions:
 
     def __init__(self, secret: str, *, ttl_seconds: int, clock: Clock) -> None:
         self._tokens = SignedTokens(secret, purpose="session", max_age=ttl_seconds, clock=clock)
+        self._clock = clock
         self.ttl_seconds = ttl_seconds
 
     def mint(self, user_id: str) -> tuple[str, Session]:
-        token, expires_at = self._tokens.dumps({"u": user_id})
-        return token, Session(user_id, expires_at)
+        issued_ms = int(self._clock() * 1000)
+        token, expires_at = self._tokens.dumps({"u": user_id, "i": issued_ms})
+        return token, Session(user_id, expires_at, issued_ms)
 
     def verify(self, token: str | None) -> Session | None:
         """The session a token proves, or None (missing, forged, expired, or not a session)."""
@@ -36,4 +39,5 @@ class Sessions:
         user_id = payload.get("u") if payload else None
         if payload is None or not isinstance(user_id, str) or not USER_ID_RE.fullmatch(user_id):
             return None
-        return Session(user_id, payload["_expires_at"])
+        issued_ms = payload.get("i")
+        return Session(user_id, payload["_expires_at"], issued_ms if isinstance(issued_ms, int) else 0)

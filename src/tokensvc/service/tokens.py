@@ -50,10 +50,20 @@ from tokensvc.providers.strava import (
     StravaClient,
     TokenGrant,
 )
-from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage, TokenStatus
+from tokensvc.schemas import (
+    MAX_BIGINT,
+    USER_ID_RE,
+    AccessToken,
+    RefreshResult,
+    TokenImport,
+    TokenPage,
+    TokenStatus,
+)
 from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
+from tokensvc.service.revocation import user_subject
 from tokensvc.status import Status, classify
+from tokensvc.store import session_revocations
 from tokensvc.store import tokens as store
 from tokensvc.store.reader import EngineReader, RowReader
 from tokensvc.store.tokens import NewTokens, TokenRow
@@ -236,8 +246,10 @@ class TokenService:
         )
 
     async def delete(self, user_id: str) -> None:
-        """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard. Idempotent."""
+        """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard, which also
+        ends the user's browser sessions (`service/revocation.py`). Idempotent."""
         async with self._engine.begin() as conn:
+            await session_revocations.revoke(conn, user_subject(user_id), now_ms=int(self._clock() * 1000))
             row = await store.lock_for_refresh(conn, user_id)
             if row is None:
                 return
@@ -692,12 +704,17 @@ def _encode_cursor(row: TokenRow) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[int, str]:
+    """Range-checked before any SQL: a tampered cursor (an int past BIGINT, a NUL in the id) is a 422, never a
+    database error (a 500 on SQLite, a `database_unavailable` on Postgres, before issue 14)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         expires_at, user_id = raw.split(":", 1)
-        return int(expires_at), user_id
+        expires = int(expires_at)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise ValidationFailed("`cursor` is not a cursor this service issued") from exc
+    if not 0 <= expires <= MAX_BIGINT or not USER_ID_RE.fullmatch(user_id):
+        raise ValidationFailed("`cursor` is not a cursor this service issued")
+    return expires, user_id
 
 
 def _reason(row: TokenRow | None) -> str | None:
