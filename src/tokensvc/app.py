@@ -102,7 +102,9 @@ async def open_resources(
         lock_timeout_seconds=settings.lock_timeout_seconds,
         statement_cache=settings.db_statement_cache,
     )
-    probe = make_engine(settings.database_url, pool_size=1, lock_timeout_seconds=1.0)
+    probe = make_engine(
+        settings.database_url, pool_size=1, lock_timeout_seconds=1.0, statement_cache=settings.db_statement_cache
+    )
     shutdown = shutdown if shutdown is not None else Shutdown(settings.shutdown_timeout_seconds)
     clock = clock if clock is not None else DatabaseClock()
     clock_sync = await _start_clock(clock, engine)

@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     # Lets operators sign in to /dashboard with a password instead of an API key.
     admin_password: SecretStr | None = None
     log_level: str = "INFO"
-    # Each process opens at most 2 x this + 2 Postgres connections (transactions, hot reads, the token cache's
-    # listener); replicas x (2 x this + 2) must stay under the server's max_connections (100 by default).
+    # Each process opens at most 2 x this + 3 Postgres connections (transactions, hot reads, the token cache's
+    # listener, the readiness probe); replicas x (2 x this + 3) must stay under the server's max_connections
+    # (100 by default).
     db_pool_size: int = Field(default=10, ge=1, le=500)
     # Postgres: keep valid tokens in memory, dropped on every change through LISTEN/NOTIFY (one more connection).
     token_cache: bool = True
