@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
+from alembic.util import CommandError
 
 from tests.conftest import make_settings
-from tokensvc.db import downgrade, make_engine, migrate
+from tokensvc.db import _upgrade, alembic_config, alembic_dir, downgrade, make_engine, migrate
 from tokensvc.models import refresh_counts, token_events
 
 
@@ -128,3 +132,28 @@ class TestRollupBackfill:
             assert hour - 3600 <= row_hour <= hour
             totals[outcome] = totals.get(outcome, 0) + count
         assert totals == expected
+
+
+class TestUpgradingToRefreshClaims:
+    async def test_code_from_before_0010_fails_at_start_on_a_migrated_database(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        """The fleet stops for 0010 (docs/operations.md): once migrated, an old replica's start-up migration (its
+        scripts end at 0008) fails at once instead of running beside new replicas with another refresh guard."""
+        old_scripts = tmp_path / "alembic"
+        shutil.copytree(alembic_dir(), old_scripts)
+        (old_scripts / "versions" / "0010_refresh_claims.py").unlink()
+        engine = make_engine(database_url)
+        try:
+            await migrate(engine)
+            assert "refresh_claims" in await table_names(database_url)
+            cfg = alembic_config(database_url)
+            cfg.set_main_option("script_location", str(old_scripts))
+            with pytest.raises(CommandError, match="0010"):
+                async with engine.begin() as conn:
+                    await conn.run_sync(_upgrade, cfg, "head")
+            await downgrade(engine, "0008")
+            assert "refresh_claims" not in await table_names(database_url)
+            await migrate(engine)
+        finally:
+            await engine.dispose()

@@ -45,6 +45,7 @@ from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
 from tokensvc.service.tokens import TokenService
 from tokensvc.service.webhooks import StravaWebhooks
+from tokensvc.shutdown import Shutdown
 from tokensvc.store.reader import RowReader, open_reader
 from tokensvc.store.token_cache import CachedReader
 
@@ -70,6 +71,8 @@ class Resources:
     rows: RowReader
     clock: Clock
     clock_sync: PeriodicJob | None  # re-measures the offset of a DatabaseClock
+    # /readyz's own one-connection pool: readiness answers at once however busy the main pool is
+    probe: AsyncEngine
 
     def start_background(self, *, sweeper: bool = True) -> None:
         """Start every replica's background loops; `open_resources` stops them on the way out."""
@@ -86,9 +89,14 @@ class Resources:
 
 @asynccontextmanager
 async def open_resources(
-    settings: Settings, *, clock: Clock | None = None, strava_transport: httpx.AsyncBaseTransport | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    strava_transport: httpx.AsyncBaseTransport | None = None,
+    shutdown: Shutdown | None = None,
 ) -> AsyncIterator[Resources]:
-    """Engine, Strava client and token service for a prepared `Settings`; closed in reverse order.
+    """Engine, Strava client and token service for a prepared `Settings`; drained and closed on the way out
+    within `shutdown`'s deadline (TOKENSVC_SHUTDOWN_TIMEOUT_SECONDS).
 
     The clock is the database's (`DatabaseClock`, measured here and re-measured by a background job) unless one
     is given (tests pass a fake one)."""
@@ -98,6 +106,10 @@ async def open_resources(
         lock_timeout_seconds=settings.lock_timeout_seconds,
         statement_cache=settings.db_statement_cache,
     )
+    probe = make_engine(
+        settings.database_url, pool_size=1, lock_timeout_seconds=1.0, statement_cache=settings.db_statement_cache
+    )
+    shutdown = shutdown if shutdown is not None else Shutdown(settings.shutdown_timeout_seconds)
     clock = clock if clock is not None else DatabaseClock()
     clock_sync = await _start_clock(clock, engine)
     limit_15min, limit_daily = settings.rate_limits
@@ -107,6 +119,7 @@ async def open_resources(
         client_id=settings.strava_client_id or "",
         client_secret=settings.strava_client_secret.get_secret_value() if settings.strava_client_secret else "",
         timeout=settings.strava_timeout_seconds,
+        token_timeout=settings.strava_token_timeout_seconds,
         transport=strava_transport,
         clock=clock,
         on_usage=budget.note_usage,
@@ -145,6 +158,9 @@ async def open_resources(
         strava=strava,
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
+        claim_seconds=settings.refresh_claim_seconds,
+        write_budget_seconds=settings.refresh_write_budget_seconds,
+        token_timeout_seconds=settings.strava_token_timeout_seconds,
         authorize_url=links.for_user,
         journal=journal,
     )
@@ -201,20 +217,28 @@ async def open_resources(
             rows=rows,
             clock=clock,
             clock_sync=clock_sync,
+            probe=probe,
         )
     finally:
-        if clock_sync is not None:
-            await clock_sync.stop()
-        await stats.gauges.stop()
-        await housekeeping.stop()
-        if notifier is not None:
-            await notifier.stop()
-        await strava_webhooks.stop()
-        await sweeper.stop()
-        await service.aclose()
+        # Refreshes in flight finish (or give their claim back) while every loop stops, all at once; then the
+        # client and the engines close. Each step gets what is left of the one deadline.
+        left = shutdown.remaining()
+        loops = [job.stop(deadline_seconds=left) for job in (clock_sync, stats.gauges, housekeeping.job) if job]
+        stops = [*loops, strava_webhooks.stop(), sweeper.stop(), *([notifier.stop()] if notifier else [])]
+        drain = asyncio.gather(service.aclose(max(0.5, left - CLOSE_RESERVE_SECONDS)), *stops, return_exceptions=True)
+        try:
+            await asyncio.wait_for(drain, timeout=max(1.0, left - CLOSE_RESERVE_SECONDS / 2))
+        except TimeoutError:
+            log.warning("service.shutdown_deadline_passed", deadline_seconds=shutdown.timeout_seconds)
         await rows.aclose()
         await strava.aclose()
         await engine.dispose()
+        await probe.dispose()
+        log.info("service.drained", seconds_left=round(shutdown.remaining(), 1))
+
+
+# What the shutdown keeps back from the drain for closing the client and the engines.
+CLOSE_RESERVE_SECONDS = 2.0
 
 
 def create_app(
@@ -233,8 +257,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_resources(settings, clock=app_clock, strava_transport=strava_transport) as res:
+        async with open_resources(
+            settings, clock=app_clock, strava_transport=strava_transport, shutdown=app.state.shutdown
+        ) as res:
             app.state.engine = res.engine
+            app.state.probe_engine = res.probe
             app.state.token_service = res.service
             app.state.connect_links = res.links
             app.state.oauth_service = res.oauth
@@ -267,6 +294,7 @@ def create_app(
         dependencies=[Depends(single_query_values)],
     )
     app.state.settings = settings
+    app.state.shutdown = Shutdown(settings.shutdown_timeout_seconds)  # begun by SIGTERM (cli.serve) or the lifespan
     app.state.api_keys = ApiKeys([k.get_secret_value() for k in settings.api_keys])
     cors_origins = [origin.rstrip("/") for origin in settings.cors_origins]
     app.state.allowed_origins = frozenset([_origin_of(settings.public_url or ""), *cors_origins])

@@ -9,6 +9,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import structlog
@@ -101,13 +102,15 @@ def serve(
 
     if sandbox:
         _print_sandbox_tour(prepared)
+    application = create_app(prepared, sandbox=sandbox)
     config = uvicorn.Config(
-        create_app(prepared, sandbox=sandbox),
+        application,
         host=host,
         port=port,
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=10,
+        # Requests in flight get most of TOKENSVC_SHUTDOWN_TIMEOUT_SECONDS; the lifespan's drain the rest.
+        timeout_graceful_shutdown=max(1, int(prepared.shutdown_timeout_seconds * 0.6)),
         # Longer than the idle timeout of clients' pools (httpx: 5 s, the same as uvicorn's default, so a request
         # could meet the server's close on a reused connection) and of load balancers (typically 60 s): the
         # caller, not the server, should be the one to close an idle connection.
@@ -124,12 +127,24 @@ def serve(
         proxy_headers=bool(prepared.trusted_proxies),
         forwarded_allow_ips=prepared.trusted_proxies or None,
     )
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, on_exit=application.state.shutdown.begin)
     # Uvicorn announces its address only for sockets it bound itself.
     structlog.get_logger(__name__).info("server.listening", host=host, port=port, public_url=prepared.public_url)
     server.run(sockets=[listener])
     if not server.started:
         raise typer.Exit(code=3)  # the app failed to start (uvicorn logged why), as `uvicorn.run` exits
+
+
+class _DrainingServer(uvicorn.Server):
+    """Uvicorn, telling the app the moment a signal asks it to stop: readiness fails from then on."""
+
+    def __init__(self, config: uvicorn.Config, *, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
 
 
 def _listen(host: str, port: int) -> socket.socket:

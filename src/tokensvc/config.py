@@ -46,6 +46,16 @@ class Settings(BaseSettings):
     strava_base_url: str = "https://www.strava.com"
     strava_scopes: str = "read,activity:read_all"
     strava_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # A token call's total deadline (retries included): generous, since no connection waits on it; shorter than
+    # the refresh claim, so a live owner never loses its claim mid-call.
+    strava_token_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    # How long a replica's claim on one user's refresh lasts; a claim this old is taken over (its owner died).
+    refresh_claim_seconds: float = Field(default=45.0, ge=5, le=600)
+    # After Strava answered, how long a refresh keeps retrying its write while the database is away.
+    refresh_write_budget_seconds: float = Field(default=30.0, ge=1, le=600)
+    # SIGTERM to exit: requests finish, in-flight refreshes finish or give their claim back, loops stop, the
+    # client and the engine close, all within this (fits Kubernetes' default 30 s grace).
+    shutdown_timeout_seconds: float = Field(default=25.0, ge=1, le=600)
     public_url: str | None = None
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
@@ -88,8 +98,9 @@ class Settings(BaseSettings):
     # Lets operators sign in to /dashboard with a password instead of an API key.
     admin_password: SecretStr | None = None
     log_level: str = "INFO"
-    # Each process opens at most 2 x this + 2 Postgres connections (transactions, hot reads, the token cache's
-    # listener); replicas x (2 x this + 2) must stay under the server's max_connections (100 by default).
+    # Each process opens at most 2 x this + 3 Postgres connections (transactions, hot reads, the token cache's
+    # listener, the readiness probe); replicas x (2 x this + 3) must stay under the server's max_connections
+    # (100 by default).
     db_pool_size: int = Field(default=10, ge=1, le=500)
     # Postgres: keep valid tokens in memory, dropped on every change through LISTEN/NOTIFY (one more connection).
     token_cache: bool = True
@@ -215,6 +226,15 @@ class Settings(BaseSettings):
     @classmethod
     def _async_driver(cls, value: str) -> str:
         return normalize_database_url(value)
+
+    @model_validator(mode="after")
+    def _claim_outlives_token_call(self) -> Settings:
+        if self.refresh_claim_seconds < self.strava_token_timeout_seconds + 5:
+            raise ValueError(
+                "TOKENSVC_REFRESH_CLAIM_SECONDS must be at least 5 s longer than "
+                "TOKENSVC_STRAVA_TOKEN_TIMEOUT_SECONDS, so that a live refresh never loses its claim mid-call"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lock_outlives_http(self) -> Settings:

@@ -27,7 +27,7 @@ STRAVA_REQUESTS = Counter(
 )
 LOCK_WAIT_SECONDS = Histogram(
     "tokensvc_lock_wait_seconds",
-    "Time spent taking a user's cross-process refresh guard (the row lock on Postgres, the write lock on SQLite)",
+    "Time spent claiming a user's refresh (the short claim transaction in refresh_claims)",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 # The gauges below describe the shared database, not this process: each replica's gauges job reads them every

@@ -329,3 +329,28 @@ class SessionRevocation(SQLModel, table=True):
 
 
 session_revocations: sa.Table = SessionRevocation.__table__  # type: ignore[attr-defined]
+
+
+class RefreshClaim(SQLModel, table=True):
+    """A replica's short, durable claim on one user's refresh: taken and committed before the Strava call, removed
+    with the result. A narrow table of its own, so claiming never touches the token row (no version bump, no
+    NOTIFY, its updates stay HOT). Times are epoch milliseconds of the database's clock."""
+
+    __tablename__ = "refresh_claims"
+
+    user_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(max_length=64)
+    # The token row's version the owner read: its write stores only over that version (or a flag set since).
+    version_read: int
+    # Until when the owner holds the claim; past it the claim has lapsed and another caller may take it over.
+    until: int = Field(sa_type=sa.BigInteger)
+    # Until when this owner may still store a pair Strava gave it (its claim plus the write budget).
+    write_until: int = Field(sa_type=sa.BigInteger)
+    # Until when an earlier, lapsed owner may still store its pair: a rejection meanwhile flags nobody.
+    pending_until: int = Field(default=0, sa_type=sa.BigInteger)
+    # The version whose refresh token Strava rejected while an earlier owner could still write (0: none): once
+    # that budget is over, the next claimant flags the user without presenting the dead token again.
+    rejected_version: int = Field(default=0)
+
+
+refresh_claims: sa.Table = RefreshClaim.__table__  # type: ignore[attr-defined]

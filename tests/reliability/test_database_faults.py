@@ -73,3 +73,34 @@ class TestDatabaseDownAfterTheStravaCall:
         assert (status["status"], status["needs_reauth"]) == ("valid", False)
         assert (await harness.http.get(f"{a.url}/v1/users/bystander/access-token")).status_code == 200
         await harness.check([a])
+
+    async def test_a_second_replica_trying_meanwhile_neither_calls_strava_nor_spoils_the_late_write(
+        self, services: ServiceFactory, harness: Harness
+    ) -> None:
+        """A's refresh is at Strava when Postgres stops; Strava rotates; A keeps the pair and retries its write.
+        B is asked for the same user during the outage (503, no Strava call) and again once Postgres is back
+        (it waits on A's durable claim or finds A's pair): A's pair is stored, one Strava call in all, no flag."""
+        a, b = services("a"), services("b")
+        await wait_ready(a, b)
+        await harness.seed(a, "midway", expires_in=-60)
+        await harness.http.hold_refreshes()
+        caller = asyncio.create_task(harness.http.get(f"{a.url}/v1/users/midway/access-token"))
+        await harness.http.wait_held()
+        await asyncio.to_thread(harness.cluster.stop)
+        await harness.http.release()
+        await wait_for_log(a, "token.refresh.write_failed_retrying")
+        during = await harness.http.get(f"{b.url}/v1/users/midway/access-token")
+        assert during.status_code == 503, during.text
+        await asyncio.to_thread(harness.cluster.start)
+        after = await harness.http.get(f"{b.url}/v1/users/midway/access-token")
+        response = await caller
+
+        newest = await harness.newest("midway")
+        assert response.status_code == 200, response.text
+        assert after.status_code == 200, after.text
+        assert response.json()["access_token"] == after.json()["access_token"] == newest["access_token"]
+        assert await harness.stored_refresh_token("midway") == newest["refresh_token"]
+        assert await harness.http.refresh_calls() == 1
+        status = (await harness.http.get(f"{b.url}/v1/users/midway/token-status")).json()
+        assert (status["status"], status["needs_reauth"]) == ("valid", False)
+        await harness.check([a, b])

@@ -85,8 +85,8 @@ class TestLostAnswer:
     ) -> None:
         """Strava rotates but its answer never arrives: 503, one call, the old pair kept; the next attempt (from
         another replica) presents the old token once, learns it is dead, and flags the user; no third call."""
-        a = services("a", TOKENSVC_STRAVA_TIMEOUT_SECONDS="1")
-        b = services("b", TOKENSVC_STRAVA_TIMEOUT_SECONDS="1")
+        a = services("a", TOKENSVC_STRAVA_TIMEOUT_SECONDS="1", TOKENSVC_STRAVA_TOKEN_TIMEOUT_SECONDS="1")
+        b = services("b", TOKENSVC_STRAVA_TIMEOUT_SECONDS="1", TOKENSVC_STRAVA_TOKEN_TIMEOUT_SECONDS="1")
         await wait_ready(a, b)
         await harness.seed(a, "unlucky", expires_in=-60)
         await harness.seed(a, "bystander", expires_in=-60)

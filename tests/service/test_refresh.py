@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user, wait_for_lock_waiter
+from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
 from tokensvc.errors import (
@@ -170,10 +170,9 @@ class TestSeededRotationRace:
     ) -> None:
         """Another client rotates and imports the new pair while our refresh is at Strava: no false needs_reauth.
 
-        Sequence, made deterministic by the sandbox's hold gate and Postgres's lock queue: our refresh reaches
-        Strava and is held; the other client rotates (our token dies) and starts importing the new pair, which
-        waits for our row lock; Strava rejects our token; we release the lock, the import goes first, and the
-        re-read finds the newer token.
+        Sequence, made deterministic by the sandbox's hold gate: our refresh claims the user and is held at
+        Strava (holding no lock: the import does not wait for it); the other client rotates (our token dies) and
+        imports the new pair; Strava rejects our token, and the re-read finds the newer token.
         """
         settings = make_settings(pg_url)
         async with (
@@ -186,11 +185,9 @@ class TestSeededRotationRace:
             await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=10)
             rotated = sandbox.rotate_athlete(user.athlete_id)
             newer = user.with_pair(rotated)
-            importing = asyncio.create_task(theirs.service.import_tokens(user.user_id, import_body(newer)))
-            await wait_for_lock_waiter(pg_url)
+            await asyncio.wait_for(theirs.service.import_tokens(user.user_id, import_body(newer)), timeout=5)
             sandbox.gate.release()
             result = await refresh
-            await importing
             status = await ours.service.status(user.user_id)
             stored = await stored_refresh_token(ours, user.user_id)
         assert result.refreshed is False

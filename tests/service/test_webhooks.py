@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from tests.conftest import FakeClock, import_body, make_settings, seed_user, wait_for_lock_waiter
+from tests.conftest import FakeClock, import_body, make_settings, seed_user
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
 from tokensvc.crypto import generate_notify_secret
@@ -342,7 +342,7 @@ class TestRaceWithRefresh:
         strava_transport: httpx.AsyncBaseTransport,
     ) -> None:
         """Another replica's refresh is at Strava (held) when the athlete revokes and the event arrives; our
-        processor waits for that refresh's guard. On release the refresh is rejected, and the deauthorization
+        processor waits on that refresh's claim. On release the refresh is rejected, and the deauthorization
         applies: tokens NULL, and no later refresh or access-token call revives them."""
         user = await seed_user(resources, sandbox, clock, expires_in=-60)
         async with open_resources(settings, clock=clock, strava_transport=strava_transport) as other:
@@ -355,9 +355,9 @@ class TestRaceWithRefresh:
                 await resources.webhooks.receive(deauthorization(user.athlete_id))
                 await resources.webhooks.process_once()
 
+            # The refresh holds a claim, not a lock: the processor finds the user's token expired and claimed
+            # elsewhere, and waits on that claim (or finds its outcome) whichever goes first.
             processing = asyncio.create_task(deliver_and_process())
-            if not settings.is_sqlite:  # SQLite's guard is the database write lock: the insert itself waits
-                await wait_for_lock_waiter(settings.database_url)
             sandbox.gate.release()
             with pytest.raises(ReauthRequired):
                 await refreshing

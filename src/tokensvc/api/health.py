@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import sqlalchemy as sa
 import structlog
 from fastapi import APIRouter, Request, Response
@@ -31,21 +33,28 @@ async def healthz() -> Response:
     responses={
         503: {
             "model": Health,
-            "description": "The database does not answer (a probe's answer, not a problem)",
+            "description": "The database does not answer within a second, or the replica is shutting down "
+            "(a probe's answer, not a problem)",
             "content": {"application/json": {"example": {"status": "unavailable"}}},
             "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
         }
     },
 )
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database answers a query."""
-    engine: AsyncEngine = request.app.state.engine
+    """Readiness: the database answers a query within a second, and the replica is not shutting down."""
+    if request.app.state.shutdown.draining:
+        return JSONResponse({"status": "shutting_down"}, status_code=503, headers={"Retry-After": "5"})
+    # Its own one-connection pool: a main pool drained by slow work cannot make a healthy replica look dead.
+    engine: AsyncEngine = request.app.state.probe_engine
     try:
-        async with engine.connect() as conn:
+        async with asyncio.timeout(READY_DEADLINE_SECONDS), engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
-    except (DBAPIError, OSError):
+    except (DBAPIError, OSError, TimeoutError):
         return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ok"})
+
+
+READY_DEADLINE_SECONDS = 0.9
 
 
 @router.get("/metrics", response_class=Response)

@@ -137,6 +137,7 @@ class StravaClient:
         client_id: str,
         client_secret: str,
         timeout: float = 10.0,
+        token_timeout: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         connect_attempts: int = 3,
@@ -147,6 +148,8 @@ class StravaClient:
         self._client_secret = client_secret
         self._clock = clock
         self._connect_attempts = connect_attempts
+        # Token calls wait longer for an answer: nothing holds a database connection while they run.
+        self._token_timeout = httpx.Timeout(token_timeout, connect=min(token_timeout, 5.0)) if token_timeout else None
         self.last_rate_limit: RateLimitUsage | None = None
         self._on_usage = on_usage  # told Strava's own count whenever a response carries it
         self._http = httpx.AsyncClient(
@@ -190,6 +193,7 @@ class StravaClient:
                 "grant_type": "refresh_token",
                 "refresh_token": refresh_token,
             },
+            http_timeout=self._token_timeout,
         )
         return self._grant(response, with_athlete=False)
 
@@ -299,8 +303,10 @@ class StravaClient:
             )
         raise error
 
-    async def _post(self, path: str, form: Mapping[str, str]) -> httpx.Response:
-        return await self._send("POST", path, data=form)
+    async def _post(
+        self, path: str, form: Mapping[str, str], *, http_timeout: httpx.Timeout | None = None
+    ) -> httpx.Response:
+        return await self._send("POST", path, data=form, http_timeout=http_timeout)
 
     async def _send(
         self,
@@ -310,6 +316,7 @@ class StravaClient:
         data: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
+        http_timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         try:
             async for attempt in stamina.retry_context(
@@ -318,7 +325,14 @@ class StravaClient:
                 with attempt:
                     response = await self._observed(
                         _endpoint_of(path, data or {}),
-                        self._http.request(method, path, data=data, params=params, headers=headers),
+                        self._http.request(
+                            method,
+                            path,
+                            data=data,
+                            params=params,
+                            headers=headers,
+                            timeout=httpx.USE_CLIENT_DEFAULT if http_timeout is None else http_timeout,
+                        ),
                     )
         except _NEVER_SENT as exc:
             raise ProviderTransientError(f"could not connect to Strava: {type(exc).__name__}") from exc

@@ -2,9 +2,13 @@
 
 Exactly once, however many callers and processes ask:
 1. single flight inside the process: concurrent callers for one user await one shared task;
-2. a cross-process guard in the database (`store.lock_for_refresh`) held from the decision to the commit;
-3. a re-read under the guard (another process may have refreshed while we waited);
-4. a write that checks the version it read; the rotated refresh token is committed before anyone hears of success.
+2. decide from a read; claim the refresh in `refresh_claims` (one short committed transaction, `store.claims`);
+   other processes wait on the claim (polling with backoff) or use the stored token while it lasts;
+3. call Strava holding no connection, within a deadline shorter than the claim;
+4. store in a second short transaction a write fenced by the version read (a `needs_reauth` set meanwhile over the
+   same refresh token is cleared: the newest pair wins); the claim goes with it.
+A claim whose owner died lapses and is taken over; a rejection then flags nobody while the lapsed owner may still
+be storing its pair.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,8 +70,9 @@ from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.revocation import user_subject
 from tokensvc.status import Status, classify
-from tokensvc.store import session_revocations
+from tokensvc.store import claims, session_revocations
 from tokensvc.store import tokens as store
+from tokensvc.store.claims import Claim
 from tokensvc.store.reader import EngineReader, RowReader
 from tokensvc.store.tokens import NewTokens, TokenRow
 
@@ -75,6 +83,7 @@ AuthorizeUrlFactory = Callable[[str], str | None]
 MSG_REFRESHED = "Tokens refreshed successfully"
 MSG_STILL_VALID = "Tokens are still valid - no refresh needed"
 MSG_SIBLING = "Tokens were refreshed by another request"
+MSG_ELSEWHERE = "A refresh is in progress elsewhere; the stored tokens are still usable"
 MSG_REAUTH = "Strava rejected the stored refresh token; the user must reconnect with Strava."
 MSG_MISSING = "No Strava tokens are stored for this user; the user must connect with Strava."
 
@@ -103,6 +112,9 @@ class TokenService:
         clock: Clock = time.time,
         buffer_seconds: int = 1800,
         write_budget_seconds: float = 30.0,
+        claim_seconds: float = 60.0,
+        token_timeout_seconds: float = 45.0,
+        wait_seconds: float | None = None,
         authorize_url: AuthorizeUrlFactory | None = None,
         journal: Journal | None = None,
     ) -> None:
@@ -117,6 +129,14 @@ class TokenService:
         self._clock = clock
         self.buffer_seconds = buffer_seconds
         self._write_budget = write_budget_seconds
+        # A live owner never loses its claim mid-call: every token call's total deadline is shorter than the claim.
+        if token_timeout_seconds >= claim_seconds:
+            raise ValueError("the token call's deadline must be shorter than the refresh claim")
+        self._claim_seconds = claim_seconds
+        self._token_timeout = token_timeout_seconds
+        self._wait_seconds = claim_seconds if wait_seconds is None else wait_seconds
+        self._owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._closing = False
         self._authorize_url = authorize_url or (lambda _user_id: None)
         self._flights: dict[str, asyncio.Task[Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -246,15 +266,16 @@ class TokenService:
         )
 
     async def delete(self, user_id: str) -> None:
-        """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard, which also
-        ends the user's browser sessions (`service/revocation.py`). Idempotent."""
+        """Deauthorize at Strava (best effort, holding no connection), then delete in one short transaction,
+        which also ends the user's browser sessions (`service/revocation.py`). Idempotent."""
+        row = await self._read_fresh(user_id)
+        if row is not None and row.access_token_enc is not None and row.reauth_reason is None:
+            await self._deauthorize_best_effort(row)
         async with self._engine.begin() as conn:
             await session_revocations.revoke(conn, user_subject(user_id), now_ms=int(self._clock() * 1000))
             row = await store.lock_for_refresh(conn, user_id)
             if row is None:
                 return
-            if row.access_token_enc is not None and row.reauth_reason is None:
-                await self._deauthorize_best_effort(row)
             await store.delete(conn, user_id)
             await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
         self.row_changed(user_id)
@@ -270,12 +291,24 @@ class TokenService:
         while self._background:
             await asyncio.wait(set(self._background))
 
-    async def aclose(self, grace_seconds: float = 5.0) -> None:
-        """Let background refreshes finish (a refresh cut between Strava and the commit strands its user)."""
-        if self._background:
-            _done, pending = await asyncio.wait(set(self._background), timeout=grace_seconds)
-            for task in pending:
-                task.cancel()
+    def begin_close(self) -> None:
+        """From now on no new refresh starts here (callers get a 503 and try another replica)."""
+        self._closing = True
+
+    async def aclose(self, grace_seconds: float = 20.0) -> None:
+        """Shutdown: refuse new refreshes, then let every one in flight (on-demand, background, sweep, webhook
+        check) finish within `grace_seconds`; one still running then is cancelled and gives its claim back (a
+        refresh cut between Strava and the commit would strand its user, hence the wait)."""
+        self.begin_close()
+        running = {*self._background, *self._flights.values()}
+        if not running:
+            return
+        _done, pending = await asyncio.wait(running, timeout=grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("token.refresh.cut_at_shutdown", count=len(pending))
+            await asyncio.wait(pending, timeout=2.0)
 
     # -- the refresh itself -----------------------------------------------------------------------------------
 
@@ -293,6 +326,8 @@ class TokenService:
                 return outcome
         flight = self._flights.get(user_id)
         if flight is None or flight.done():
+            if self._closing:
+                raise ProviderUnavailable("the service is shutting down; try another replica", retry_after=1)
             flight = asyncio.create_task(
                 self._refresh_guarded(user_id, force=force, min_ttl=min_ttl, trigger=trigger, strava_slots=strava_slots)
             )
@@ -306,7 +341,7 @@ class TokenService:
             del self._flights[user_id]
 
     def _refresh_in_background(self, user_id: str) -> None:
-        if user_id in self._flights:
+        if user_id in self._flights or self._closing:
             return
         self._spawn(self._background_refresh(user_id))
 
@@ -329,7 +364,7 @@ class TokenService:
         try:
             priority: Priority = "sweep" if trigger in AUTOMATIC_TRIGGERS else "on_demand"
             # The sweeper claimed the user because it is due: a lock-free look first would only repeat that.
-            outcome = await self._refresh_locked(
+            outcome = await self._refresh_steps(
                 user_id,
                 force=force,
                 min_ttl=min_ttl,
@@ -358,7 +393,7 @@ class TokenService:
         finally:
             metrics.REFRESH_TOTAL.labels(outcome=outcome_label, trigger=trigger).inc()
 
-    async def _refresh_locked(
+    async def _refresh_steps(
         self,
         user_id: str,
         *,
@@ -369,124 +404,245 @@ class TokenService:
         look_first: bool = True,
         strava_slots: asyncio.Semaphore | None = None,
     ) -> Outcome:
-        """A lock-free look first; then one transaction per round: take the guard, re-read, decide, call Strava,
-        write, commit.
-
-        A further round happens only after Strava rejected the refresh token: the guard is released, the row is
-        re-read under it, and a newer token stored by someone else meanwhile is used instead of flagging the user.
-        A unit of the shared rate budget is taken before each round and given back if no call was made.
-        """
-        if look_first:
-            row = self._usable(user_id, await self._get(user_id))
+        """Decide, claim, call, store. The claim and the store are each one short transaction; the Strava call
+        holds no connection. A caller that finds the claim held by a live owner waits for it (at most the wait
+        budget), or takes the stored token when it still satisfies `min_ttl`, else 503 with `Retry-After`."""
+        give_up = time.monotonic() + self._wait_seconds
+        message = MSG_STILL_VALID
+        known = await self._get(user_id) if look_first else await self._read_fresh(user_id)
+        while True:
+            row = self._usable(user_id, known)
             if not self._due(row, force=force, min_ttl=min_ttl):
-                return Outcome(row, refreshed=False, message=MSG_STILL_VALID)  # the common case: no lock, no budget
-        rejected_version: int | None = None
-        for _round in range(3):
-            await self._budget.acquire(priority)
-            called = False
-            started = time.perf_counter()
-            grant: TokenGrant | None = None
-            written: TokenRow | None = None
-            dead = False
-            try:
-                async with self._engine.begin() as conn:
-                    waiting = time.perf_counter()
-                    locked = await store.lock_for_refresh(conn, user_id)
-                    metrics.LOCK_WAIT_SECONDS.observe(time.perf_counter() - waiting)
-                    row = self._usable(user_id, locked)
-                    if rejected_version == row.version:
-                        # Nobody stored anything newer since Strava said no: the token really is dead.
-                        flagged = await store.mark_needs_reauth(
-                            conn,
-                            user_id,
-                            reason="refresh_token_invalid",
-                            now=self._now_dt(),
-                            expected_version=row.version,
-                        )
-                        if flagged is not None:
-                            await self.journal.needs_reauth(
-                                conn,
-                                user_id,
-                                athlete_id=row.athlete_id,
-                                reason="refresh_token_invalid",
-                                trigger=trigger,
-                            )
-                        dead = True
-                    else:
-                        if rejected_version is not None:
-                            log.info("token.refresh.sibling_rotated", user_id=user_id, version=row.version)
-                            force = False  # the newer token is what a forced refresh would have produced
-                        if not self._due(row, force=force, min_ttl=min_ttl):
-                            message = MSG_STILL_VALID if rejected_version is None else MSG_SIBLING
-                            return Outcome(row, refreshed=False, message=message)
-                        called = True
-                        started = time.perf_counter()
-                        try:
-                            grant = await self._call_strava(user_id, row, strava_slots)
-                        except ProviderRejectedError as exc:
-                            rejected_version = row.version
-                            await self.journal.refresh_attempt(
-                                conn,
-                                user_id,
-                                trigger=trigger,
-                                outcome="rejected",
-                                strava_status=exc.status_code,
-                                duration_ms=_ms_since(started),
-                            )
-                            continue  # ends this transaction, releasing the guard, and re-reads in a new one
-                        duration_ms = _ms_since(started)
-                        written = await store.write_refresh(
-                            conn,
-                            user_id,
-                            self._encrypt_grant(user_id, grant),
-                            expected_version=row.version,
-                            now=self._now_dt(),
-                        )
-                        if written is not None:
-                            await self.journal.refresh_attempt(
-                                conn,
-                                user_id,
-                                trigger=trigger,
-                                outcome="succeeded",
-                                strava_status=200,
-                                duration_ms=duration_ms,
-                                after_failures=row.failure_count,
-                            )
-                            failpoints.hit("refresh.before_commit")  # tests only: a kill between Strava and commit
-            except (DBAPIError, OSError) as exc:
-                if grant is None:
-                    raise
-                # Strava already rotated: the new pair exists only in memory now. Keep trying to store it.
-                log.error("token.refresh.write_failed_retrying", user_id=user_id, error=type(exc).__name__)
-                written = await self._persist_after_outage(user_id, row.version, self._encrypt_grant(user_id, grant))
-            except (ProviderUnavailable, TokenUnreadable) as exc:
-                await self._after_failure(row, exc, trigger=trigger, duration_ms=_ms_since(started) if called else None)
-                raise
-            finally:
-                if not called:
-                    await self._budget.refund()
-            if written is not None or dead:
-                self.row_changed(user_id)
-            if dead:
-                log.warning("token.refresh.reauth_required", user_id=user_id, reason="refresh_token_invalid")
-                raise ReauthRequired(
-                    MSG_REAUTH,
-                    authorize_url=self._authorize_url(user_id),
-                    reauth_reason="refresh_token_invalid",
-                )
-            if grant is None or written is None:
-                # Only when the guard was lost with its connection and someone else wrote meanwhile.
-                log.error("token.refresh.version_conflict", user_id=user_id)
-                raise ProviderUnavailable("the token row changed during the refresh; try again", retry_after=5)
-            log.info(
-                "token.refresh.succeeded",
-                user_id=user_id,
-                expires_at=grant.expires_at,
-                rotated=grant.refresh_token is not None,
-                version=written.version,
+                return Outcome(row, refreshed=False, message=message)  # the common case: no claim, no budget
+            # The sweep's bound on Strava calls in flight is taken before the claim, so no claim waits for a slot.
+            async with strava_slots or contextlib.nullcontext():
+                claim, current = await self._claim(user_id, row)
+                if claim is not None:
+                    return await self._call_and_store(user_id, row, claim, trigger=trigger, priority=priority)
+            if current is None or current.version != row.version:
+                known, force, message = current, False, MSG_SIBLING  # someone stored a pair since we read
+                continue
+            if row.expires_at - self._clock() >= max(min_ttl, 1):
+                return Outcome(row, refreshed=False, message=MSG_ELSEWHERE)
+            if not await self._wait_for_claim(user_id, row.version, give_up):
+                raise ProviderUnavailable("a refresh for this user is in progress elsewhere; try again", retry_after=2)
+            known, force, message = await self._read_fresh(user_id), False, MSG_SIBLING
+
+    async def _read_fresh(self, user_id: str) -> TokenRow | None:
+        async with self._autocommit.connect() as conn:
+            return await store.get(conn, user_id)
+
+    async def _claim(self, user_id: str, row: TokenRow) -> tuple[Claim | None, TokenRow | None]:
+        """One short transaction: claim the user's refresh, then re-read the row under the claim. The claim is
+        kept only if the row is still the version decided on; otherwise (or when a live owner holds the claim)
+        nothing is kept and the caller gets the current row to decide again."""
+        now = self._now_ms()
+        until = now + int(self._claim_seconds * 1000)
+        waiting = time.perf_counter()
+        async with self._engine.connect() as conn, conn.begin() as tx:
+            claim = await claims.take(
+                conn,
+                user_id,
+                owner=self._owner,
+                version_read=row.version,
+                now=now,
+                until=until,
+                write_until=until + int(self._write_budget * 1000),
             )
-            return Outcome(written, refreshed=True, message=MSG_REFRESHED, access_token=grant.access_token)
-        raise ProviderUnavailable("the refresh token kept changing during the refresh; try again", retry_after=5)
+            current = await store.get(conn, user_id)
+            if claim is None or current is None or current.version != row.version:
+                await tx.rollback()
+                claim = None
+        metrics.LOCK_WAIT_SECONDS.observe(time.perf_counter() - waiting)
+        if claim is not None and claim.pending_until > now:
+            log.warning("token.refresh.claim_taken_over", user_id=user_id, pending_ms=claim.pending_until - now)
+        return claim, current
+
+    async def _wait_for_claim(self, user_id: str, version: int, give_up: float) -> bool:
+        """Poll, backing off, until the row changes or the claim is gone or lapsed (True), or `give_up` (False).
+        Each look is one autocommit read; nothing is held between looks."""
+        delay = 0.02
+        while time.monotonic() < give_up:
+            await asyncio.sleep(min(delay, max(0.0, give_up - time.monotonic())))
+            delay = min(delay * 1.5, 0.5)
+            async with self._autocommit.connect() as conn:
+                row = await store.get(conn, user_id)
+                if row is None or row.version != version:
+                    return True
+                claim = await claims.get(conn, user_id)
+            if claim is None or claim.until <= self._now_ms():
+                return True
+        return False
+
+    async def _call_and_store(
+        self,
+        user_id: str,
+        row: TokenRow,
+        claim: Claim,
+        *,
+        trigger: str,
+        priority: Priority,
+    ) -> Outcome:
+        """Holding the claim: take a unit of the rate budget, call Strava (no connection held), store the answer.
+        The claim is given back on every path (with the result, or in a short transaction of its own; a process
+        that dies leaves it to lapse)."""
+        started = time.perf_counter()
+        if claim.rejected_version == row.version and claim.pending_until <= self._now_ms():
+            # Strava already said no to this very token, and the owner who might have rotated it had its chance.
+            return await self._after_rejection(user_id, row, claim, trigger=trigger, exc=None, started=started)
+        released = False
+        try:
+            await self._budget.acquire(priority)  # a pause (429) gives the claim back unused
+            try:
+                grant = await self._call_strava(user_id, row)
+            except ProviderRejectedError as exc:
+                released = True
+                return await self._after_rejection(user_id, row, claim, trigger=trigger, exc=exc, started=started)
+            except (ProviderUnavailable, TokenUnreadable) as exc:
+                await self._after_failure(row, exc, trigger=trigger, duration_ms=_ms_since(started))
+                raise
+            released = True
+            return await self._store(user_id, row, grant, trigger=trigger, duration_ms=_ms_since(started))
+        finally:
+            if not released:
+                await self._release(user_id)
+
+    async def _release(self, user_id: str) -> None:
+        """Give the claim back in a short transaction of its own (best effort: a lapse frees it anyway)."""
+        try:
+            async with self._engine.begin() as conn:
+                await claims.release(conn, user_id, owner=self._owner, now=self._now_ms())
+        except (DBAPIError, OSError) as exc:
+            log.warning("token.refresh.claim_not_released", user_id=user_id, error=type(exc).__name__)
+
+    async def _store(
+        self, user_id: str, row: TokenRow, grant: TokenGrant, *, trigger: str, duration_ms: int
+    ) -> Outcome:
+        """One short transaction: the fenced write, its audit, the claim given back. Strava already rotated, so a
+        database that is away is retried for the write budget with the new pair kept in memory."""
+        tokens = self._encrypt_grant(user_id, grant)
+        try:
+            written = await self._write(user_id, row, tokens, trigger=trigger, duration_ms=duration_ms)
+        except (DBAPIError, OSError) as exc:
+            log.error("token.refresh.write_failed_retrying", user_id=user_id, error=type(exc).__name__)
+            try:
+                written = await self._persist_after_outage(
+                    user_id, row, tokens, trigger=trigger, duration_ms=duration_ms
+                )
+            except (DBAPIError, OSError) as lost:
+                # The write budget is spent: this pair is lost; the claim lapses and the next attempt will tell.
+                log.error("token.refresh.write_lost", user_id=user_id, error=type(lost).__name__)
+                raise ProviderUnavailable("the database stayed away after Strava answered", retry_after=5) from lost
+        if written is None:
+            # Someone stored a newer pair (an import, a connect) while we called: theirs is kept.
+            await self._release(user_id)
+            log.error("token.refresh.version_conflict", user_id=user_id)
+            raise ProviderUnavailable("the token row changed during the refresh; try again", retry_after=5)
+        self.row_changed(user_id)
+        log.info(
+            "token.refresh.succeeded",
+            user_id=user_id,
+            expires_at=grant.expires_at,
+            rotated=grant.refresh_token is not None,
+            version=written.version,
+        )
+        return Outcome(written, refreshed=True, message=MSG_REFRESHED, access_token=grant.access_token)
+
+    async def _write(
+        self, user_id: str, row: TokenRow, tokens: NewTokens, *, trigger: str, duration_ms: int
+    ) -> TokenRow | None:
+        async with self._engine.begin() as conn:
+            written = await store.write_refresh(
+                conn,
+                user_id,
+                tokens,
+                expected_version=row.version,
+                now=self._now_dt(),
+                read_refresh_enc=row.refresh_token_enc,
+            )
+            if written is not None:
+                await self.journal.refresh_attempt(
+                    conn,
+                    user_id,
+                    trigger=trigger,
+                    outcome="succeeded",
+                    strava_status=200,
+                    duration_ms=duration_ms,
+                    after_failures=row.failure_count,
+                )
+                await claims.release(conn, user_id, owner=self._owner, now=self._now_ms())
+                failpoints.hit("refresh.before_commit")  # tests only: a kill between Strava and commit
+        return written
+
+    async def _persist_after_outage(
+        self, user_id: str, row: TokenRow, tokens: NewTokens, *, trigger: str, duration_ms: int
+    ) -> TokenRow | None:
+        async for attempt in stamina.retry_context(on=(DBAPIError, OSError), timeout=self._write_budget, attempts=None):
+            with attempt:
+                return await self._write(user_id, row, tokens, trigger=trigger, duration_ms=duration_ms)
+        return None
+
+    async def _after_rejection(
+        self,
+        user_id: str,
+        row: TokenRow,
+        claim: Claim,
+        *,
+        trigger: str,
+        exc: ProviderRejectedError | None,
+        started: float,
+    ) -> Outcome:
+        """Strava said no to the refresh token we read. One short transaction: a newer pair stored meanwhile is
+        used; a lapsed owner that may still store its pair keeps the user unflagged (503 until its write budget
+        ends); otherwise the user is flagged `needs_reauth`. The claim is given back either way."""
+        now_ms = self._now_ms()
+        async with self._engine.begin() as conn:
+            if exc is not None:
+                await self.journal.refresh_attempt(
+                    conn,
+                    user_id,
+                    trigger=trigger,
+                    outcome="rejected",
+                    strava_status=exc.status_code,
+                    duration_ms=_ms_since(started),
+                )
+            current = await store.get(conn, user_id)
+            if current is not None and current.version != row.version:
+                await claims.release(conn, user_id, owner=self._owner, now=now_ms)
+                log.info("token.refresh.sibling_rotated", user_id=user_id, version=current.version)
+                return Outcome(self._usable(user_id, current), refreshed=False, message=MSG_SIBLING)
+            pending = claim.pending_until > now_ms
+            if pending:
+                # Held until then, so that nobody presents the dead token again before the owner could write.
+                await claims.hold(
+                    conn, user_id, owner=self._owner, until=claim.pending_until, rejected_version=row.version
+                )
+                await store.record_failure(
+                    conn, user_id, error="owner_write_pending", retry_at=claim.pending_until // 1000 + 1
+                )
+            else:
+                await self._flag_rejected(conn, row, trigger=trigger)
+                await claims.release(conn, user_id, owner=self._owner, now=now_ms)
+        if pending:
+            wait = max(1, (claim.pending_until - now_ms) // 1000 + 1)
+            log.warning("token.refresh.rejected_owner_pending", user_id=user_id, retry_after=wait)
+            raise ProviderUnavailable(
+                "an earlier refresh of this user may still be storing its result", retry_after=wait
+            )
+        self.row_changed(user_id)
+        log.warning("token.refresh.reauth_required", user_id=user_id, reason="refresh_token_invalid")
+        raise ReauthRequired(
+            MSG_REAUTH, authorize_url=self._authorize_url(user_id), reauth_reason="refresh_token_invalid"
+        )
+
+    async def _flag_rejected(self, conn: AsyncConnection, row: TokenRow, *, trigger: str) -> None:
+        flagged = await store.mark_needs_reauth(
+            conn, row.user_id, reason="refresh_token_invalid", now=self._now_dt(), expected_version=row.version
+        )
+        if flagged is not None:
+            await self.journal.needs_reauth(
+                conn, row.user_id, athlete_id=row.athlete_id, reason="refresh_token_invalid", trigger=trigger
+            )
 
     async def _after_failure(
         self, row: TokenRow, exc: ProviderUnavailable | TokenUnreadable, *, trigger: str, duration_ms: int | None
@@ -514,13 +670,19 @@ class TokenService:
         except (DBAPIError, OSError) as bookkeeping:
             log.error("token.refresh.backoff_not_recorded", user_id=row.user_id, error=type(bookkeeping).__name__)
 
-    async def _call_strava(self, user_id: str, row: TokenRow, slots: asyncio.Semaphore | None = None) -> TokenGrant:
-        """Raises ProviderRejectedError (handled by the caller) or the service's 503 errors."""
+    async def _call_strava(self, user_id: str, row: TokenRow) -> TokenGrant:
+        """One token call, retries included, within the token deadline (shorter than the claim), holding no
+        connection. Raises ProviderRejectedError (handled by the caller) or the service's 503 errors."""
         refresh_token = self._decrypt(row, "refresh")
         started = time.perf_counter()
         try:
-            async with slots or contextlib.nullcontext():
-                grant = await self._strava.refresh(refresh_token)
+            try:
+                async with asyncio.timeout(self._token_timeout):
+                    grant = await self._strava.refresh(refresh_token)
+            except TimeoutError as exc:
+                raise ProviderTransientError(
+                    "Strava did not answer within the token deadline", answer_lost=True
+                ) from exc
         except ProviderRejectedError:
             log.info("token.refresh.rejected_by_strava", user_id=user_id)
             raise
@@ -560,15 +722,6 @@ class TokenService:
             async with self._engine.begin() as conn:
                 await store.reschedule(conn, user_id, sweep_at=self.sweep_at(user_id, outcome.row.expires_at))
         return outcome
-
-    async def _persist_after_outage(self, user_id: str, version: int, tokens: NewTokens) -> TokenRow | None:
-        async for attempt in stamina.retry_context(on=(DBAPIError, OSError), timeout=self._write_budget, attempts=None):
-            with attempt:
-                async with self._engine.begin() as conn:
-                    return await store.write_refresh(
-                        conn, user_id, tokens, expected_version=version, now=self._now_dt()
-                    )
-        return None
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
@@ -681,6 +834,9 @@ class TokenService:
             athlete_id=row.athlete_id,
             scopes=row.scope_list,
         )
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
     def _now_dt(self) -> datetime:
         return datetime.fromtimestamp(int(self._clock()), UTC)

@@ -140,9 +140,20 @@ async def upsert(
 
 
 async def write_refresh(
-    conn: AsyncConnection, user_id: str, tokens: NewTokens, *, expected_version: int, now: datetime
+    conn: AsyncConnection,
+    user_id: str,
+    tokens: NewTokens,
+    *,
+    expected_version: int,
+    now: datetime,
+    read_refresh_enc: str | None = None,
 ) -> TokenRow | None:
-    """Store a refresh's result if the row is still at `expected_version`; None when someone wrote in between."""
+    """Store a refresh's result if the row is still at `expected_version`; None when someone wrote in between.
+
+    With `read_refresh_enc` (the refresh token the pair was traded for), a row flagged `refresh_token_invalid`
+    since, but still holding that refresh token, is written too and unflagged: the newest pair wins over a
+    rejection of the token it replaced. A deauthorization (which discards the tokens) or any newer pair is kept.
+    """
     values: dict[str, object] = {
         "access_token_enc": tokens.access_token_enc,
         "key_id": tokens.key_id,
@@ -150,15 +161,18 @@ async def write_refresh(
         "sweep_at": tokens.sweep_at,
         "failure_count": 0,
         "last_error": None,
+        "reauth_reason": None,
         "last_refreshed_at": now,
         "updated_at": now,
         "version": t.c.version + 1,
     }
     if tokens.refresh_token_enc is not None:
         values["refresh_token_enc"] = tokens.refresh_token_enc
-    stmt = (
-        sa.update(t).where(t.c.user_id == user_id, t.c.version == expected_version).values(**values).returning(*COLUMNS)
-    )
+    current = t.c.version == expected_version
+    if read_refresh_enc is not None:
+        flagged_since = sa.and_(t.c.reauth_reason == "refresh_token_invalid", t.c.refresh_token_enc == read_refresh_enc)
+        current = sa.or_(current, flagged_since)
+    stmt = sa.update(t).where(t.c.user_id == user_id, current).values(**values).returning(*COLUMNS)
     row = (await conn.execute(stmt)).first()
     return _row(row) if row is not None else None
 
