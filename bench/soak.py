@@ -9,7 +9,7 @@ What it does (see bench/README.md, "bench/soak.py: mixed traffic and faults"):
 1. drops and recreates the database `tokensvc_soak`, migrates it, starts the sandbox and makes every access token a
    refresh mints live `--token-lifetime` seconds (`/_control/access-lifetime`), so users come due every few minutes;
 2. starts 3 replicas on that database (same encryption key and session secret, sweeper every 5 s, refresh buffer
-   60 s, Strava timeout 3 s, `TOKENSVC_DB_POOL_SIZE` 5) and imports `--users` sandbox athletes with staggered expiry;
+   60 s, Strava timeout 3 s, `TOKENSVC_DB_POOL_SIZE` 6) and imports `--users` sandbox athletes with staggered expiry;
 3. for `--minutes`, `--concurrency` workers send access-token (sometimes the same user on all replicas at once),
    refresh (forced or not), browser (`POST /proactive-token-refresh` with a session) and token-status calls to
    random replicas; a chaos task revokes athletes at the sandbox and sends the genuine deauthorization webhook
@@ -81,7 +81,7 @@ BUFFER_SECONDS = 60  # the smallest refresh buffer the service accepts
 SWEEP_INTERVAL_SECONDS = 5
 STRAVA_TIMEOUT_SECONDS = 3
 LOST_ANSWER_HANG_SECONDS = 5.0  # longer than the service's Strava timeout: the answer never arrives
-POOL_SIZE = 5
+POOL_SIZE = 6  # the default: with the default sweep it leaves 2 connections (config.check_connection_budget)
 RATE_LIMIT = "1000000,10000000"  # the shared budget: far above what the soak spends; 429s are injected instead
 MIN_TTLS = (10, 30, 60, 120)
 SETTLE_DEADLINE_SECONDS = 150.0
