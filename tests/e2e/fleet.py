@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -132,10 +133,13 @@ class Load:
 
     async def call(self, name: str, method: str, path: str, **kwargs: object) -> httpx.Response | None:
         replica = self.rng.choice(self.replicas)
+        started = time.monotonic()
         try:
             response = await self.http.request(method, f"{replica.url}{path}", **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
-            self.report.errors.append(f"{name} {replica.name}: {type(exc).__name__}")
+            cause = exc.__cause__.__cause__ if exc.__cause__ is not None else None
+            elapsed = time.monotonic() - started
+            self.report.errors.append(f"{name} {replica.name}: {type(exc).__name__} {cause!r} after {elapsed:.1f} s")
             return None
         self.report.calls[name] += 1
         if not 200 <= response.status_code < 300:
@@ -144,13 +148,24 @@ class Load:
 
     async def connect(self, expires_in: int) -> None:
         """A new sandbox athlete, imported through a random replica; due for a refresh if `expires_in` is short."""
-        control = await self.http.post(f"{self.sandbox.url}/_control/athletes", json={"expires_in": expires_in})
-        athlete = control.json()
+        athlete = await self.new_athlete(expires_in)
         user_id = f"fleet-{athlete['athlete_id']}"
         body = {k: athlete[k] for k in ("access_token", "refresh_token", "expires_at", "athlete_id")}
         response = await self.call("connect", "PUT", f"/v1/users/{user_id}/tokens", json=body)
         if response is not None and response.status_code == 200:
             self.users.append((user_id, athlete["athlete_id"]))
+
+    async def new_athlete(self, expires_in: int) -> dict[str, Any]:
+        """The sandbox's control API (the harness, not the service under test): a dropped connection is retried."""
+        url = f"{self.sandbox.url}/_control/athletes"
+        for _attempt in range(2):
+            with contextlib.suppress(httpx.TransportError):
+                response = await self.http.post(url, json={"expires_in": expires_in})
+                athlete: dict[str, Any] = response.json()
+                return athlete
+        response = await self.http.post(url, json={"expires_in": expires_in})
+        athlete = response.json()
+        return athlete
 
     def webhook_event(self) -> dict[str, object]:
         _user, athlete_id = self.rng.choice(self.users)
@@ -196,7 +211,9 @@ async def run_load(
 ) -> FleetReport:
     """Seed `users` (a fifth of them due), then `clients` concurrent callers for `seconds`, sampling connections."""
     report = FleetReport(replicas=len(replicas), seconds=seconds)
-    limits = httpx.Limits(max_connections=clients + 16, max_keepalive_connections=clients + 16)
+    # Idle connections are dropped before the servers' keep-alive timeout (uvicorn: 5 s), so that a request never
+    # goes out on a connection the server is closing at that moment (a ReadError that is nobody's failure).
+    limits = httpx.Limits(max_connections=clients + 16, max_keepalive_connections=clients + 16, keepalive_expiry=2)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(timeout=60, limits=limits, headers=headers) as http:
         load = Load(http, sandbox, replicas, report, random.Random(12))
