@@ -18,7 +18,7 @@ from tokensvc.store.reader import AsyncpgReader
 
 pytestmark = pytest.mark.postgres
 
-TIMEOUT = 0.3
+TIMEOUT = 2.0  # short, and long enough for the start-up's background jobs sharing the one connection
 
 
 @pytest.fixture
@@ -28,8 +28,8 @@ async def app(pg_url: str, clock: FakeClock, strava_transport: httpx.AsyncBaseTr
         pg_url, db_pool_size=1, db_reader_pool_size=1, db_pool_timeout_seconds=TIMEOUT, token_cache=False
     )
     app = create_app(settings, clock=clock, strava_transport=strava_transport)
-    async with LifespanManager(app) as manager:
-        yield manager.app  # type: ignore[misc]
+    async with LifespanManager(app):
+        yield app
 
 
 @pytest.fixture
