@@ -16,10 +16,12 @@ from tokensvc.config import (
     SANDBOX_CLIENT_SECRET,
     ConfigError,
     Settings,
+    check_connection_budget,
     encryption_keys,
     normalize_database_url,
     prepare,
     sqlite_key_path,
+    sweep_workers,
 )
 from tokensvc.crypto import TokenCipher, generate_key
 
@@ -534,3 +536,49 @@ class TestDecryptionKeys:
         monkeypatch.setenv(variable, f"{generate_key()},{generate_key()[:20]}")
         with pytest.raises(ValidationError, match=r"key number 2 of the list is not usable: .* 15 bytes, not 32"):
             Settings()
+
+
+class TestConnectionBudget:
+    """Issue 12 item 1: one replica opens at most 8 Postgres connections at defaults; a sweep cannot take the pool."""
+
+    def test_defaults_open_at_most_eight_connections(self) -> None:
+        """Engine pool 5 + reader pool 1 + the token cache's listener 1 + readiness 1: ten replicas fit in 80 of 100."""
+        s = settings(database_url=PG_URL)
+        assert (s.db_pool_size, s.db_reader_pool_size, s.token_cache) == (5, 1, True)
+        assert s.connection_budget == 8
+
+    def test_what_is_not_opened_is_not_counted(self) -> None:
+        """No listener without the token cache; no reader pool behind a pooler (reads go through the engine)."""
+        assert settings(database_url=PG_URL, token_cache=False).connection_budget == 7
+        assert settings(database_url=PG_URL, db_statement_cache=False, token_cache=False).connection_budget == 6
+        assert settings(database_url=PG_URL, db_pool_size=20, db_reader_pool_size=4).connection_budget == 26
+
+    def test_the_default_sweep_leaves_a_connection_of_the_pool(self) -> None:
+        s = settings(database_url=PG_URL)
+        assert sweep_workers(s.sweep_concurrency) + 1 <= s.db_pool_size
+        check_connection_budget(s)  # no error
+
+    def test_a_sweep_that_could_take_the_pool_stops_serve_with_a_sentence(self) -> None:
+        """Concurrency 4 runs 6 workers: against a pool of 5 nothing would be left for on-demand refreshes."""
+        with pytest.raises(ConfigError) as caught:
+            prepare(strava_ready(database_url=PG_URL, sweep_concurrency=4), sandbox=False)
+        message = str(caught.value)
+        assert "TOKENSVC_SWEEP_CONCURRENCY=4 runs 6 sweep workers" in message
+        assert "TOKENSVC_DB_POOL_SIZE to at least 7" in message
+        assert "TOKENSVC_SWEEP_CONCURRENCY to at most 3" in message
+
+    def test_a_larger_pool_lets_a_larger_sweep_start(self) -> None:
+        prepared = prepare(
+            strava_ready(database_url=PG_URL, encryption_keys=generate_key(), sweep_concurrency=20, db_pool_size=28),
+            sandbox=False,
+        )
+        assert prepared.connection_budget == 31
+
+    def test_a_pool_too_small_for_any_sweep_names_only_the_pool(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            check_connection_budget(settings(database_url=PG_URL, db_pool_size=2, sweep_concurrency=1))
+        assert "TOKENSVC_DB_POOL_SIZE to at least 3." in str(caught.value)
+        assert "at most" not in str(caught.value)
+
+    def test_sqlite_has_no_pool_to_budget(self) -> None:
+        check_connection_budget(settings(db_pool_size=1, sweep_concurrency=50))

@@ -103,6 +103,7 @@ async def open_resources(
     engine = make_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
+        pool_timeout_seconds=settings.db_pool_timeout_seconds,
         lock_timeout_seconds=settings.lock_timeout_seconds,
         statement_cache=settings.db_statement_cache,
     )
@@ -134,7 +135,13 @@ async def open_resources(
         allowlist=settings.redirect_allowlist,
         clock=clock,
     )
-    rows: RowReader = open_reader(engine, size=settings.db_pool_size, statement_cache=settings.db_statement_cache)
+    # The connection budget (config.py): the engine's pool, this reader's pool, the token cache's listener.
+    rows: RowReader = open_reader(
+        engine,
+        size=settings.db_reader_pool_size,
+        statement_cache=settings.db_statement_cache,
+        acquire_timeout_seconds=settings.db_pool_timeout_seconds,
+    )
     if settings.token_cache and engine.dialect.name == "postgresql":
         buffer = settings.refresh_buffer_seconds
         rows = CachedReader(

@@ -70,7 +70,7 @@ def _storage_settings() -> Settings:
 async def _migrate(database_url: str, *, statement_cache: bool = True) -> None:
     from tokensvc.db import make_engine, migrate
 
-    engine = make_engine(database_url, statement_cache=statement_cache)
+    engine = make_engine(database_url, pool_size=1, statement_cache=statement_cache)  # one connection, then closed
     try:
         await migrate(engine)
     finally:

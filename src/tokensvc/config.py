@@ -64,9 +64,10 @@ class Settings(BaseSettings):
     decryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     refresh_buffer_seconds: int = 1800
     sweep_interval_seconds: int = Field(default=300, ge=0)
-    # Strava calls a sweep keeps in flight; its workers (a quarter more) each hold a pooled connection, so keep it
-    # well under TOKENSVC_DB_POOL_SIZE to leave connections for on-demand refreshes.
-    sweep_concurrency: int = Field(default=4, ge=1, le=200)
+    # Strava calls a sweep keeps in flight. Its workers (`sweep_workers`: this, a quarter more, and one) each hold
+    # at most one pooled connection; `serve` refuses settings where they could take the engine's pool but for
+    # SWEEP_RESERVED_CONNECTIONS (kept for on-demand refreshes and the other background loops).
+    sweep_concurrency: int = Field(default=3, ge=1, le=200)
     sweep_batch_size: int = Field(default=100, ge=1, le=5000)
     # Must outlive a refresh (Strava timeout + lock wait): a claim this old is taken to be abandoned.
     sweep_lease_seconds: int = Field(default=300, ge=60)
@@ -98,10 +99,17 @@ class Settings(BaseSettings):
     # Lets operators sign in to /dashboard with a password instead of an API key.
     admin_password: SecretStr | None = None
     log_level: str = "INFO"
-    # Each process opens at most 2 x this + 3 Postgres connections (transactions, hot reads, the token cache's
-    # listener, the readiness probe); replicas x (2 x this + 3) must stay under the server's max_connections
-    # (100 by default).
-    db_pool_size: int = Field(default=10, ge=1, le=500)
+    # The connection budget (Postgres; `connection_budget` computes it): one process opens at most
+    #     TOKENSVC_DB_POOL_SIZE + TOKENSVC_DB_READER_POOL_SIZE + 1 (the token cache's listener) + 1 (/readyz's own)
+    # connections whatever the load: 5 + 1 + 1 + 1 = 8 at defaults, so ten replicas hold at most 80 of the server's
+    # default max_connections of 100. The reader pool is not opened with TOKENSVC_DB_STATEMENT_CACHE=false, the
+    # listener not with TOKENSVC_TOKEN_CACHE=false. Migrations at start-up use one connection, closed before serving.
+    # The engine's pool: every transaction (refreshes, imports, sweeps, webhooks, outbox, housekeeping, gauges).
+    db_pool_size: int = Field(default=5, ge=1, le=500)
+    # The hot path's own pool for single-row reads on a token-cache miss (access-token, status).
+    db_reader_pool_size: int = Field(default=1, ge=1, le=500)
+    # How long a request waits for a free pooled connection before it is answered 503 with Retry-After.
+    db_pool_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Postgres: keep valid tokens in memory, dropped on every change through LISTEN/NOTIFY (one more connection).
     token_cache: bool = True
     # The token cache's bound: under 2 KB of memory per entry (bench/growth.py).
@@ -266,6 +274,12 @@ class Settings(BaseSettings):
         return [k.get_secret_value() for k in (*self.encryption_keys, *self.decryption_keys)]
 
     @property
+    def connection_budget(self) -> int:
+        """The most Postgres connections this process opens at once (see the comment on `db_pool_size`)."""
+        reader = self.db_reader_pool_size if self.db_statement_cache else 0
+        return self.db_pool_size + reader + int(self.token_cache) + READINESS_CONNECTIONS
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
@@ -286,6 +300,38 @@ def normalize_database_url(url: str) -> str:
 
 class ConfigError(Exception):
     """The settings cannot work; the message says what to set."""
+
+
+# Engine connections a sweep may never take: one for on-demand refreshes and the other loops. Since the refresh
+# claim, a sweep worker holds a connection only for its short claim and store transactions, never across the
+# Strava call, so one spare connection keeps on-demand work moving.
+SWEEP_RESERVED_CONNECTIONS = 1
+# /readyz's own one-connection pool (app.py), so readiness answers however busy the other pools are.
+READINESS_CONNECTIONS = 1
+
+
+def sweep_workers(concurrency: int) -> int:
+    """The sweep's workers for TOKENSVC_SWEEP_CONCURRENCY (service/sweeper.py): a few more than the Strava calls,
+    so that the database work around each call overlaps other users' calls."""
+    return concurrency + concurrency // 4 + 1
+
+
+def check_connection_budget(settings: Settings) -> None:
+    """Refuse pool settings a sweep could exhaust (Postgres only). Raises ConfigError with a sentence."""
+    if settings.is_sqlite:
+        return
+    workers = sweep_workers(settings.sweep_concurrency)
+    needed = workers + SWEEP_RESERVED_CONNECTIONS
+    if needed <= settings.db_pool_size:
+        return
+    room = settings.db_pool_size - SWEEP_RESERVED_CONNECTIONS
+    fitting = [n for n in range(1, settings.sweep_concurrency) if sweep_workers(n) <= room]
+    lower = f", or TOKENSVC_SWEEP_CONCURRENCY to at most {fitting[-1]}" if fitting else ""
+    raise ConfigError(
+        f"TOKENSVC_SWEEP_CONCURRENCY={settings.sweep_concurrency} runs {workers} sweep workers, each holding a pooled "
+        f"connection, and TOKENSVC_DB_POOL_SIZE={settings.db_pool_size} would leave fewer than "
+        f"{SWEEP_RESERVED_CONNECTIONS} for on-demand refreshes: set TOKENSVC_DB_POOL_SIZE to at least {needed}{lower}."
+    )
 
 
 # The built-in emulator's fixed credentials: public on purpose, useless against the real Strava. The id is numeric,
@@ -325,6 +371,7 @@ def prepare(settings: Settings, *, sandbox: bool, host: str = "127.0.0.1", port:
             )
         _refuse_short_secrets(settings)
     update["encryption_keys"] = [SecretStr(k) for k in encryption_keys(settings)]
+    check_connection_budget(settings)
     if not sandbox and settings.session_secret is None:
         raise ConfigError(
             "Set TOKENSVC_SESSION_SECRET (at least 32 random characters, the same on every replica): it signs "

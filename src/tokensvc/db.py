@@ -21,15 +21,22 @@ POOLED = "tokensvc_pooled"
 
 
 def make_engine(
-    url: str, *, pool_size: int = 10, lock_timeout_seconds: float = 30.0, statement_cache: bool = True
+    url: str,
+    *,
+    pool_size: int = 6,
+    pool_timeout_seconds: float = 10.0,
+    lock_timeout_seconds: float = 30.0,
+    statement_cache: bool = True,
 ) -> AsyncEngine:
     """An async engine tuned per dialect (SQLite: WAL and a busy timeout; Postgres: a fixed-size pool).
 
     No overflow on Postgres: overflow connections are closed when returned, and under load that churn (a new
-    server process per connection) cost more than waiting for a pooled one. `statement_cache=False` is for a
-    transaction-mode pooler (TOKENSVC_DB_STATEMENT_CACHE): no prepared statement outlives its statement, and
-    `lock_timeout` is not sent at connect (PgBouncer refuses startup parameters it does not know; set it on the
-    database role instead, docs/operations.md).
+    server process per connection) cost more than waiting for a pooled one; and `pool_size` is then the most
+    connections the engine ever opens (the connection budget, config.py). A wait for a pooled connection ends after
+    `pool_timeout_seconds` with SQLAlchemy's TimeoutError (answered 503 with Retry-After, api/problems.py).
+    `statement_cache=False` is for a transaction-mode pooler (TOKENSVC_DB_STATEMENT_CACHE): no prepared statement
+    outlives its statement, and `lock_timeout` is not sent at connect (PgBouncer refuses startup parameters it does
+    not know; set it on the database role instead, docs/operations.md).
     """
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": lock_timeout_seconds})
@@ -55,6 +62,7 @@ def make_engine(
         execution_options={POOLED: not statement_cache},
         pool_size=pool_size,
         max_overflow=0,
+        pool_timeout=pool_timeout_seconds,
         # A database restart leaves every pooled connection dead; without a ping the first transaction on each
         # replica after the restart failed with 503 (tests/reliability). One round trip per checkout; the hot read
         # path (store/reader.py) has its own pool and does not pay it.

@@ -32,8 +32,9 @@ def postgres_bin_dir() -> Path | None:
 class Cluster:
     """One cluster: `url(db)`, `stop()`, `start()`, `restart()`, `dump(db)`, `create_database(name)`, `destroy()`."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, *, max_connections: int = 200) -> None:
         self.bin_dir = bin_dir
+        self.max_connections = max_connections
         self.as_root = os.geteuid() == 0
         self.root = Path(tempfile.mkdtemp(prefix="tokensvc-pg-"))
         self.data = self.root / "data"
@@ -59,7 +60,8 @@ class Cluster:
 
     def start(self) -> None:
         """Start and wait until it accepts connections (`pg_ctl -w`)."""
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += f" -c max_connections={self.max_connections}"
         self._run("pg_ctl", "start", "-w", "-D", str(self.data), "-l", str(self.logfile), "-o", options)
         self.running = True
 

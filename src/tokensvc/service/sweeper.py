@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.clock import Clock
+from tokensvc.config import sweep_workers
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, TokenServiceError, TokensMissing
 from tokensvc.service.tokens import TokenService
 from tokensvc.store import tokens as store
@@ -93,7 +94,7 @@ class Sweeper:
                     await queue.put(_DONE)
 
         strava_slots = asyncio.Semaphore(self.concurrency)
-        workers = self.concurrency + self.concurrency // 4 + 1
+        workers = sweep_workers(self.concurrency)
 
         async def work() -> None:
             while (item := await queue.get()) != _DONE:

@@ -50,9 +50,10 @@ class AsyncpgReader:
     """Reads on a dedicated asyncpg pool (Postgres only), opened on first use so that the service starts (and
     answers /readyz with 503) while the database is down. Errors are asyncpg's own or OSError."""
 
-    def __init__(self, engine: AsyncEngine, *, size: int) -> None:
+    def __init__(self, engine: AsyncEngine, *, size: int, acquire_timeout_seconds: float = 10.0) -> None:
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._size = size
+        self._acquire_timeout = acquire_timeout_seconds
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
@@ -71,7 +72,9 @@ class AsyncpgReader:
 
     async def get(self, user_id: str) -> TokenRow | None:
         pool = self._pool or await self._ready_pool()
-        record = await pool.fetchrow(_BY_USER, user_id)
+        # A bounded wait for one of the `size` connections: TimeoutError (an OSError), answered 503 like the engine's.
+        async with pool.acquire(timeout=self._acquire_timeout) as conn:
+            record = await conn.fetchrow(_BY_USER, user_id)
         return TokenRow(**record) if record is not None else None
 
     def forget(self, user_id: str) -> None:
@@ -87,9 +90,11 @@ async def _keep_session(_connection: asyncpg.Connection) -> None:
     and asyncpg's default reset (RESET ALL, UNLISTEN *, …) costs a round trip on every release."""
 
 
-def open_reader(engine: AsyncEngine, *, size: int, statement_cache: bool = True) -> RowReader:
+def open_reader(
+    engine: AsyncEngine, *, size: int, statement_cache: bool = True, acquire_timeout_seconds: float = 10.0
+) -> RowReader:
     """The asyncpg pool on Postgres; the engine elsewhere, and behind a transaction-mode pooler (no statement cache),
     where every read must run inside a transaction (`db.Autocommit`)."""
     if engine.dialect.name == "postgresql" and statement_cache:
-        return AsyncpgReader(engine, size=size)
+        return AsyncpgReader(engine, size=size, acquire_timeout_seconds=acquire_timeout_seconds)
     return EngineReader(engine)

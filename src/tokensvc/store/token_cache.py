@@ -172,8 +172,10 @@ class CachedReader:
                     self._reap(self._monotonic())
         finally:
             self._reset(live=False)
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(conn.close(), timeout=2)
+            except Exception:
+                conn.terminate()  # never two listeners at once: the connection budget counts one (config.py)
 
     async def aclose(self) -> None:
         self._stopping.set()
