@@ -40,6 +40,7 @@ from tokensvc.service.sessions import Sessions
 from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
 from tokensvc.service.tokens import TokenService
+from tokensvc.service.usage import UsageRecorder
 from tokensvc.service.webhooks import StravaWebhooks
 from tokensvc.store.reader import RowReader, open_reader
 from tokensvc.store.token_cache import CachedReader
@@ -66,6 +67,7 @@ class Resources:
     rows: RowReader
     clock: Clock
     clock_sync: PeriodicJob | None  # re-measures the offset of a DatabaseClock
+    usage: UsageRecorder | None = None  # who asks for tokens, flushed in batches
 
     def start_background(self, *, sweeper: bool = True) -> None:
         """Start every replica's background loops; `open_resources` stops them on the way out."""
@@ -75,6 +77,8 @@ class Resources:
         if self.notifier is not None:
             self.notifier.start()
         self.housekeeping.start()
+        if self.usage is not None:
+            self.usage.start()
         self.stats.gauges.start()
         if self.clock_sync is not None:
             self.clock_sync.start()
@@ -97,7 +101,15 @@ async def open_resources(
     clock = clock if clock is not None else DatabaseClock()
     clock_sync = await _start_clock(clock, engine)
     limit_15min, limit_daily = settings.rate_limits
-    budget = RateBudget(engine, limit_15min=limit_15min, limit_daily=limit_daily, clock=clock)
+    read_15min, read_daily = settings.read_rate_limits
+    budget = RateBudget(
+        engine,
+        limit_15min=limit_15min,
+        limit_daily=limit_daily,
+        read_limit_15min=read_15min,
+        read_limit_daily=read_daily,
+        clock=clock,
+    )
     strava = StravaClient(
         base_url=settings.strava_base_url,
         client_id=settings.strava_client_id or "",
@@ -106,6 +118,7 @@ async def open_resources(
         transport=strava_transport,
         clock=clock,
         on_usage=budget.note_usage,
+        token_concurrency=settings.strava_token_concurrency,
     )
     # `prepare` guarantees a secret for `serve`; commands that serve no browser may sign with a throwaway one.
     secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
@@ -154,7 +167,11 @@ async def open_resources(
         batch_size=settings.sweep_batch_size,
         lease_seconds=settings.sweep_lease_seconds,
         interval_seconds=settings.sweep_interval_seconds,
+        active_days=settings.sweep_active_days,
+        keepalive_days=settings.sweep_idle_keepalive_days,
     )
+    usage = UsageRecorder(engine, clock=clock, buffer_seconds=settings.refresh_buffer_seconds)
+    service.usage = usage
     verify_token = settings.strava_webhook_verify_token
     strava_webhooks = StravaWebhooks(
         engine=engine,
@@ -173,6 +190,7 @@ async def open_resources(
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
         gauge_interval_seconds=settings.gauge_interval_seconds,
+        active_days=settings.sweep_active_days,
     )
     try:
         yield Resources(
@@ -195,6 +213,7 @@ async def open_resources(
             rows=rows,
             clock=clock,
             clock_sync=clock_sync,
+            usage=usage,
         )
     finally:
         if clock_sync is not None:
@@ -206,6 +225,7 @@ async def open_resources(
         await strava_webhooks.stop()
         await sweeper.stop()
         await service.aclose()
+        await usage.stop()
         await rows.aclose()
         await strava.aclose()
         await engine.dispose()

@@ -22,10 +22,17 @@ _STORED_STATUSES: list[Status] = [s for s in Status if s is not Status.MISSING]
 _FILTERS = [s.value for s in _STORED_STATUSES]  # `missing` users have no row to list
 
 
-@router.put("/users/{user_id}/tokens", response_model=TokenStatus, responses=problem_responses(503))
-async def put_tokens(user_id: UserId, body: TokenImport, service: TokenServiceDep) -> TokenStatus:
-    """Import or replace a user's tokens (clears `needs_reauth`)."""
-    return await service.import_tokens(user_id, body)
+@router.put("/users/{user_id}/tokens", response_model=TokenStatus, responses=problem_responses(409, 503))
+async def put_tokens(
+    user_id: UserId,
+    body: TokenImport,
+    service: TokenServiceDep,
+    replace: Annotated[
+        bool, Query(description="Store the pair even if it is older than the stored one (else 409 stale_import)")
+    ] = False,
+) -> TokenStatus:
+    """Import or replace a user's tokens (clears `needs_reauth`). A pair older than the stored one is refused."""
+    return await service.import_tokens(user_id, body, replace=replace)
 
 
 @router.get("/users/{user_id}/token-status", response_model=TokenStatus, responses=problem_responses(503))

@@ -14,12 +14,13 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import stamina
 import structlog
@@ -35,6 +36,7 @@ from tokensvc.errors import (
     ProviderRateLimited,
     ProviderUnavailable,
     ReauthRequired,
+    StaleImport,
     TokenServiceError,
     TokensMissing,
     TokenUnreadable,
@@ -53,11 +55,17 @@ from tokensvc.schemas import AccessToken, RefreshResult, TokenImport, TokenPage,
 from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.status import Status, classify
+from tokensvc.service.usage import UsageRecorder
 from tokensvc.store import tokens as store
 from tokensvc.store.reader import EngineReader, RowReader
 from tokensvc.store.tokens import NewTokens, TokenRow
 
 log = structlog.get_logger(__name__)
+
+MAX_IMPORT_AHEAD_SECONDS = 366 * 86_400  # an imported expires_at further ahead is not epoch seconds
+
+# What a deauthorize came to: a 429 is kept so the caller pauses after releasing the guard.
+DeauthorizeOutcome = Literal["not_called", "called"] | ProviderTransientError
 
 AuthorizeUrlFactory = Callable[[str], str | None]
 
@@ -109,6 +117,12 @@ class TokenService:
         self._authorize_url = authorize_url or (lambda _user_id: None)
         self._flights: dict[str, asyncio.Task[Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Notes who asks for tokens (the sweeper refreshes only users used lately); set by app.py.
+        self.usage: UsageRecorder | None = None
+
+    def _used(self, user_id: str) -> None:
+        if self.usage is not None:
+            self.usage.note(user_id)
 
     # -- reads ------------------------------------------------------------------------------------------------
 
@@ -144,6 +158,7 @@ class TokenService:
         needed = max(min_ttl, 1)
         row = await self._get(user_id)
         row = self._usable(user_id, row)
+        self._used(user_id)
         remaining = row.expires_at - self._clock()
         if remaining >= needed:
             if remaining <= self.buffer_seconds and not self._backing_off(row):
@@ -156,8 +171,13 @@ class TokenService:
 
     # -- writes -----------------------------------------------------------------------------------------------
 
-    async def import_tokens(self, user_id: str, body: TokenImport) -> TokenStatus:
-        """Insert or replace a user's tokens in one transaction (waits for an in-flight refresh's row lock)."""
+    async def import_tokens(self, user_id: str, body: TokenImport, *, replace: bool = False) -> TokenStatus:
+        """Insert or replace a user's tokens in one transaction (waits for an in-flight refresh's row lock).
+
+        Raises ValidationFailed for an `expires_at` that is not plausible epoch seconds, and StaleImport for a pair
+        older than the stored one (an earlier `expires_at` with another refresh token) unless `replace`.
+        """
+        self._check_plausible_expiry(body.expires_at)
         tokens = NewTokens(
             access_token_enc=self._cipher.encrypt(body.access_token, user_id=user_id, field="access"),
             refresh_token_enc=self._cipher.encrypt(body.refresh_token, user_id=user_id, field="refresh"),
@@ -167,13 +187,43 @@ class TokenService:
         )
         async with self._engine.begin() as conn:
             previous = await store.lock_for_refresh(conn, user_id)
+            if not replace and previous is not None and self._is_older(previous, body):
+                log.warning("token.import.stale", user_id=user_id, expires_at=body.expires_at)
+                raise StaleImport(
+                    f"this pair expires at {body.expires_at}, before the stored one ({previous.expires_at}), and "
+                    "carries another refresh token: Strava has rotated since it was taken, so it is probably "
+                    "dead. Import a current pair, or pass replace=true to store it anyway."
+                )
             row = await store.upsert(
                 conn, user_id, tokens, athlete_id=body.athlete_id, scopes=body.scopes, now=self._now_dt()
             )
             await self.journal.stored(conn, user_id, kind="imported", previous_reason=_reason(previous))
         self.row_changed(user_id)
+        self._used(user_id)
         log.info("token.imported", user_id=user_id, expires_at=row.expires_at, version=row.version)
         return self._status(user_id, row)
+
+    def _check_plausible_expiry(self, expires_at: int) -> None:
+        """Strava's `expires_at` is epoch seconds at most 6 hours ahead: milliseconds, or years ahead, is a mistake."""
+        now = int(self._clock())
+        if expires_at <= now + MAX_IMPORT_AHEAD_SECONDS:
+            return
+        hint = " (it looks like milliseconds: divide by 1000)" if expires_at >= 10**11 else ""
+        raise ValidationFailed(
+            f"expires_at {expires_at} is not plausible epoch seconds{hint}: it lies more than a year ahead, and "
+            "Strava's access tokens live 6 hours",
+            errors=[{"loc": ["body", "expires_at"], "msg": "not plausible epoch seconds", "type": "value_error"}],
+        )
+
+    def _is_older(self, previous: TokenRow, body: TokenImport) -> bool:
+        """Whether the import is a pair from before the stored one: earlier expiry, other refresh token."""
+        if previous.refresh_token_enc is None or body.expires_at >= previous.expires_at:
+            return False
+        try:
+            stored = self._decrypt(previous, "refresh")
+        except TokenUnreadable:
+            return True  # cannot tell it is the same pair; an earlier expiry is reason enough to ask for replace
+        return not hmac.compare_digest(stored.encode(), body.refresh_token.encode())
 
     async def store_grant(self, user_id: str, grant: TokenGrant, *, scopes: Sequence[str]) -> TokenStatus:
         """Store a connect's first pair (one transaction; clears `needs_reauth`, waits for an in-flight refresh)."""
@@ -187,6 +237,7 @@ class TokenService:
             )
             await self.journal.stored(conn, user_id, kind="connected", previous_reason=_reason(previous))
         self.row_changed(user_id)
+        self._used(user_id)
         log.info("token.connected", user_id=user_id, athlete_id=row.athlete_id, was=_reason(previous))
         return self._status(user_id, row)
 
@@ -196,6 +247,8 @@ class TokenService:
         Raises TokensMissing, ReauthRequired, ProviderUnavailable (and subclasses), TokenUnreadable.
         """
         outcome = await self._ensure_fresh(user_id, force=force, min_ttl=0, trigger=trigger)
+        if trigger in ("api", "browser"):
+            self._used(user_id)
         return RefreshResult(
             refreshed=outcome.refreshed,
             message=outcome.message,
@@ -203,17 +256,36 @@ class TokenService:
         )
 
     async def delete(self, user_id: str) -> None:
-        """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard. Idempotent."""
+        """Deauthorize at Strava (best effort), then delete; one transaction holding the refresh guard. Idempotent.
+
+        Deauthorize is rate-counted: its unit is taken before the guard (the budget row is never written while the
+        guard is held, which on SQLite is the write lock) and given back when no call was made; without a unit the
+        call is skipped and the row deleted all the same. A 429 pauses rate-counted calls after the commit."""
+        allowed = await self._deauthorize_unit(user_id)
+        outcome: DeauthorizeOutcome = "not_called"
         async with self._engine.begin() as conn:
             row = await store.lock_for_refresh(conn, user_id)
-            if row is None:
-                return
-            if row.access_token_enc is not None and row.reauth_reason is None:
-                await self._deauthorize_best_effort(row)
-            await store.delete(conn, user_id)
-            await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
+            if row is not None:
+                if allowed and row.access_token_enc is not None and row.reauth_reason is None:
+                    outcome = await self._deauthorize_best_effort(row)
+                await store.delete(conn, user_id)
+                await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
+        if allowed and outcome == "not_called":
+            await self._budget.refund()
+        elif isinstance(outcome, ProviderTransientError):
+            await self._budget.pause(outcome.retry_after)
+        if row is None:
+            return
         self.row_changed(user_id)
         log.info("token.deleted", user_id=user_id)
+
+    async def _deauthorize_unit(self, user_id: str) -> bool:
+        try:
+            await self._budget.acquire("on_demand")
+        except ProviderRateLimited as exc:
+            log.warning("token.deauthorize.skipped_rate_limited", user_id=user_id, retry_after=exc.retry_after)
+            return False
+        return True
 
     def row_changed(self, user_id: str) -> None:
         """A transaction of this process that changed the user's row has committed: this replica's reader forgets
@@ -329,7 +401,8 @@ class TokenService:
 
         A further round happens only after Strava rejected the refresh token: the guard is released, the row is
         re-read under it, and a newer token stored by someone else meanwhile is used instead of flagging the user.
-        A unit of the shared rate budget is taken before each round and given back if no call was made.
+        `/oauth/token` takes no unit of the rate budget (Strava does not count it); a round only checks that no
+        replica was told to pause token calls (a 429), and the provider bounds such calls per process.
         """
         if look_first:
             row = self._usable(user_id, await self._get(user_id))
@@ -337,7 +410,7 @@ class TokenService:
                 return Outcome(row, refreshed=False, message=MSG_STILL_VALID)  # the common case: no lock, no budget
         rejected_version: int | None = None
         for _round in range(3):
-            await self._budget.acquire(priority)
+            await self._budget.token_calls_allowed()
             called = False
             started = time.perf_counter()
             grant: TokenGrant | None = None
@@ -417,9 +490,6 @@ class TokenService:
             except (ProviderUnavailable, TokenUnreadable) as exc:
                 await self._after_failure(row, exc, trigger=trigger, duration_ms=_ms_since(started) if called else None)
                 raise
-            finally:
-                if not called:
-                    await self._budget.refund()
             if written is not None or dead:
                 self.row_changed(user_id)
             if dead:
@@ -451,7 +521,7 @@ class TokenService:
         now = int(self._clock())
         try:
             if isinstance(exc, ProviderRateLimited) and exc.from_strava:
-                delay = await self._budget.pause(exc.retry_after)
+                delay = await self._budget.pause(exc.retry_after, kind="token")
             else:
                 delay = backoff_seconds(row.failure_count + 1)
             async with self._engine.begin() as conn:
@@ -558,13 +628,20 @@ class TokenService:
     async def _get(self, user_id: str) -> TokenRow | None:
         return await self._rows.get(user_id)
 
-    async def _deauthorize_best_effort(self, row: TokenRow) -> None:
+    async def _deauthorize_best_effort(self, row: TokenRow) -> DeauthorizeOutcome:
+        """The call itself; a 429 is handed back for the caller to pause on once the guard is released."""
         try:
             await self._strava.deauthorize(self._decrypt(row, "access"))
-        except (ProviderTransientError, ProviderRejectedError, ProviderConfigError, TokenUnreadable) as exc:
+        except TokenUnreadable as exc:
             log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
-        else:
-            log.info("token.deauthorize.succeeded", user_id=row.user_id)
+            return "not_called"
+        except (ProviderTransientError, ProviderRejectedError, ProviderConfigError) as exc:
+            log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
+            if isinstance(exc, ProviderTransientError) and exc.rate_limited:
+                return exc
+            return "called"
+        log.info("token.deauthorize.succeeded", user_id=row.user_id)
+        return "called"
 
     def _decrypt(self, row: TokenRow, field: Field) -> str:
         ciphertext = row.access_token_enc if field == "access" else row.refresh_token_enc
