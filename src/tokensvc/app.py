@@ -208,7 +208,11 @@ async def open_resources(
             audit=Audit(engine),
             stats=stats,
             dashboard=DashboardService(
-                engine=engine, budget=budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
+                engine=engine,
+                budget=budget,
+                clock=clock,
+                buffer_seconds=settings.refresh_buffer_seconds,
+                active_days=settings.sweep_active_days,
             ),
             rows=rows,
             clock=clock,

@@ -104,9 +104,8 @@ class StatsService:
         )
         metrics.RATE_BUDGET_REMAINING.labels(window="read_15min").set(max(0, read_15))
         metrics.RATE_BUDGET_REMAINING.labels(window="read_daily").set(max(0, read_day))
-        metrics.RATE_LIMIT_PAUSED_UNTIL.labels(kind="overall").set(budget.paused_until)
-        metrics.RATE_LIMIT_PAUSED_UNTIL.labels(kind="read").set(budget.read_paused_until)
-        metrics.RATE_LIMIT_PAUSED_UNTIL.labels(kind="token").set(budget.token_paused_until)
+        pauses = (budget.paused_until, budget.read_paused_until, budget.token_paused_until)
+        metrics.RATE_LIMIT_PAUSED_UNTIL.set(max(pauses))
 
     async def _activity(self, conn: AsyncConnection, users: Mapping[Status, int], *, now: int) -> tuple[int, int]:
         """(active, idle) among the users who can be refreshed; everyone is active when active_days is 0."""
