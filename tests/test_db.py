@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from tests.conftest import make_settings
 from tokensvc.db import downgrade, make_engine, migrate
-from tokensvc.models import refresh_counts, token_events
+from tokensvc.models import refresh_counts, token_events, token_usage, user_tokens
 
 
 async def table_names(url: str) -> set[str]:
@@ -128,3 +128,27 @@ class TestRollupBackfill:
             assert hour - 3600 <= row_hour <= hour
             totals[outcome] = totals.get(outcome, 0) + count
         assert totals == expected
+
+
+class TestUsageBackfill:
+    async def test_upgrading_to_0009_marks_every_existing_user_used_now(self, database_url: str) -> None:
+        """Issue 10: after the upgrade every user is active for TOKENSVC_SWEEP_ACTIVE_DAYS, so nobody stops being
+        swept because the service did not note uses before."""
+        engine = make_engine(database_url)
+        now = datetime.now(UTC)
+        try:
+            await downgrade(engine, "0008")
+            async with engine.begin() as conn:
+                for user_id in ("a", "b"):
+                    await conn.execute(
+                        sa.insert(user_tokens).values(
+                            user_id=user_id, expires_at=1, created_at=now, updated_at=now, sweep_at=1
+                        )
+                    )
+            await migrate(engine)
+            async with engine.connect() as conn:
+                rows = (await conn.execute(sa.select(token_usage.c.user_id, token_usage.c.last_used_at))).all()
+        finally:
+            await engine.dispose()
+        assert sorted(user_id for user_id, _ in rows) == ["a", "b"]
+        assert all(abs(at - now.timestamp()) < 120 for _, at in rows)
