@@ -58,15 +58,17 @@ async def pull_in(conn: AsyncConnection, user_ids: Sequence[str], *, buffer_seco
 async def idle_among(
     conn: AsyncConnection, user_ids: Sequence[str], *, active_since: int
 ) -> list[tuple[str, datetime]]:
-    """Of these users, those nobody asked about since `active_since` (or ever), with their last refresh (or their
-    creation, if never refreshed)."""
+    """Of these users, those nobody asked about since `active_since`, with their last refresh (or their creation,
+    if never refreshed). A user without a `token_usage` row counts as used: the migration backfilled every user,
+    and every import or connect notes a use, so such a user is one whose first use another replica has not
+    flushed yet."""
     if not user_ids:
         return []
     last_refresh = sa.func.coalesce(t.c.last_refreshed_at, t.c.created_at, type_=t.c.created_at.type)
     stmt = (
         sa.select(t.c.user_id, last_refresh)
-        .select_from(t.outerjoin(u, u.c.user_id == t.c.user_id))
-        .where(t.c.user_id.in_(user_ids), sa.or_(u.c.last_used_at.is_(None), u.c.last_used_at < active_since))
+        .select_from(t.join(u, u.c.user_id == t.c.user_id))
+        .where(t.c.user_id.in_(user_ids), u.c.last_used_at < active_since)
     )
     return [(user_id, at) for user_id, at in (await conn.execute(stmt)).all()]
 
