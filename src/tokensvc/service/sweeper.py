@@ -73,8 +73,7 @@ class Sweeper:
     async def sweep_once(self, progress: Callable[[int], None] | None = None) -> SweepReport:
         """Refresh every user due now (claimed batch by batch), `concurrency` at a time."""
         report = SweepReport()
-        if self.active_days and self._tokens.usage is not None:
-            await self._tokens.usage.flush()  # this replica's latest uses count for whom this sweep takes
+        await self._flush_uses()
         queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue(maxsize=self.batch_size)
         halt = asyncio.Event()  # stop claiming: shutdown, or the rate budget is spent, or the database is gone
         unstarted: list[tuple[str, int]] = []
@@ -131,6 +130,11 @@ class Sweeper:
             halted=halt.is_set(),
         )
         return report
+
+    async def _flush_uses(self) -> None:
+        """This replica's latest uses count for whom this sweep takes."""
+        if self.active_days and self._tokens.usage is not None:
+            await self._tokens.usage.flush()
 
     async def _set_idle_aside(self, conn: AsyncConnection, user_ids: list[str], report: SweepReport) -> list[str]:
         """Of the claimed users, those used within `active_days` are swept; an idle one only when its keep-alive
