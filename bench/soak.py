@@ -82,7 +82,6 @@ SWEEP_INTERVAL_SECONDS = 5
 STRAVA_TIMEOUT_SECONDS = 3
 LOST_ANSWER_HANG_SECONDS = 5.0  # longer than the service's Strava timeout: the answer never arrives
 POOL_SIZE = 5  # the default: with the default sweep it leaves 1 connection (config.check_connection_budget)
-RATE_LIMIT = "1000000,10000000"  # the shared budget: far above what the soak spends; 429s are injected instead
 MIN_TTLS = (10, 30, 60, 120)
 SETTLE_DEADLINE_SECONDS = 150.0
 REQUEST_TIMEOUT_SECONDS = 30.0
@@ -128,7 +127,6 @@ def start_replica(config: ReplicaConfig, index: int, port: int) -> Process:
         "TOKENSVC_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "TOKENSVC_REFRESH_BUFFER_SECONDS": str(BUFFER_SECONDS),
         "TOKENSVC_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS),
-        "TOKENSVC_STRAVA_RATE_LIMIT": RATE_LIMIT,
         "TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN": VERIFY_TOKEN,
         "TOKENSVC_DB_POOL_SIZE": str(POOL_SIZE),
         "TOKENSVC_LOG_LEVEL": "INFO",  # the logs are scanned for tokens (I5): let them say as much as they do

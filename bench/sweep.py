@@ -90,7 +90,6 @@ BUFFER_SECONDS = 1800  # TOKENSVC_REFRESH_BUFFER_SECONDS default; the server is 
 DUE_EXPIRES_IN = 300  # due users: the access token expires in 5 minutes (inside the buffer)
 NOT_DUE_EXPIRES_IN = 6 * 3600  # the others: a fresh Strava token (6 h), next due in ~5 h
 NOT_DUE_ATHLETE_BASE = 50_000_000  # athlete ids of not-due users (they have no sandbox athlete: never refreshed)
-RATE_LIMIT = "1000000,10000000"  # the shared Strava budget, far above what the bench spends (see README)
 SWEEP_TIMEOUT_SECONDS = 1800.0
 RSS_SAMPLE_SECONDS = 0.1
 TIMELINE_SECONDS = 1.0
@@ -369,7 +368,14 @@ async def load_rows(database_url: str, rows: list[tuple[Any, ...]]) -> None:
     try:
         for start in range(0, len(rows), SEED_BATCH):
             await conn.copy_records_to_table("user_tokens", records=rows[start : start + SEED_BATCH], columns=COLUMNS)
+        # Every user is in use, as after the upgrade's backfill: at the default TOKENSVC_SWEEP_ACTIVE_DAYS the sweep
+        # refreshes only users something asked for lately.
+        await conn.execute(
+            "INSERT INTO token_usage (user_id, last_used_at) SELECT user_id, extract(epoch FROM now())::bigint"
+            " FROM user_tokens ON CONFLICT (user_id) DO NOTHING"
+        )
         await conn.execute("ANALYZE user_tokens")
+        await conn.execute("ANALYZE token_usage")
     finally:
         await conn.close()
 
@@ -448,8 +454,8 @@ def start_server(args: argparse.Namespace, database_url: str, sandbox_url: str, 
         "TOKENSVC_SESSION_SECRET": secrets.token_urlsafe(32),  # required to start; no browser here
         "TOKENSVC_SWEEP_INTERVAL_SECONDS": "0",  # no periodic sweep: only the one the bench asks for
         "TOKENSVC_SWEEP_CONCURRENCY": str(args.concurrency),
+        "TOKENSVC_STRAVA_TOKEN_CONCURRENCY": str(args.token_concurrency),
         "TOKENSVC_SWEEP_BATCH_SIZE": str(args.batch_size),
-        "TOKENSVC_STRAVA_RATE_LIMIT": RATE_LIMIT,
         "TOKENSVC_DB_POOL_SIZE": str(args.pool_size),
         "TOKENSVC_LOG_LEVEL": "WARNING",
     }
@@ -797,7 +803,8 @@ def mib(kib: int) -> float:
 def print_run(run: SweepRun, args: argparse.Namespace) -> dict[str, float]:
     due = args.due
     rate = due / run.seconds
-    ideal = args.concurrency / (args.latency_ms / 1000)
+    # Strava calls in flight are bounded by both the sweep's concurrency and the per-process token-call bound.
+    ideal = min(args.concurrency, args.token_concurrency) / (args.latency_ms / 1000)
     ratio = rate / ideal
     in_flight = rate * run.strava_call_mean_ms / 1000
     per_refresh_ms = args.concurrency / rate * 1000
@@ -870,6 +877,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=100_000, help="rows in user_tokens (default 100000)")
     parser.add_argument("--due", type=int, default=10_000, help="of them due for the sweeper (default 10000)")
     parser.add_argument("--concurrency", type=int, default=20, help="TOKENSVC_SWEEP_CONCURRENCY (default 20)")
+    parser.add_argument(
+        "--token-concurrency",
+        type=int,
+        default=6,
+        help="TOKENSVC_STRAVA_TOKEN_CONCURRENCY (default 6, the service's default): bounds the ideal too",
+    )
     parser.add_argument("--latency-ms", type=int, default=50, help="sandbox latency per refresh (default 50)")
     parser.add_argument("--batch-size", type=int, default=200, help="TOKENSVC_SWEEP_BATCH_SIZE (default 200)")
     parser.add_argument(

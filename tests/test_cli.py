@@ -36,7 +36,8 @@ from tokensvc.schemas import TokenStatus
 CLI_TIMEOUT = 60.0
 STARTUP_DEADLINE = 30.0
 SHUTDOWN_TIMEOUT = 20.0
-FAR_FUTURE = 4_000_000_000  # year 2096: a token that stays `valid` whatever the wall clock says
+# A token that stays `valid` for the test's run, yet plausible epoch seconds (an import more than a year ahead is 422).
+FAR_FUTURE = int(time.time()) + 200 * 86_400
 UNREACHABLE_PG = "postgresql://postgres@127.0.0.1:1/nowhere"  # any connection attempt would fail at once
 
 runner = CliRunner()
@@ -355,6 +356,42 @@ class TestImportOnSqlite:
             assert "imported 2, failed 0" in result.stdout
             assert stderr_failures(result.stderr) == {}
         assert sqlite_rows(tmp_path / "tokensvc.db", "SELECT count(*) FROM user_tokens") == [(2,)]
+
+    def test_a_pair_older_than_the_stored_one_is_skipped_and_named_unless_replace(
+        self, sqlite_url: str, tmp_path: Path
+    ) -> None:
+        """v1.1: imports never go backwards. An older pair (earlier expiry, another refresh token) is skipped,
+        named on stderr, exit 1; the stored pair stays. With --replace it is stored and the exit is 0."""
+        env = cli_env(database_url=sqlite_url)
+        current = write_lines(tmp_path / "now.jsonl", [token_line("alice", refresh_token="alice-rt-2")])
+        assert tokensvc(["import", str(current)], env=env, cwd=tmp_path).returncode == 0
+        old_lines = [token_line("alice", expires_at=FAR_FUTURE - 3600), token_line("bob.smith-2_x")]
+        old = write_lines(tmp_path / "old.jsonl", old_lines)
+
+        skipped = tokensvc(["import", str(old)], env=env, cwd=tmp_path)
+
+        assert skipped.returncode == 1, skipped.stderr
+        assert "imported 1, failed 0, skipped as stale 1" in skipped.stdout
+        failures = stderr_failures(skipped.stderr)
+        assert set(failures) == {1}
+        assert "alice" in failures[1]
+        assert "stale" in failures[1]
+        assert "--replace" in skipped.stderr
+        db = tmp_path / "tokensvc.db"
+        expiry = "SELECT expires_at FROM user_tokens WHERE user_id = 'alice'"
+        assert sqlite_rows(db, expiry) == [(FAR_FUTURE,)]
+
+        replaced = tokensvc(["import", "--replace", str(old)], env=env, cwd=tmp_path)
+
+        assert replaced.returncode == 0, replaced.stderr
+        assert "imported 2, failed 0" in replaced.stdout
+        assert sqlite_rows(db, expiry) == [(FAR_FUTURE - 3600,)]
+
+    def test_an_expiry_in_milliseconds_is_a_bad_line_that_says_so(self, sqlite_url: str, tmp_path: Path) -> None:
+        source = write_lines(tmp_path / "tokens.jsonl", [token_line("alice", expires_at=FAR_FUTURE * 1000)])
+        result = tokensvc(["import", str(source)], env=cli_env(database_url=sqlite_url), cwd=tmp_path)
+        assert result.returncode == 1
+        assert "milliseconds" in stderr_failures(result.stderr)[1]
 
     def test_stdout_carries_only_the_counts(self, sqlite_url: str, tmp_path: Path) -> None:
         """Log lines (the key-file notice included) go to stderr, so stdout is just `imported X, failed Y`."""

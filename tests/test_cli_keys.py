@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 from tests.e2e.processes import clean_env, run_cli
@@ -21,7 +22,7 @@ def env_for(tmp_path: Path, keys: str) -> dict[str, str]:
 
 async def import_users(tmp_path: Path, key: str) -> None:
     lines = [
-        json.dumps({"user_id": u, "access_token": a, "refresh_token": r, "expires_at": 4_000_000_000})
+        json.dumps({"user_id": u, "access_token": a, "refresh_token": r, "expires_at": int(time.time()) + 200 * 86_400})
         for u, (a, r) in TOKENS.items()
     ]
     source = tmp_path / "tokens.jsonl"

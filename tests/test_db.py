@@ -12,7 +12,7 @@ from alembic.util import CommandError
 
 from tests.conftest import make_settings
 from tokensvc.db import _upgrade, alembic_config, alembic_dir, downgrade, make_engine, migrate
-from tokensvc.models import refresh_counts, token_events
+from tokensvc.models import refresh_counts, token_events, token_usage, user_tokens
 
 
 async def table_names(url: str) -> set[str]:
@@ -142,14 +142,16 @@ class TestUpgradingToRefreshClaims:
         scripts end at 0008) fails at once instead of running beside new replicas with another refresh guard."""
         old_scripts = tmp_path / "alembic"
         shutil.copytree(alembic_dir(), old_scripts)
-        (old_scripts / "versions" / "0010_refresh_claims.py").unlink()
+        for script in (old_scripts / "versions").glob("*.py"):
+            if script.name[:4].isdigit() and script.name[:4] > "0008":
+                script.unlink()
         engine = make_engine(database_url)
         try:
             await migrate(engine)
             assert "refresh_claims" in await table_names(database_url)
             cfg = alembic_config(database_url)
             cfg.set_main_option("script_location", str(old_scripts))
-            with pytest.raises(CommandError, match="0010"):
+            with pytest.raises(CommandError, match="Can't locate revision"):
                 async with engine.begin() as conn:
                     await conn.run_sync(_upgrade, cfg, "head")
             await downgrade(engine, "0008")
@@ -157,3 +159,27 @@ class TestUpgradingToRefreshClaims:
             await migrate(engine)
         finally:
             await engine.dispose()
+
+
+class TestUsageBackfill:
+    async def test_upgrading_to_0009_marks_every_existing_user_used_now(self, database_url: str) -> None:
+        """Issue 10: after the upgrade every user is active for TOKENSVC_SWEEP_ACTIVE_DAYS, so nobody stops being
+        swept because the service did not note uses before."""
+        engine = make_engine(database_url)
+        now = datetime.now(UTC)
+        try:
+            await downgrade(engine, "0008")
+            async with engine.begin() as conn:
+                for user_id in ("a", "b"):
+                    await conn.execute(
+                        sa.insert(user_tokens).values(
+                            user_id=user_id, expires_at=1, created_at=now, updated_at=now, sweep_at=1
+                        )
+                    )
+            await migrate(engine)
+            async with engine.connect() as conn:
+                rows = (await conn.execute(sa.select(token_usage.c.user_id, token_usage.c.last_used_at))).all()
+        finally:
+            await engine.dispose()
+        assert sorted(user_id for user_id, _ in rows) == ["a", "b"]
+        assert all(abs(at - now.timestamp()) < 120 for _, at in rows)

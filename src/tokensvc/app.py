@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import secrets
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ from tokensvc.service.sessions import Sessions
 from tokensvc.service.stats import StatsService
 from tokensvc.service.sweeper import Sweeper
 from tokensvc.service.tokens import TokenService
+from tokensvc.service.usage import UsageRecorder
 from tokensvc.service.webhooks import StravaWebhooks
 from tokensvc.shutdown import Shutdown
 from tokensvc.store.reader import RowReader, open_reader
@@ -73,6 +75,7 @@ class Resources:
     clock_sync: PeriodicJob | None  # re-measures the offset of a DatabaseClock
     # /readyz's own one-connection pool: readiness answers at once however busy the main pool is
     probe: AsyncEngine
+    usage: UsageRecorder | None = None  # who asks for tokens, flushed in batches
 
     def start_background(self, *, sweeper: bool = True) -> None:
         """Start every replica's background loops; `open_resources` stops them on the way out."""
@@ -82,6 +85,8 @@ class Resources:
         if self.notifier is not None:
             self.notifier.start()
         self.housekeeping.start()
+        if self.usage is not None:
+            self.usage.start()
         self.stats.gauges.start()
         if self.clock_sync is not None:
             self.clock_sync.start()
@@ -114,7 +119,15 @@ async def open_resources(
     clock = clock if clock is not None else DatabaseClock()
     clock_sync = await _start_clock(clock, engine)
     limit_15min, limit_daily = settings.rate_limits
-    budget = RateBudget(engine, limit_15min=limit_15min, limit_daily=limit_daily, clock=clock)
+    read_15min, read_daily = settings.read_rate_limits
+    budget = RateBudget(
+        engine,
+        limit_15min=limit_15min,
+        limit_daily=limit_daily,
+        read_limit_15min=read_15min,
+        read_limit_daily=read_daily,
+        clock=clock,
+    )
     strava = StravaClient(
         base_url=settings.strava_base_url,
         client_id=settings.strava_client_id or "",
@@ -124,6 +137,7 @@ async def open_resources(
         transport=strava_transport,
         clock=clock,
         on_usage=budget.note_usage,
+        token_concurrency=settings.strava_token_concurrency,
     )
     # `prepare` guarantees a secret for `serve`; commands that serve no browser may sign with a throwaway one.
     secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
@@ -181,7 +195,11 @@ async def open_resources(
         batch_size=settings.sweep_batch_size,
         lease_seconds=settings.sweep_lease_seconds,
         interval_seconds=settings.sweep_interval_seconds,
+        active_days=settings.sweep_active_days,
+        keepalive_days=settings.sweep_idle_keepalive_days,
     )
+    usage = UsageRecorder(engine, clock=clock, buffer_seconds=settings.refresh_buffer_seconds)
+    service.usage = usage
     verify_token = settings.strava_webhook_verify_token
     strava_webhooks = StravaWebhooks(
         engine=engine,
@@ -202,6 +220,7 @@ async def open_resources(
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
         gauge_interval_seconds=settings.gauge_interval_seconds,
+        active_days=settings.sweep_active_days,
     )
     try:
         yield Resources(
@@ -219,12 +238,17 @@ async def open_resources(
             audit=Audit(engine),
             stats=stats,
             dashboard=DashboardService(
-                engine=engine, budget=budget, clock=clock, buffer_seconds=settings.refresh_buffer_seconds
+                engine=engine,
+                budget=budget,
+                clock=clock,
+                buffer_seconds=settings.refresh_buffer_seconds,
+                active_days=settings.sweep_active_days,
             ),
             rows=rows,
             clock=clock,
             clock_sync=clock_sync,
             probe=probe,
+            usage=usage,
         )
     finally:
         # Refreshes in flight finish (or give their claim back) while every loop stops, all at once; then the
@@ -237,6 +261,9 @@ async def open_resources(
             await asyncio.wait_for(drain, timeout=max(1.0, left - CLOSE_RESERVE_SECONDS / 2))
         except TimeoutError:
             log.warning("service.shutdown_deadline_passed", deadline_seconds=shutdown.timeout_seconds)
+        # What is left of the noted uses, written once the refreshes have drained, within what is left of the deadline.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(usage.stop(), timeout=max(0.5, shutdown.remaining()))
         await rows.aclose()
         await strava.aclose()
         await engine.dispose()

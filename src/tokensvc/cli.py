@@ -244,23 +244,35 @@ def gen_key(
 @app.command("import")
 def import_tokens(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A file of JSON lines")],
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Store pairs older than the stored ones too (else they are skipped)")
+    ] = False,
 ) -> None:
     """Import tokens from JSON lines: user_id, access_token, refresh_token, expires_at, athlete_id?, scopes?.
 
-    Good lines are imported, each bad line is reported by number; exits 1 when any line was bad.
+    Good lines are imported, each bad line is reported by number; a pair older than the stored one (Strava has
+    rotated since) is skipped and named unless --replace. Exits 1 when any line was bad or skipped.
     """
     settings = _storage_settings()
-    imported, failures = asyncio.run(_import_lines(settings, file.read_text(encoding="utf-8").splitlines()))
+    lines = file.read_text(encoding="utf-8").splitlines()
+    imported, failures = asyncio.run(_import_lines(settings, lines, replace=replace))
     for failure in failures:
         typer.echo(failure, err=True)
-    typer.echo(f"imported {imported}, failed {len(failures)}")
+    stale = sum(1 for failure in failures if STALE_MARK in failure)
+    summary = f"imported {imported}, failed {len(failures) - stale}"
+    typer.echo(f"{summary}, skipped as stale {stale}" if stale else summary)
+    if stale:
+        typer.echo("stale pairs were skipped; run again with --replace to store them anyway", err=True)
     if failures:
         raise typer.Exit(code=1)
 
 
-async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list[str]]:
+STALE_MARK = "skipped, stale:"
+
+
+async def _import_lines(settings: Settings, lines: list[str], *, replace: bool = False) -> tuple[int, list[str]]:
     from tokensvc.app import open_resources
-    from tokensvc.errors import AthleteInUse
+    from tokensvc.errors import AthleteInUse, StaleImport, ValidationFailed
     from tokensvc.schemas import USER_ID_RE, TokenImport
 
     imported, failures = 0, []
@@ -290,9 +302,15 @@ async def _import_lines(settings: Settings, lines: list[str]) -> tuple[int, list
                 failures.append(f"line {number}: {reasons}")
                 continue
             try:
-                await res.service.import_tokens(user_id, body)
+                await res.service.import_tokens(user_id, body, replace=replace)
             except AthleteInUse:
                 failures.append(f"line {number}: athlete {body.athlete_id} is connected to another user")
+                continue
+            except StaleImport:
+                failures.append(f"line {number}: user {user_id} {STALE_MARK} older than the stored pair")
+                continue
+            except ValidationFailed as exc:
+                failures.append(f"line {number}: {exc.detail}")
                 continue
             imported += 1
     return imported, failures

@@ -71,7 +71,15 @@ class Settings(BaseSettings):
     sweep_batch_size: int = Field(default=100, ge=1, le=5000)
     # Must outlive a refresh (Strava timeout + lock wait): a claim this old is taken to be abandoned.
     sweep_lease_seconds: int = Field(default=300, ge=60)
+    # v1.1: the sweeper refreshes only users whose token something asked for within this many days (0: everyone);
+    # an idle user refreshes on demand, plus one keep-alive refresh every TOKENSVC_SWEEP_IDLE_KEEPALIVE_DAYS.
+    sweep_active_days: int = Field(default=30, ge=0, le=3650)
+    sweep_idle_keepalive_days: int = Field(default=14, ge=1, le=3650)
     strava_rate_limit: str = Field(default="200,2000", pattern=r"^\s*\d+\s*,\s*\d+\s*$")
+    # Strava's read ("non-upload") limit, charged as well for every rate-counted GET (the athlete check).
+    strava_read_rate_limit: str = Field(default="100,1000", pattern=r"^\s*\d+\s*,\s*\d+\s*$")
+    # /oauth/token calls (refresh, exchange) are not rate-counted by Strava: this bounds them per process instead.
+    strava_token_concurrency: int = Field(default=6, ge=1, le=200)
     session_secret: SecretStr | None = None
     session_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=300, le=90 * 24 * 3600)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -266,6 +274,12 @@ class Settings(BaseSettings):
     def rate_limits(self) -> tuple[int, int]:
         """(15-minute, daily) Strava call budget."""
         fifteen, daily = (int(part) for part in self.strava_rate_limit.split(","))
+        return fifteen, daily
+
+    @property
+    def read_rate_limits(self) -> tuple[int, int]:
+        """(15-minute, daily) Strava read-call budget."""
+        fifteen, daily = (int(part) for part in self.strava_read_rate_limit.split(","))
         return fifteen, daily
 
     @property

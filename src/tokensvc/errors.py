@@ -78,6 +78,12 @@ class ReauthRequired(NeedsReconnect):
     code, title = "reauth_required", "Strava re-authorization required"
 
 
+class StaleImport(TokenServiceError):
+    """v1.1: the imported pair is older than the stored one (Strava has rotated since); `?replace=true` forces it."""
+
+    code, status, title = "stale_import", 409, "Import older than the stored tokens"
+
+
 class RetryLater(TokenServiceError):
     """A 503: nothing changed, and the answer says when to try again (Retry-After)."""
 

@@ -36,12 +36,28 @@ LOCK_WAIT_SECONDS = Histogram(
 USERS = Gauge("tokensvc_users", "Stored users by token status (DB-wide, refreshed periodically)", ["status"])
 RATE_BUDGET_REMAINING = Gauge(
     "tokensvc_rate_budget_remaining",
-    "Strava calls left in the current rate-limit window (15min or daily), shared by every replica",
+    "Rate-counted Strava calls left in the current window (15min, daily, read_15min, read_daily), shared by every "
+    "replica; /oauth/token calls are not counted",
     ["window"],
 )
 RATE_LIMIT_PAUSED_UNTIL = Gauge(
     "tokensvc_rate_limit_paused_until",
-    "Epoch seconds until which Strava calls are paused after a 429; 0 when not paused",
+    "Epoch seconds until which Strava calls of some kind (rate-counted, read or /oauth/token) are paused after a "
+    "429; 0 when none is",
+)
+USERS_BY_ACTIVITY = Gauge(
+    "tokensvc_users_by_activity",
+    "Users who can be refreshed, by activity: active (asked for within TOKENSVC_SWEEP_ACTIVE_DAYS; swept) or idle "
+    "(refreshed on demand plus a keep-alive) (DB-wide)",
+    ["activity"],
+)
+ACTIVE_USERS_EXPIRED = Gauge(
+    "tokensvc_active_users_expired",
+    "Active users whose access token has expired: the sweeper should keep this at 0 (idle users expire by design)",
+)
+TOKEN_CALLS_IN_FLIGHT = Gauge(
+    "tokensvc_strava_token_calls_in_flight",
+    "This process's /oauth/token calls at Strava now (bounded by TOKENSVC_STRAVA_TOKEN_CONCURRENCY)",
 )
 NOTIFICATIONS_PENDING = Gauge("tokensvc_notifications_pending", "Outbox notifications not yet delivered (DB-wide)")
 WEBHOOK_EVENTS_TOTAL = Counter(

@@ -102,9 +102,27 @@ class StravaRateBudget(SQLModel, table=True):
     day_start: int = Field(default=0, sa_type=sa.BigInteger)
     day_used: int = Field(default=0)
     paused_until: int = Field(default=0, sa_type=sa.BigInteger)
+    # v1.1: the read window (same starts as above), and pauses for the read and the /oauth/token kinds of call.
+    read_window_used: int = Field(default=0)
+    read_day_used: int = Field(default=0)
+    read_paused_until: int = Field(default=0, sa_type=sa.BigInteger)
+    token_paused_until: int = Field(default=0, sa_type=sa.BigInteger)
 
 
 strava_rate_budget: sa.Table = StravaRateBudget.__table__  # type: ignore[attr-defined]
+
+
+class TokenUsage(SQLModel, table=True):
+    """When something last asked for a user's token (epoch seconds). Its own table, written in coalesced batches,
+    so that noting a use never bumps `user_tokens.version` or fires the token cache's NOTIFY."""
+
+    __tablename__ = "token_usage"
+
+    user_id: str = Field(primary_key=True, max_length=64)
+    last_used_at: int = Field(sa_type=sa.BigInteger, index=True)
+
+
+token_usage: sa.Table = TokenUsage.__table__  # type: ignore[attr-defined]
 
 
 class OAuthStateUse(SQLModel, table=True):

@@ -487,6 +487,15 @@ class UserCounts(BaseModel):
     expiring_soon: int
     expired: int
     needs_reauth: int
+    active: int | None = Field(
+        default=None,
+        description="v1.1: users who can be refreshed and whose token something asked for within "
+        "TOKENSVC_SWEEP_ACTIVE_DAYS (all of them when it is 0): the ones the sweeper keeps fresh",
+    )
+    idle: int | None = Field(
+        default=None,
+        description="v1.1: the other users who can be refreshed: refreshed on demand, plus a keep-alive refresh",
+    )
 
 
 class RefreshCounts(BaseModel):
@@ -504,7 +513,15 @@ class Stats(BaseModel):
 
     model_config = _examples(
         {
-            "users": {"total": 1250, "valid": 1190, "expiring_soon": 41, "expired": 7, "needs_reauth": 12},
+            "users": {
+                "total": 1250,
+                "valid": 1190,
+                "expiring_soon": 41,
+                "expired": 7,
+                "needs_reauth": 12,
+                "active": 1100,
+                "idle": 138,
+            },
             "refresh": {"last_24h": {"success": 4980, "failure": 3, "reauth_required": 2}},
         }
     )

@@ -87,7 +87,7 @@ class TestMetrics:
         """Users by status and pending notifications follow the database; the rate budget and its pause follow
         the shared budget row (each as of the gauges job's latest pass)."""
         stats: StatsService = client.app.state.stats  # type: ignore[attr-defined]
-        await put_user(client, sandbox, clock, expires_in=6 * 3600)
+        valid = await put_user(client, sandbox, clock, expires_in=6 * 3600)
         soon = await put_user(client, sandbox, clock, expires_in=600)
         await stats.update_gauges()  # what the job does every TOKENSVC_GAUGE_INTERVAL_SECONDS
         samples = await scrape(client)
@@ -104,9 +104,16 @@ class TestMetrics:
         assert (await client.post(f"/v1/users/{soon.user_id}/refresh")).status_code == 503
         await stats.update_gauges()
         samples = await scrape(client)
-        assert value(samples, "tokensvc_rate_budget_remaining", window="15min") == full_15min - 1
-        assert value(samples, "tokensvc_rate_budget_remaining", window="daily") == full_daily - 1
+        # a token call takes no unit (Strava does not count it); its 429 pauses token calls
+        assert value(samples, "tokensvc_rate_budget_remaining", window="15min") == full_15min
         assert value(samples, "tokensvc_rate_limit_paused_until") == clock() + 120
+        assert (await client.delete(f"/v1/users/{valid.user_id}/tokens")).status_code in (200, 204)
+        await stats.update_gauges()
+        samples = await scrape(client)
+        assert value(samples, "tokensvc_rate_budget_remaining", window="15min") == full_15min - 1  # deauthorize
+        assert value(samples, "tokensvc_rate_budget_remaining", window="daily") == full_daily - 1
+        full_read = value(samples, "tokensvc_rate_budget_remaining", window="read_15min")
+        assert full_read == 100
         assert value(samples, "tokensvc_notifications_pending") == 0
 
     async def test_a_scrape_never_queries_the_database(

@@ -39,7 +39,7 @@ class TestStrictBodies:
 
     async def test_scopes_may_still_be_comma_separated_as_strava_writes_them(self, client: httpx.AsyncClient) -> None:
         """Strictness is about types: the documented string form of `scopes` keeps working."""
-        body = {"access_token": "a", "refresh_token": "b", "expires_at": 1_900_000_000, "scopes": "read,activity:read"}
+        body = {"access_token": "a", "refresh_token": "b", "expires_at": 1_800_010_000, "scopes": "read,activity:read"}
         response = await client.put("/v1/users/u1/tokens", json=body)
         assert response.status_code == 200, response.text
         assert response.json()["scopes"] == ["read", "activity:read"]

@@ -399,3 +399,51 @@ class TestOneAthleteOneUser:
         token = (await client.get("/v1/users/second/access-token")).json()["access_token"]
         assert token == seeded.access_token
         assert sandbox.calls["deauthorize"] == 0  # the grant is the athlete's, now the second user's: not revoked
+
+
+class TestImportsNeverGoBackwards:
+    """v1.1: an import older than the stored pair is 409 stale_import unless replace=true; implausible expiry 422."""
+
+    async def test_an_old_pair_after_a_rotation_is_409_and_the_stored_pair_stays(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        user = await put_user(client, sandbox, clock, expires_in=-60)
+        old = {"access_token": user.access_token, "refresh_token": user.refresh_token, "expires_at": user.expires_at}
+        rotated = (await client.post(f"/v1/users/{user.user_id}/refresh")).json()
+        assert rotated["refreshed"] is True
+        response = await client.put(f"/v1/users/{user.user_id}/tokens", json=old)
+        problem = assert_problem(response, 409, "stale_import")
+        assert "replace=true" in problem["detail"]
+        assert user.refresh_token not in response.text
+        status = (await client.get(f"/v1/users/{user.user_id}/token-status")).json()
+        assert status["expires_at"] == rotated["token_status"]["expires_at"]
+        token = (await client.get(f"/v1/users/{user.user_id}/access-token")).json()
+        assert sandbox.calls["refresh"] == 1  # the rotated pair is still the one served
+        assert token["access_token"] != user.access_token
+        forced = await client.put(f"/v1/users/{user.user_id}/tokens", params={"replace": "true"}, json=old)
+        assert forced.status_code == 200, forced.text
+        assert forced.json()["expires_at"] == user.expires_at
+
+    async def test_the_same_pair_again_or_a_newer_one_is_not_stale(self, client: httpx.AsyncClient) -> None:
+        pair = {"access_token": "a" * 40, "refresh_token": "b" * 40, "expires_at": 1_800_010_000}
+        assert (await client.put("/v1/users/u1/tokens", json=pair)).status_code == 200
+        same_token_earlier = pair | {"expires_at": 1_800_000_000}  # the same refresh token: not a rotation
+        assert (await client.put("/v1/users/u1/tokens", json=same_token_earlier)).status_code == 200
+        newer = pair | {"refresh_token": "c" * 40, "expires_at": 1_800_020_000}
+        assert (await client.put("/v1/users/u1/tokens", json=newer)).status_code == 200
+        older = pair | {"refresh_token": "d" * 40, "expires_at": 1_800_010_000}
+        assert_problem(await client.put("/v1/users/u1/tokens", json=older), 409, "stale_import")
+
+    @pytest.mark.parametrize(
+        ("expires_at", "hint"),
+        [(1_800_010_000_000, "milliseconds"), (1_800_000_000 + 3 * 365 * 86_400, "a year ahead")],
+        ids=["milliseconds", "years-ahead"],
+    )
+    async def test_an_implausible_expiry_is_422_and_says_so(
+        self, client: httpx.AsyncClient, clock: FakeClock, expires_at: int, hint: str
+    ) -> None:
+        body = {"access_token": "a" * 40, "refresh_token": "b" * 40, "expires_at": expires_at}
+        problem = assert_problem(await client.put("/v1/users/u1/tokens", json=body), 422, "validation_error")
+        assert hint in problem["detail"]
+        assert problem["errors"][0]["loc"] == ["body", "expires_at"]
+        assert (await client.get("/v1/users/u1/token-status")).json()["status"] == "missing"

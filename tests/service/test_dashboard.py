@@ -114,18 +114,24 @@ class TestDashboardView:
     async def test_rate_budget_shows_usage_and_a_pause(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """Calls count against both windows; a 429 with Retry-After shows as paused until then."""
+        """Only calls Strava counts take units (a refresh takes none, a deauthorize one of each overall window); a
+        429 with Retry-After on a token call shows as that kind paused until then."""
         user = await seed_user(resources, sandbox, clock, expires_in=100)
+        other = await seed_user(resources, sandbox, clock, expires_in=20_000)
         before = await dashboard(resources, clock).view()
         assert (before.budget.used_15min, before.budget.paused_until) == (0, 0)
         sandbox.add_fault(FaultSpec(endpoint="refresh", kind="status", status=429, retry_after=600))
         with pytest.raises(ProviderRateLimited):
             await resources.service.refresh(user.user_id)
         view = await dashboard(resources, clock).view()
-        assert view.budget.used_15min >= 1
-        assert view.budget.used_daily >= view.budget.used_15min
-        assert view.budget.paused_until == int(clock.now) + 600
+        assert (view.budget.used_15min, view.budget.used_daily) == (0, 0)
+        assert view.budget.token_paused_until == int(clock.now) + 600
+        assert view.budget.paused_until == 0  # rate-counted calls are not paused by a token call's 429
+        await resources.service.delete(other.user_id)
+        view = await dashboard(resources, clock).view()
+        assert (view.budget.used_15min, view.budget.used_daily, view.budget.read_used_15min) == (1, 1, 0)
         assert (view.budget.limit_15min, view.budget.limit_daily) == (200, 2000)
+        assert (view.budget.read_limit_15min, view.budget.read_limit_daily) == (100, 1000)
 
     async def test_an_empty_service(self, resources: Resources, clock: FakeClock) -> None:
         """No users, no attempts: zeros everywhere, never an error."""

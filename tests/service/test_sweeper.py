@@ -160,28 +160,78 @@ async def replicas(
 class TestRateBudget:
     @pytest.fixture
     def settings(self, database_url: str) -> Settings:
-        return make_settings(database_url, strava_rate_limit="5,100")
+        return make_settings(database_url)  # the defaults: 200,2000 overall, 100,1000 read, 6 token calls
 
-    async def test_the_sweeper_leaves_room_for_on_demand_calls(
+    async def test_token_calls_take_no_unit_so_a_sweep_is_not_stopped_by_the_budget(
         self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """A 15-minute budget of 5: the sweeper stops at 4 (80%), an on-demand call still gets the 5th."""
+        """Strava does not count /oauth/token: more due users than the sweep's share of the 15-minute window (160
+        of 200) are all refreshed by one sweep, and the shared count stays at 0."""
         first = replicas[0]
-        users = await seed_many(first, sandbox, clock, 8, expires_in=-100)
+        await seed_many(first, sandbox, clock, 170, expires_in=-100)
         report = await first.sweeper.sweep_once()
-        assert report.refreshed == 4
-        assert report.failed >= 1  # the workers that found the sweep's share spent; the sweep then stopped
-        assert sandbox.calls["refresh"] == 4
-        swept = {int(k) for k in sandbox.refresh_by_athlete}
-        waiting = [u for u in users if u.athlete_id not in swept]
-        token = await replicas[1].service.access_token(waiting[0].user_id, min_ttl=300)
-        assert token.expires_in > 300
-        with pytest.raises(ProviderRateLimited) as caught:
-            await replicas[2].service.access_token(waiting[1].user_id, min_ttl=300)
+        assert (report.refreshed, report.failed) == (170, 0)
+        assert sandbox.calls["refresh"] == 170
+        state = await replicas[1].budget.state()
+        assert (state.used_15min, state.used_daily, state.read_used_15min) == (0, 0, 0)
+
+    async def test_a_deauthorize_takes_an_overall_unit_and_no_read_unit(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        await resources.service.delete(user.user_id)
+        assert sandbox.calls["deauthorize"] == 1
+        state = await resources.budget.state()
+        assert (state.used_15min, state.used_daily) == (1, 1)
+        assert (state.read_used_15min, state.read_used_daily) == (0, 0)
+
+    async def test_a_spent_overall_window_skips_the_deauthorize_but_still_deletes(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        for _ in range(200):
+            await resources.budget.acquire("on_demand")
+        with pytest.raises(ProviderRateLimited):
+            await resources.budget.acquire("on_demand")
+        await resources.service.delete(user.user_id)
+        assert sandbox.calls["deauthorize"] == 0
+        assert (await resources.service.status(user.user_id)).status is Status.MISSING
+
+    async def test_reads_are_charged_to_the_read_window_as_well(self, resources: Resources, clock: FakeClock) -> None:
+        """The read window (100 per 15 min; the background share 80) runs out before the overall one (200)."""
+        budget = resources.budget
+        for _ in range(80):
+            await budget.acquire("sweep", read=True)
+        with pytest.raises(ProviderRateLimited) as spent:
+            await budget.acquire("sweep", read=True)
+        assert "read" in str(spent.value)
+        await budget.acquire("sweep")  # an overall-only call still has room
+        await budget.acquire("on_demand", read=True)  # and an on-demand read the rest of the read window
+        state = await budget.state()
+        assert (state.used_15min, state.read_used_15min, state.read_used_daily) == (82, 81, 81)
+        clock.advance(spent.value.retry_after)
+        await budget.acquire("sweep", read=True)  # a new window
+        assert (await budget.state()).read_used_15min == 1
+
+    @pytest.mark.postgres
+    async def test_token_calls_are_bounded_per_process(
+        self, pg_url: str, sandbox: SandboxState, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
+    ) -> None:
+        """TOKENSVC_STRAVA_TOKEN_CONCURRENCY: with 2, no more than 2 refreshes are at Strava at once (Postgres: on
+        SQLite refreshes serialise on the write lock anyway)."""
+        settings = make_settings(pg_url, strava_token_concurrency=2)
+        async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:
+            users = await seed_many(res, sandbox, clock, 5, expires_in=-100)
+            sandbox.gate.hold("refresh")
+            tasks = [asyncio.create_task(res.service.refresh(u.user_id)) for u in users]
+            await asyncio.wait_for(sandbox.gate.wait_held(2), timeout=10)
+            with pytest.raises(TimeoutError):  # a third never arrives while the two are held
+                await asyncio.wait_for(sandbox.gate.wait_held(3), timeout=0.5)
+            assert res.strava.token_slots.locked()
+            sandbox.gate.release()
+            results = await asyncio.gather(*tasks)
+        assert all(r.refreshed for r in results)
         assert sandbox.calls["refresh"] == 5
-        clock.advance(caught.value.retry_after)
-        assert (await replicas[2].sweeper.sweep_once()).refreshed == 3  # a new window: the rest go through
-        assert sandbox.calls["refresh"] == 8
 
     async def test_a_429_pauses_every_replica_until_the_window_resets(
         self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock

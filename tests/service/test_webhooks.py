@@ -433,3 +433,40 @@ class TestEventDuringACheck:
         clock.advance(600)
         assert await resources.webhooks.process_once() == 1
         await assert_deauthorized(resources, user.user_id)
+
+
+class TestTheCheckIsARead:
+    async def test_the_check_takes_an_overall_and_a_read_unit_and_stravas_headers_correct_both(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """GET /api/v3/athlete is rate-counted and a read: one unit of each window. Strava's X-ReadRateLimit-* lift
+        our read count to its own (other clients of the app read too) and lower our read limit to its own."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        sandbox.rate.configure(read_limit_15min=50, read_limit_daily=500)
+        for _ in range(9):  # another client of the same app spends reads
+            sandbox.rate.hit(clock(), read=True)
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        assert sandbox.calls["athlete"] == 1
+        state = await resources.budget.state()
+        assert (state.read_used_15min, state.read_used_daily) == (10, 10)  # max(ours 1, Strava's 10)
+        assert (state.used_15min, state.used_daily) == (10, 10)  # Strava counts reads in the overall window too
+        assert (state.read_limit_15min, state.read_limit_daily) == (50, 500)  # min(configured 100, Strava's 50)
+        assert (state.limit_15min, state.limit_daily) == (200, 2000)
+
+    async def test_a_429_on_the_check_with_only_the_read_window_spent_pauses_reads_alone(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        sandbox.rate.configure(read_limit_15min=3)
+        for _ in range(3):
+            sandbox.rate.hit(clock(), read=True)
+        await resources.webhooks.receive(deauthorization(user.athlete_id))
+        await resources.webhooks.process_once()
+        (event,) = await events(resources)
+        assert event.state == "pending"  # retried after the pause
+        state = await resources.budget.state()
+        assert state.read_paused_until > clock()
+        assert (state.paused_until, state.token_paused_until) == (0, 0)
+        await resources.service.delete(user.user_id)  # a rate-counted call that is not a read still goes
+        assert sandbox.calls["deauthorize"] == 1

@@ -148,7 +148,7 @@ class TestAcrossReplicas:
         assert await from_memory(b, user.user_id)
         assert await served(b, user.user_id) == user.access_token
 
-        newer = seed_athlete(sandbox, clock, expires_in=5 * 3600)
+        newer = seed_athlete(sandbox, clock, expires_in=7 * 3600)  # later than the stored pair: not stale
         await a.service.import_tokens(user.user_id, import_body(newer))  # replica A writes
         await until(cache_of(b), lambda: user.user_id in cache_of(b).forgotten)
         assert await served(b, user.user_id) == newer.access_token
@@ -234,7 +234,7 @@ class TestOwnCommits:
         user = await seed_user(a, sandbox, clock, expires_in=6 * 3600)
         await served(a, user.user_id)
         await without_notifications(a)
-        newer = seed_athlete(sandbox, clock, expires_in=5 * 3600)
+        newer = seed_athlete(sandbox, clock, expires_in=7 * 3600)  # later than the stored pair: not stale
         await a.service.import_tokens(user.user_id, import_body(newer))
         assert await served(a, user.user_id) == newer.access_token
         assert await from_memory(a, user.user_id)

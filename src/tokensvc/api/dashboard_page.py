@@ -108,10 +108,12 @@ def chart(hours: list[HourBar]) -> Chart:
 def render_dashboard(view: DashboardView, *, refresh_seconds: int = 30) -> str:
     """The dashboard page. Every value from the database goes through autoescape."""
     budget = view.budget
+    pauses = {"rate-counted": budget.paused_until, "read": budget.read_paused_until, "token": budget.token_paused_until}
     return _env.get_template("dashboard.html").render(
         view=view,
         chart=chart(view.hours),
-        paused_until=_epoch(budget.paused_until),
+        paused_until=_epoch(max(pauses.values())),
+        paused_kinds=", ".join(f"{kind} calls" for kind, until in pauses.items() if until),
         refresh_seconds=refresh_seconds,
     )
 

@@ -200,6 +200,13 @@ _EXAMPLES: dict[int, dict[str, dict[str, Any]]] = {
             authorize_url=_AUTHORIZE_URL,
             reauth_reason="refresh_token_invalid",
         ),
+        "stale_import": _example(
+            409,
+            "stale_import",
+            "Import older than the stored tokens",
+            "The imported pair expires before the stored one and has another refresh token: Strava has rotated "
+            "since it was taken. Import a current pair, or pass replace=true to store it anyway.",
+        ),
         "tokens_missing": _example(
             409,
             "tokens_missing",

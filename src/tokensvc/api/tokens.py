@@ -27,10 +27,16 @@ async def put_tokens(
     user_id: UserId,
     body: TokenImport,
     service: TokenServiceDep,
-    replace: Annotated[bool, Query(description="Move the athlete from another user who holds it")] = False,
+    replace: Annotated[
+        bool,
+        Query(
+            description="Store the pair even if it is older than the stored one (else 409 stale_import), and move "
+            "the athlete from another user who holds it (else 409 athlete_in_use; that user becomes `missing`)"
+        ),
+    ] = False,
 ) -> TokenStatus:
-    """Import or replace a user's tokens (clears `needs_reauth`). An athlete another user holds is 409
-    `athlete_in_use` unless `replace=true` moves it (that user becomes `missing`)."""
+    """Import or replace a user's tokens (clears `needs_reauth`). A pair older than the stored one, or an athlete
+    another user holds, is refused unless `replace=true`."""
     return await service.import_tokens(user_id, body, replace=replace)
 
 

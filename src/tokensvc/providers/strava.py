@@ -10,6 +10,7 @@ A refresh whose answer was lost is never retried: Strava may already have rotate
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -102,24 +103,39 @@ class PushSubscription:
 
 @dataclass(frozen=True, slots=True)
 class RateLimitUsage:
-    """Strava's `X-RateLimit-*` headers: (15-minute, daily) limit and usage."""
+    """Strava's `X-RateLimit-*` headers: (15-minute, daily) limit and usage; the `read_*` ones from
+    `X-ReadRateLimit-*` when Strava sent them (None otherwise)."""
 
     limit_15min: int
     limit_daily: int
     usage_15min: int
     usage_daily: int
+    read_limit: tuple[int, int] | None = None
+    read_usage: tuple[int, int] | None = None
 
     @classmethod
     def from_headers(cls, headers: httpx.Headers) -> RateLimitUsage | None:
-        limit, usage = headers.get("x-ratelimit-limit"), headers.get("x-ratelimit-usage")
-        if not limit or not usage:
+        overall = _pairs(headers, "x-ratelimit-limit", "x-ratelimit-usage")
+        if overall is None:
             return None
-        try:
-            l15, lday = (int(part) for part in limit.split(","))
-            u15, uday = (int(part) for part in usage.split(","))
-        except ValueError:
-            return None
-        return cls(l15, lday, u15, uday)
+        read = _pairs(headers, "x-readratelimit-limit", "x-readratelimit-usage")
+        (l15, lday), (u15, uday) = overall
+        return cls(l15, lday, u15, uday, read_limit=read[0] if read else None, read_usage=read[1] if read else None)
+
+
+def _pairs(headers: httpx.Headers, limit_name: str, usage_name: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """A limit header and a usage header, each `"15min,daily"`; None when either is missing or malformed."""
+    limit, usage = headers.get(limit_name), headers.get(usage_name)
+    if not limit or not usage:
+        return None
+    try:
+        l15, lday = (int(part) for part in limit.split(","))
+        u15, uday = (int(part) for part in usage.split(","))
+    except ValueError:
+        return None
+    if min(l15, lday, u15, uday) < 0:
+        return None
+    return (l15, lday), (u15, uday)
 
 
 def seconds_to_next_window(now: float) -> int:
@@ -142,6 +158,7 @@ class StravaClient:
         clock: Callable[[], float] = time.time,
         connect_attempts: int = 3,
         on_usage: Callable[[RateLimitUsage], None] | None = None,
+        token_concurrency: int = 6,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._client_id = client_id
@@ -152,6 +169,9 @@ class StravaClient:
         self._token_timeout = httpx.Timeout(token_timeout, connect=min(token_timeout, 5.0)) if token_timeout else None
         self.last_rate_limit: RateLimitUsage | None = None
         self._on_usage = on_usage  # told Strava's own count whenever a response carries it
+        # Strava does not rate-count /oauth/token: this bound per process is what keeps a big sweep from flooding it.
+        self.token_slots = asyncio.Semaphore(token_concurrency)
+        self.token_concurrency = token_concurrency
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
@@ -306,6 +326,13 @@ class StravaClient:
     async def _post(
         self, path: str, form: Mapping[str, str], *, http_timeout: httpx.Timeout | None = None
     ) -> httpx.Response:
+        if path == "/oauth/token":
+            async with self.token_slots:
+                metrics.TOKEN_CALLS_IN_FLIGHT.inc()
+                try:
+                    return await self._send("POST", path, data=form, http_timeout=http_timeout)
+                finally:
+                    metrics.TOKEN_CALLS_IN_FLIGHT.dec()
         return await self._send("POST", path, data=form, http_timeout=http_timeout)
 
     async def _send(

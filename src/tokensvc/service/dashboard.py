@@ -16,6 +16,7 @@ from tokensvc.service.rate_budget import BudgetState, RateBudget
 from tokensvc.service.signing import SignedTokens
 from tokensvc.status import Status
 from tokensvc.store import stats
+from tokensvc.store import usage as usage_store
 from tokensvc.store.stats import Failure, OutcomeCounts
 
 ADMIN_COOKIE = "tokensvc_admin"
@@ -95,6 +96,8 @@ class DashboardView:
     failures: list[Failure]
     budget: BudgetState
     notifications_pending: int
+    active: int | None = None  # users the sweeper keeps fresh (v1.1); None when every user is swept
+    idle: int | None = None
 
 
 def bucket_outcome(outcome: str) -> str:
@@ -110,8 +113,11 @@ def bucket_outcome(outcome: str) -> str:
 class DashboardService:
     """Assembles the dashboard from a handful of aggregate reads on one connection (no transaction kept open)."""
 
-    def __init__(self, *, engine: AsyncEngine, budget: RateBudget, clock: Clock, buffer_seconds: int) -> None:
+    def __init__(
+        self, *, engine: AsyncEngine, budget: RateBudget, clock: Clock, buffer_seconds: int, active_days: int = 0
+    ) -> None:
         self._engine = engine
+        self._active_days = active_days
         self._budget = budget
         self._clock = clock
         self._buffer_seconds = buffer_seconds
@@ -128,6 +134,9 @@ class DashboardService:
             reconnect = await stats.needs_reauth_users(conn, limit=RECONNECT_LIMIT)
             failures = await stats.recent_failures(conn, limit=FAILURE_LIMIT)
             pending = await stats.notifications_pending(conn)
+            active = None
+            if self._active_days:
+                active = await usage_store.count_active(conn, active_since=int(now) - self._active_days * 86_400)
         budget = await self._budget.state()
         users = {status.value: by_status[status] for status in _COUNTED}
         hours = _hour_bars(first_hour, by_hour)
@@ -143,6 +152,8 @@ class DashboardService:
             failures=failures,
             budget=budget,
             notifications_pending=pending,
+            active=active,
+            idle=None if active is None else max(0, sum(users.values()) - users["needs_reauth"] - active),
         )
 
 

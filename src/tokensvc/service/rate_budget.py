@@ -1,8 +1,14 @@
-"""Strava's rate limits as a budget shared by every replica through the database.
+"""Strava's rate limits as a budget shared by every replica through the database, charged for what Strava counts.
 
-Each Strava call takes one unit from the current 15-minute and daily windows (they reset at :00/:15/:30/:45 and at
-midnight UTC). The sweeper may use only `sweep_share` of each window, so on-demand requests always find room. A 429
-pauses every replica until the window resets (or Retry-After); while paused no call is made at all.
+- `/oauth/token` (refresh, exchange) is not rate-counted by Strava and takes no unit; such calls are bounded per
+  process by `TOKENSVC_STRAVA_TOKEN_CONCURRENCY` instead (the provider's semaphore).
+- Every other call (deauthorize, the athlete check) takes a unit of the overall 15-minute and daily windows, and a
+  GET a unit of the read windows as well. They reset at :00/:15/:30/:45 and at midnight UTC. Background work (the
+  sweeper, webhook checks) may use only `sweep_share` of each window, so on-demand requests always find room.
+- Every Strava answer's `X-RateLimit-*` / `X-ReadRateLimit-*` correct the shared state: usage in a window is the
+  larger of ours and Strava's, a limit the smaller of the configured one and Strava's.
+- A 429 pauses that kind of call (token, overall or read) on every replica until the window resets (or
+  Retry-After); while paused no such call is made at all.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from tokensvc.db import Autocommit
 from tokensvc.errors import ProviderRateLimited
 from tokensvc.providers.strava import RateLimitUsage, seconds_to_next_window
 from tokensvc.store import rate_budget as store
+from tokensvc.store.rate_budget import Limits, PauseKind
 
 log = structlog.get_logger(__name__)
 
 Priority = Literal["on_demand", "sweep"]
 WINDOW = 900
 DAY = 86_400
+_PAUSED = "Strava asked us to slow down; {kind} calls are paused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,91 +41,150 @@ class BudgetState:
     used_15min: int
     used_daily: int
     paused_until: int
+    read_limit_15min: int = 0
+    read_limit_daily: int = 0
+    read_used_15min: int = 0
+    read_used_daily: int = 0
+    read_paused_until: int = 0
+    token_paused_until: int = 0
 
 
 class RateBudget:
     def __init__(
-        self, engine: AsyncEngine, *, limit_15min: int, limit_daily: int, clock: Clock, sweep_share: float = 0.8
+        self,
+        engine: AsyncEngine,
+        *,
+        limit_15min: int,
+        limit_daily: int,
+        clock: Clock,
+        read_limit_15min: int = 100,
+        read_limit_daily: int = 1000,
+        sweep_share: float = 0.8,
     ) -> None:
         # Single statements: autocommit, so the hot row is never held across anything else.
         self._engine = Autocommit(engine)
-        self.limit_15min = limit_15min
-        self.limit_daily = limit_daily
+        self.limit_15min, self.limit_daily = limit_15min, limit_daily
+        self.read_limit_15min, self.read_limit_daily = read_limit_15min, read_limit_daily
         self._clock = clock
         self._sweep_share = sweep_share
-        self._paused_until = 0  # a local hint, so a paused replica does not even ask the database
-        self._spent_until: dict[Priority, int] = {}  # likewise for a window found spent, until it resets
+        # Local hints, so a paused replica does not even ask the database.
+        self._paused_until: dict[PauseKind, int] = {}
+        self._spent_until: dict[tuple[Priority, bool], int] = {}  # likewise for a window found spent, until it resets
         # Strava's latest count, noted synchronously when a response carries it (possibly inside a transaction
         # that holds a lock) and written with the next budget statement.
         self._reported: RateLimitUsage | None = None
+        self._latest: RateLimitUsage | None = None  # the same, kept for telling which window a 429 hit
 
     def _windows(self) -> tuple[int, int, int]:
         now = int(self._clock())
         return now, now - now % WINDOW, now - now % DAY
 
-    async def acquire(self, priority: Priority) -> None:
-        """Take one call from the budget. Raises ProviderRateLimited (with Retry-After) when paused or spent."""
-        now, window_start, day_start = self._windows()
-        if now < self._paused_until:
-            raise self._limited(self._paused_until - now, "Strava asked us to slow down; calls are paused")
-        if now < self._spent_until.get(priority, 0):
-            raise self._limited(self._spent_until[priority] - now, f"the Strava budget for {priority} calls is spent")
+    def _limits(self, priority: Priority, read: bool) -> Limits:
         share = 1.0 if priority == "on_demand" else self._sweep_share
-        limit_15, limit_day = int(self.limit_15min * share), int(self.limit_daily * share)
+        reads = (int(self.read_limit_15min * share), int(self.read_limit_daily * share)) if read else None
+        return Limits(int(self.limit_15min * share), int(self.limit_daily * share), reads)
+
+    async def acquire(self, priority: Priority, *, read: bool = False) -> None:
+        """Take one rate-counted call (a read too, for a GET) from the budget. Raises ProviderRateLimited (with
+        Retry-After) when paused or spent."""
+        now, window_start, day_start = self._windows()
+        for kind in ("overall", "read") if read else ("overall",):
+            if now < self._paused_until.get(kind, 0):
+                raise self._limited(self._paused_until[kind] - now, _PAUSED.format(kind=kind))
+        if now < self._spent_until.get((priority, read), 0):
+            raise self._limited(
+                self._spent_until[priority, read] - now, f"the Strava budget for {priority} calls is spent"
+            )
+        limits = self._limits(priority, read)
         async with self._engine.connect() as conn:
             await self._write_reported(conn, window_start, day_start)
-            if await store.take(
-                conn,
-                now=now,
-                window_start=window_start,
-                day_start=day_start,
-                limit_15min=limit_15,
-                limit_daily=limit_day,
-            ):
+            if await store.take(conn, now=now, window_start=window_start, day_start=day_start, limits=limits):
                 return
             row = await store.read(conn)
-        if row.paused_until > now:
-            self._paused_until = row.paused_until
-            raise self._limited(row.paused_until - now, "Strava asked us to slow down; calls are paused")
-        if row.day_start == day_start and row.day_used >= limit_day:
-            self._spent_until[priority] = day_start + DAY
-            raise self._limited(day_start + DAY - now, f"the daily Strava budget for {priority} calls is spent")
-        self._spent_until[priority] = window_start + WINDOW
-        raise self._limited(seconds_to_next_window(now), f"the 15-minute Strava budget for {priority} calls is spent")
+        raise self._refusal(row, now=now, priority=priority, limits=limits)
 
-    async def refund(self) -> None:
+    def _refusal(self, row: store.BudgetRow, *, now: int, priority: Priority, limits: Limits) -> ProviderRateLimited:
+        """Why `take` said no, noted locally until it ends."""
+        window_start, day_start = now - now % WINDOW, now - now % DAY
+        read = limits.read is not None
+        pauses: tuple[tuple[PauseKind, int], ...] = (("overall", row.paused_until), ("read", row.read_paused_until))
+        for kind, until in pauses if read else pauses[:1]:
+            if until > now:
+                self._paused_until[kind] = until
+                return self._limited(until - now, _PAUSED.format(kind=kind))
+        same_day = row.day_start == day_start
+        day_spent = same_day and row.day_used >= limits.limit_daily
+        if limits.read is not None:
+            day_spent = day_spent or (same_day and row.read_day_used >= limits.read[1])
+        what = f"{priority} {'read ' if read else ''}calls"
+        if day_spent:
+            self._spent_until[priority, read] = day_start + DAY
+            return self._limited(day_start + DAY - now, f"the daily Strava budget for {what} is spent")
+        self._spent_until[priority, read] = window_start + WINDOW
+        return self._limited(seconds_to_next_window(now), f"the 15-minute Strava budget for {what} is spent")
+
+    async def refund(self, *, read: bool = False) -> None:
         """Give back a unit taken for a call that turned out not to be needed."""
         _now, window_start, day_start = self._windows()
         async with self._engine.connect() as conn:
-            await store.give_back(conn, window_start=window_start, day_start=day_start)
+            await store.give_back(conn, window_start=window_start, day_start=day_start, read=read)
 
-    async def pause(self, retry_after: int | None) -> int:
-        """After a 429: pause every replica until `retry_after` seconds from now, else the next window. Returns the
-        seconds paused."""
+    async def token_calls_allowed(self) -> None:
+        """Before a `/oauth/token` call: no unit is taken (Strava does not count them), but a 429 that paused token
+        calls on any replica holds this one back too. Raises ProviderRateLimited while paused."""
+        now = int(self._clock())
+        until = self._paused_until.get("token", 0)
+        if now >= until:
+            async with self._engine.connect() as conn:
+                until = await store.token_paused_until(conn)
+            self._paused_until["token"] = until
+        if now < until:
+            raise self._limited(until - now, _PAUSED.format(kind="token"))
+
+    async def pause(self, retry_after: int | None, *, kind: PauseKind = "overall") -> int:
+        """After a 429: pause `kind` of call on every replica until `retry_after` seconds from now, else the next
+        window. Returns the seconds paused."""
         now = int(self._clock())
         seconds = retry_after if retry_after else seconds_to_next_window(now)
-        self._paused_until = max(self._paused_until, now + seconds)
+        self._paused_until[kind] = max(self._paused_until.get(kind, 0), now + seconds)
         async with self._engine.connect() as conn:
-            await store.pause(conn, until=now + seconds)
-        log.warning("strava.rate_limited.paused", seconds=seconds)
+            await store.pause(conn, until=now + seconds, kind=kind)
+        log.warning("strava.rate_limited.paused", seconds=seconds, kind=kind)
         return seconds
+
+    def kind_of_429(self, *, read: bool) -> PauseKind:
+        """Which window a 429 for a rate-counted call hit: the read one when Strava's latest headers say only it is
+        spent, else the overall one."""
+        usage = self._latest
+        if read and usage is not None and usage.read_usage is not None and usage.read_limit is not None:
+            overall_spent = usage.usage_15min >= usage.limit_15min or usage.usage_daily >= usage.limit_daily
+            read_spent = any(u >= lim for u, lim in zip(usage.read_usage, usage.read_limit, strict=True))
+            if read_spent and not overall_spent:
+                return "read"
+        return "overall"
 
     def note_usage(self, usage: RateLimitUsage) -> None:
         """Strava's own count (headers) will raise ours: other clients of the same app spend the same budget. A
         lower limit than configured (Strava's say) wins at once."""
-        self._reported = usage
+        self._reported = self._latest = usage
         self.limit_15min = min(self.limit_15min, usage.limit_15min) or self.limit_15min
         self.limit_daily = min(self.limit_daily, usage.limit_daily) or self.limit_daily
+        if usage.read_limit is not None:
+            self.read_limit_15min = min(self.read_limit_15min, usage.read_limit[0]) or self.read_limit_15min
+            self.read_limit_daily = min(self.read_limit_daily, usage.read_limit[1]) or self.read_limit_daily
 
     async def _write_reported(self, conn: AsyncConnection, window_start: int, day_start: int) -> None:
         usage, self._reported = self._reported, None
         if usage is not None:
+            read = usage.read_usage or (None, None)
             await store.observe(
                 conn,
                 window_start=window_start,
                 day_start=day_start,
                 used_15min=usage.usage_15min,
                 used_daily=usage.usage_daily,
+                read_15min=read[0],
+                read_daily=read[1],
             )
 
     async def state(self) -> BudgetState:
@@ -125,12 +192,19 @@ class RateBudget:
         async with self._engine.connect() as conn:
             await self._write_reported(conn, window_start, day_start)
             row = await store.read(conn)
+        in_window, in_day = row.window_start == window_start, row.day_start == day_start
         return BudgetState(
             limit_15min=self.limit_15min,
             limit_daily=self.limit_daily,
-            used_15min=row.window_used if row.window_start == window_start else 0,
-            used_daily=row.day_used if row.day_start == day_start else 0,
+            used_15min=row.window_used if in_window else 0,
+            used_daily=row.day_used if in_day else 0,
             paused_until=row.paused_until if row.paused_until > now else 0,
+            read_limit_15min=self.read_limit_15min,
+            read_limit_daily=self.read_limit_daily,
+            read_used_15min=row.read_window_used if in_window else 0,
+            read_used_daily=row.read_day_used if in_day else 0,
+            read_paused_until=row.read_paused_until if row.read_paused_until > now else 0,
+            token_paused_until=row.token_paused_until if row.token_paused_until > now else 0,
         )
 
     @staticmethod

@@ -10,7 +10,9 @@ touches the database. Every replica reports the same values, at most one interva
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from collections.abc import Mapping
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc import metrics
 from tokensvc.background import PeriodicJob
@@ -20,9 +22,11 @@ from tokensvc.schemas import RefreshCounts, RefreshWindows, Stats, UserCounts
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.status import Status
 from tokensvc.store import stats as store
+from tokensvc.store import usage as usage_store
 
 _GAUGED = (Status.VALID, Status.EXPIRING_SOON, Status.EXPIRED, Status.NEEDS_REAUTH)
 HOUR = 3600
+DAY = 86_400
 HOURS = 24
 
 
@@ -40,11 +44,13 @@ class StatsService:
         clock: Clock,
         buffer_seconds: int,
         gauge_interval_seconds: float = 10.0,
+        active_days: int = 0,
     ) -> None:
         self._engine = Autocommit(engine)
         self._budget = budget
         self._clock = clock
         self._buffer_seconds = buffer_seconds
+        self._active_days = active_days
         self.gauges = PeriodicJob("metrics-gauges", self.update_gauges, interval_seconds=gauge_interval_seconds)
 
     async def stats(self) -> Stats:
@@ -53,6 +59,7 @@ class StatsService:
         async with self._engine.connect() as conn:
             users = await store.users_by_status(conn, now=int(now), buffer_seconds=self._buffer_seconds)
             outcomes = await store.refresh_outcomes(conn, since_hour=first_hour_of_day(now))
+            active, idle = await self._activity(conn, users, now=int(now))
         return Stats(
             users=UserCounts(
                 total=sum(users.values()),
@@ -60,6 +67,8 @@ class StatsService:
                 expiring_soon=users[Status.EXPIRING_SOON],
                 expired=users[Status.EXPIRED],
                 needs_reauth=users[Status.NEEDS_REAUTH],
+                active=active,
+                idle=idle,
             ),
             refresh=RefreshWindows(
                 last_24h=RefreshCounts(
@@ -74,10 +83,34 @@ class StatsService:
         async with self._engine.connect() as conn:
             users = await store.users_by_status(conn, now=int(self._clock()), buffer_seconds=self._buffer_seconds)
             pending = await store.notifications_pending(conn)
+            now = int(self._clock())
+            active, idle = await self._activity(conn, users, now=now)
+            expired_active = users[Status.EXPIRED]
+            if self._active_days:
+                since = now - self._active_days * DAY
+                expired_active = await usage_store.count_active(conn, active_since=since, expired_by=now)
         budget = await self._budget.state()
+        metrics.USERS_BY_ACTIVITY.labels(activity="active").set(active)
+        metrics.USERS_BY_ACTIVITY.labels(activity="idle").set(idle)
+        metrics.ACTIVE_USERS_EXPIRED.set(expired_active)
         for status in _GAUGED:
             metrics.USERS.labels(status=status.value).set(users[status])
         metrics.NOTIFICATIONS_PENDING.set(pending)
         metrics.RATE_BUDGET_REMAINING.labels(window="15min").set(max(0, budget.limit_15min - budget.used_15min))
         metrics.RATE_BUDGET_REMAINING.labels(window="daily").set(max(0, budget.limit_daily - budget.used_daily))
-        metrics.RATE_LIMIT_PAUSED_UNTIL.set(budget.paused_until)
+        read_15, read_day = (
+            budget.read_limit_15min - budget.read_used_15min,
+            budget.read_limit_daily - budget.read_used_daily,
+        )
+        metrics.RATE_BUDGET_REMAINING.labels(window="read_15min").set(max(0, read_15))
+        metrics.RATE_BUDGET_REMAINING.labels(window="read_daily").set(max(0, read_day))
+        pauses = (budget.paused_until, budget.read_paused_until, budget.token_paused_until)
+        metrics.RATE_LIMIT_PAUSED_UNTIL.set(max(pauses))
+
+    async def _activity(self, conn: AsyncConnection, users: Mapping[Status, int], *, now: int) -> tuple[int, int]:
+        """(active, idle) among the users who can be refreshed; everyone is active when active_days is 0."""
+        live = users[Status.VALID] + users[Status.EXPIRING_SOON] + users[Status.EXPIRED]
+        if not self._active_days:
+            return live, 0
+        active = await usage_store.count_active(conn, active_since=now - self._active_days * DAY)
+        return active, max(0, live - active)

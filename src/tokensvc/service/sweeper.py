@@ -17,16 +17,18 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc.clock import Clock
 from tokensvc.config import sweep_workers
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, TokenServiceError, TokensMissing
 from tokensvc.service.tokens import TokenService
 from tokensvc.store import tokens as store
+from tokensvc.store import usage as usage_store
 
 log = structlog.get_logger(__name__)
 
+DAY = 86_400
 _DONE = ("", 0)  # queue sentinel; "" is never a valid user id
 
 
@@ -36,6 +38,7 @@ class SweepReport:
     refreshed: int = 0
     failed: int = 0
     needs_reauth: int = 0
+    idle: int = 0  # claimed but idle, keep-alive not due: moved out to their keep-alive
 
 
 class Sweeper:
@@ -49,6 +52,8 @@ class Sweeper:
         batch_size: int = 100,
         lease_seconds: int = 300,
         interval_seconds: int = 300,
+        active_days: int = 0,
+        keepalive_days: int = 14,
     ) -> None:
         self._engine = engine
         self._tokens = tokens
@@ -57,6 +62,8 @@ class Sweeper:
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.interval_seconds = interval_seconds
+        self.active_days = active_days  # 0: sweep everyone
+        self.keepalive_days = keepalive_days
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -67,6 +74,7 @@ class Sweeper:
     async def sweep_once(self, progress: Callable[[int], None] | None = None) -> SweepReport:
         """Refresh every user due now (claimed batch by batch), `concurrency` at a time."""
         report = SweepReport()
+        await self._flush_uses()
         queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue(maxsize=self.batch_size)
         halt = asyncio.Event()  # stop claiming: shutdown, or the rate budget is spent, or the database is gone
         unstarted: list[tuple[str, int]] = []
@@ -82,7 +90,9 @@ class Sweeper:
                         user_ids = await store.claim_due(
                             conn, now=int(self._clock()), limit=self.batch_size, lease_until=lease_until
                         )
-                    if not user_ids:
+                        claimed = len(user_ids)
+                        user_ids = await self._set_idle_aside(conn, user_ids, report)
+                    if not claimed:
                         break
                     for user_id in user_ids:
                         if stopping():
@@ -117,9 +127,32 @@ class Sweeper:
             refreshed=report.refreshed,
             failed=report.failed,
             needs_reauth=report.needs_reauth,
+            idle=report.idle,
             halted=halt.is_set(),
         )
         return report
+
+    async def _flush_uses(self) -> None:
+        """This replica's latest uses count for whom this sweep takes."""
+        if self.active_days and self._tokens.usage is not None:
+            await self._tokens.usage.flush()
+
+    async def _set_idle_aside(self, conn: AsyncConnection, user_ids: list[str], report: SweepReport) -> list[str]:
+        """Of the claimed users, those used within `active_days` are swept; an idle one only when its keep-alive
+        is due (its last refresh `keepalive_days` ago). The others' next sweep moves out to their keep-alive, so
+        sweeps do not rescan them; asked about again, they come back on schedule (service/usage.py)."""
+        if not self.active_days or not user_ids:
+            return user_ids
+        now = int(self._clock())
+        keepalive = self.keepalive_days * DAY
+        idle = await usage_store.idle_among(conn, user_ids, active_since=now - self.active_days * DAY)
+        moves = [(user_id, int(at.timestamp()) + keepalive) for user_id, at in idle]
+        moves = [(user_id, at) for user_id, at in moves if at > now]
+        if moves:
+            await usage_store.move_out(conn, moves)
+            report.idle += len(moves)
+        skipped = {user_id for user_id, _ in moves}
+        return [user_id for user_id in user_ids if user_id not in skipped]
 
     async def _refresh_one(
         self, user_id: str, report: SweepReport, halt: asyncio.Event, strava_slots: asyncio.Semaphore

@@ -18,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import os
 import socket
 import time
@@ -25,7 +26,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import stamina
 import structlog
@@ -43,6 +44,7 @@ from tokensvc.errors import (
     ProviderRateLimited,
     ProviderUnavailable,
     ReauthRequired,
+    StaleImport,
     TokenServiceError,
     TokensMissing,
     TokenUnreadable,
@@ -69,6 +71,7 @@ from tokensvc.schemas import (
 from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.revocation import user_subject
+from tokensvc.service.usage import UsageRecorder
 from tokensvc.status import Status, classify
 from tokensvc.store import claims, session_revocations
 from tokensvc.store import tokens as store
@@ -77,6 +80,11 @@ from tokensvc.store.reader import EngineReader, RowReader
 from tokensvc.store.tokens import NewTokens, TokenRow
 
 log = structlog.get_logger(__name__)
+
+MAX_IMPORT_AHEAD_SECONDS = 366 * 86_400  # an imported expires_at further ahead is not epoch seconds
+
+# What a deauthorize came to: a 429 is kept so the caller pauses once it is done.
+DeauthorizeOutcome = Literal["not_called", "called"] | ProviderTransientError
 
 AuthorizeUrlFactory = Callable[[str], str | None]
 
@@ -140,6 +148,12 @@ class TokenService:
         self._authorize_url = authorize_url or (lambda _user_id: None)
         self._flights: dict[str, asyncio.Task[Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Notes who asks for tokens (the sweeper refreshes only users used lately); set by app.py.
+        self.usage: UsageRecorder | None = None
+
+    def _used(self, user_id: str) -> None:
+        if self.usage is not None:
+            self.usage.note(user_id)
 
     # -- reads ------------------------------------------------------------------------------------------------
 
@@ -175,6 +189,7 @@ class TokenService:
         needed = max(min_ttl, 1)
         row = await self._get(user_id)
         row = self._usable(user_id, row)
+        self._used(user_id)
         remaining = row.expires_at - self._clock()
         if remaining >= needed:
             if remaining <= self.buffer_seconds and not self._backing_off(row):
@@ -190,7 +205,10 @@ class TokenService:
     async def import_tokens(self, user_id: str, body: TokenImport, *, replace: bool = False) -> TokenStatus:
         """Insert or replace a user's tokens in one transaction (waits for an in-flight refresh's row lock).
 
-        Raises AthleteInUse when another user holds the athlete, unless `replace` moves it here."""
+        Raises ValidationFailed for an `expires_at` that is not plausible epoch seconds; StaleImport for a pair older
+        than the stored one (an earlier `expires_at` with another refresh token) and AthleteInUse when another user
+        holds the athlete, each unless `replace` (which also moves the athlete here)."""
+        self._check_plausible_expiry(body.expires_at)
         tokens = NewTokens(
             access_token_enc=self._cipher.encrypt(body.access_token, user_id=user_id, field="access"),
             refresh_token_enc=self._cipher.encrypt(body.refresh_token, user_id=user_id, field="refresh"),
@@ -200,14 +218,44 @@ class TokenService:
         )
         async with self._engine.begin() as conn:
             previous = await store.lock_for_refresh(conn, user_id)
+            if not replace and previous is not None and self._is_older(previous, body):
+                log.warning("token.import.stale", user_id=user_id, expires_at=body.expires_at)
+                raise StaleImport(
+                    f"this pair expires at {body.expires_at}, before the stored one ({previous.expires_at}), and "
+                    "carries another refresh token: Strava has rotated since it was taken, so it is probably "
+                    "dead. Import a current pair, or pass replace=true to store it anyway."
+                )
             moved = await self._claim_athlete(conn, user_id, body.athlete_id, replace=replace)
             row = await store.upsert(
                 conn, user_id, tokens, athlete_id=body.athlete_id, scopes=body.scopes, now=self._now_dt()
             )
             await self.journal.stored(conn, user_id, kind="imported", previous_reason=_reason(previous))
         self._rows_changed(user_id, moved)
+        self._used(user_id)
         log.info("token.imported", user_id=user_id, expires_at=row.expires_at, version=row.version)
         return self._status(user_id, row)
+
+    def _check_plausible_expiry(self, expires_at: int) -> None:
+        """Strava's `expires_at` is epoch seconds at most 6 hours ahead: milliseconds, or years ahead, is a mistake."""
+        now = int(self._clock())
+        if expires_at <= now + MAX_IMPORT_AHEAD_SECONDS:
+            return
+        hint = " (it looks like milliseconds: divide by 1000)" if expires_at >= 10**11 else ""
+        raise ValidationFailed(
+            f"expires_at {expires_at} is not plausible epoch seconds{hint}: it lies more than a year ahead, and "
+            "Strava's access tokens live 6 hours",
+            errors=[{"loc": ["body", "expires_at"], "msg": "not plausible epoch seconds", "type": "value_error"}],
+        )
+
+    def _is_older(self, previous: TokenRow, body: TokenImport) -> bool:
+        """Whether the import is a pair from before the stored one: earlier expiry, other refresh token."""
+        if previous.refresh_token_enc is None or body.expires_at >= previous.expires_at:
+            return False
+        try:
+            stored = self._decrypt(previous, "refresh")
+        except TokenUnreadable:
+            return True  # cannot tell it is the same pair; an earlier expiry is reason enough to ask for replace
+        return not hmac.compare_digest(stored.encode(), body.refresh_token.encode())
 
     async def store_grant(
         self, user_id: str, grant: TokenGrant, *, scopes: Sequence[str], replace: bool = False
@@ -226,6 +274,7 @@ class TokenService:
             )
             await self.journal.stored(conn, user_id, kind="connected", previous_reason=_reason(previous))
         self._rows_changed(user_id, moved)
+        self._used(user_id)
         log.info("token.connected", user_id=user_id, athlete_id=row.athlete_id, was=_reason(previous))
         return self._status(user_id, row)
 
@@ -259,6 +308,8 @@ class TokenService:
         Raises TokensMissing, ReauthRequired, ProviderUnavailable (and subclasses), TokenUnreadable.
         """
         outcome = await self._ensure_fresh(user_id, force=force, min_ttl=0, trigger=trigger)
+        if trigger in ("api", "browser"):
+            self._used(user_id)
         return RefreshResult(
             refreshed=outcome.refreshed,
             message=outcome.message,
@@ -267,10 +318,13 @@ class TokenService:
 
     async def delete(self, user_id: str) -> None:
         """Deauthorize at Strava (best effort, holding no connection), then delete in one short transaction,
-        which also ends the user's browser sessions (`service/revocation.py`). Idempotent."""
+        which also ends the user's browser sessions (`service/revocation.py`). Idempotent.
+
+        Deauthorize is rate-counted: it takes a unit of the overall window first, given back when no call was made;
+        without a unit the call is skipped and the row deleted all the same. A 429 pauses rate-counted calls."""
         row = await self._read_fresh(user_id)
         if row is not None and row.access_token_enc is not None and row.reauth_reason is None:
-            await self._deauthorize_best_effort(row)
+            await self._deauthorize_counted(row)
         async with self._engine.begin() as conn:
             await session_revocations.revoke(conn, user_subject(user_id), now_ms=int(self._clock() * 1000))
             row = await store.lock_for_refresh(conn, user_id)
@@ -280,6 +334,18 @@ class TokenService:
             await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
         self.row_changed(user_id)
         log.info("token.deleted", user_id=user_id)
+
+    async def _deauthorize_counted(self, row: TokenRow) -> None:
+        try:
+            await self._budget.acquire("on_demand")
+        except ProviderRateLimited as exc:
+            log.warning("token.deauthorize.skipped_rate_limited", user_id=row.user_id, retry_after=exc.retry_after)
+            return
+        outcome = await self._deauthorize_best_effort(row)
+        if outcome == "not_called":
+            await self._budget.refund()
+        elif isinstance(outcome, ProviderTransientError):
+            await self._budget.pause(outcome.retry_after)
 
     def row_changed(self, user_id: str) -> None:
         """A transaction of this process that changed the user's row has committed: this replica's reader forgets
@@ -492,7 +558,9 @@ class TokenService:
             return await self._after_rejection(user_id, row, claim, trigger=trigger, exc=None, started=started)
         released = False
         try:
-            await self._budget.acquire(priority)  # a pause (429) gives the claim back unused
+            # /oauth/token takes no unit (Strava does not count it; the provider bounds such calls per process): only
+            # a pause of token calls (a 429 anywhere in the fleet) gives the claim back unused.
+            await self._budget.token_calls_allowed()
             try:
                 grant = await self._call_strava(user_id, row)
             except ProviderRejectedError as exc:
@@ -652,7 +720,7 @@ class TokenService:
         now = int(self._clock())
         try:
             if isinstance(exc, ProviderRateLimited) and exc.from_strava:
-                delay = await self._budget.pause(exc.retry_after)
+                delay = await self._budget.pause(exc.retry_after, kind="token")
             else:
                 delay = int(backoff_seconds(row.failure_count + 1, first=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS))
             async with self._engine.begin() as conn:
@@ -756,13 +824,20 @@ class TokenService:
     async def _get(self, user_id: str) -> TokenRow | None:
         return await self._rows.get(user_id)
 
-    async def _deauthorize_best_effort(self, row: TokenRow) -> None:
+    async def _deauthorize_best_effort(self, row: TokenRow) -> DeauthorizeOutcome:
+        """The call itself; a 429 is handed back for the caller to pause on."""
         try:
             await self._strava.deauthorize(self._decrypt(row, "access"))
-        except (ProviderTransientError, ProviderRejectedError, ProviderConfigError, TokenUnreadable) as exc:
+        except TokenUnreadable as exc:
             log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
-        else:
-            log.info("token.deauthorize.succeeded", user_id=row.user_id)
+            return "not_called"
+        except (ProviderTransientError, ProviderRejectedError, ProviderConfigError) as exc:
+            log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
+            if isinstance(exc, ProviderTransientError) and exc.rate_limited:
+                return exc
+            return "called"
+        log.info("token.deauthorize.succeeded", user_id=row.user_id)
+        return "called"
 
     def _decrypt(self, row: TokenRow, field: Field) -> str:
         ciphertext = row.access_token_enc if field == "access" else row.refresh_token_enc

@@ -343,13 +343,15 @@ class StravaWebhooks:
         try:
             # Background work, like the sweep: it may use the sweep's share of the window only, so a flood of
             # (unsigned, possibly forged) events can never spend the calls that callers' refreshes need.
-            await self._budget.acquire("sweep")
+            await self._budget.acquire("sweep", read=True)  # a GET: the overall and the read windows
         except ProviderRateLimited as exc:
             raise _RetryLater(exc.code, exc.retry_after) from exc
         try:
             return await self._strava.check_access(access_token)
         except ProviderTransientError as exc:
-            delay = await self._budget.pause(exc.retry_after) if exc.rate_limited else None
+            delay = None
+            if exc.rate_limited:
+                delay = await self._budget.pause(exc.retry_after, kind=self._budget.kind_of_429(read=True))
             raise _RetryLater(f"Strava unavailable ({exc.status_code or 'no answer'})", delay) from exc
         except ProviderConfigError as exc:
             raise _RetryLater("Strava rejected the application's credentials", 300) from exc

@@ -1,8 +1,13 @@
-"""All SQL about the shared Strava rate budget: one row, updated atomically by every replica."""
+"""All SQL about the shared Strava rate budget: one row, updated atomically by every replica.
+
+The overall and the read windows share their starts (`window_start`, `day_start`): every statement that moves a
+start to the current window zeroes the counts of both kinds that belonged to the old one.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -10,6 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tokensvc.models import strava_rate_budget as t
 
 _ROW = t.c.id == 1
+
+PauseKind = Literal["overall", "read", "token"]
+_PAUSE_COLUMN = {"overall": t.c.paused_until, "read": t.c.read_paused_until, "token": t.c.token_paused_until}
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +27,19 @@ class BudgetRow:
     day_start: int
     day_used: int
     paused_until: int
+    read_window_used: int = 0
+    read_day_used: int = 0
+    read_paused_until: int = 0
+    token_paused_until: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The (already shared-out) limits a call must stay under; `read` None for a call that is not a read."""
+
+    limit_15min: int
+    limit_daily: int
+    read: tuple[int, int] | None = None
 
 
 def _used_in(start: sa.ColumnElement[int], used: sa.ColumnElement[int], current: int) -> sa.ColumnElement[int]:
@@ -26,59 +47,112 @@ def _used_in(start: sa.ColumnElement[int], used: sa.ColumnElement[int], current:
     return sa.case((start == current, used), else_=0)
 
 
-async def take(
-    conn: AsyncConnection, *, now: int, window_start: int, day_start: int, limit_15min: int, limit_daily: int
-) -> bool:
-    """Count one call if neither window is full and no pause is on; False otherwise. One atomic statement."""
-    window_used = _used_in(t.c.window_start, t.c.window_used, window_start)
-    day_used = _used_in(t.c.day_start, t.c.day_used, day_start)
+def _current(window_start: int, day_start: int) -> dict[str, sa.ColumnElement[int]]:
+    return {
+        "window_used": _used_in(t.c.window_start, t.c.window_used, window_start),
+        "read_window_used": _used_in(t.c.window_start, t.c.read_window_used, window_start),
+        "day_used": _used_in(t.c.day_start, t.c.day_used, day_start),
+        "read_day_used": _used_in(t.c.day_start, t.c.read_day_used, day_start),
+    }
+
+
+async def take(conn: AsyncConnection, *, now: int, window_start: int, day_start: int, limits: Limits) -> bool:
+    """Count one rate-counted call (and one read, for a read) if no window it needs is full and no pause is on;
+    False otherwise. One atomic statement."""
+    used = _current(window_start, day_start)
+    conditions = [_ROW, t.c.paused_until <= now, used["window_used"] < limits.limit_15min]
+    conditions.append(used["day_used"] < limits.limit_daily)
+    read = 1 if limits.read is not None else 0
+    if limits.read is not None:
+        conditions += [t.c.read_paused_until <= now, used["read_window_used"] < limits.read[0]]
+        conditions.append(used["read_day_used"] < limits.read[1])
     stmt = (
         sa.update(t)
-        .where(_ROW, t.c.paused_until <= now, window_used < limit_15min, day_used < limit_daily)
-        .values(window_start=window_start, window_used=window_used + 1, day_start=day_start, day_used=day_used + 1)
+        .where(*conditions)
+        .values(
+            window_start=window_start,
+            day_start=day_start,
+            window_used=used["window_used"] + 1,
+            day_used=used["day_used"] + 1,
+            read_window_used=used["read_window_used"] + read,
+            read_day_used=used["read_day_used"] + read,
+        )
     )
     return bool((await conn.execute(stmt)).rowcount)
 
 
-async def give_back(conn: AsyncConnection, *, window_start: int, day_start: int) -> None:
+async def give_back(conn: AsyncConnection, *, window_start: int, day_start: int, read: bool = False) -> None:
     """Return one call that was taken but not made."""
+    one = 1 if read else 0
     await conn.execute(
         sa.update(t)
         .where(_ROW, t.c.window_start == window_start, t.c.window_used > 0)
-        .values(window_used=t.c.window_used - 1)
+        .values(
+            window_used=t.c.window_used - 1,
+            read_window_used=sa.case((t.c.read_window_used >= one, t.c.read_window_used - one), else_=0),
+        )
     )
     await conn.execute(
-        sa.update(t).where(_ROW, t.c.day_start == day_start, t.c.day_used > 0).values(day_used=t.c.day_used - 1)
+        sa.update(t)
+        .where(_ROW, t.c.day_start == day_start, t.c.day_used > 0)
+        .values(
+            day_used=t.c.day_used - 1,
+            read_day_used=sa.case((t.c.read_day_used >= one, t.c.read_day_used - one), else_=0),
+        )
     )
 
 
-async def pause(conn: AsyncConnection, *, until: int) -> None:
-    """Hold every replica's calls back until `until` (never shortening a longer pause)."""
-    await conn.execute(sa.update(t).where(_ROW, t.c.paused_until < until).values(paused_until=until))
+async def pause(conn: AsyncConnection, *, until: int, kind: PauseKind = "overall") -> None:
+    """Hold every replica's calls of `kind` back until `until` (never shortening a longer pause)."""
+    column = _PAUSE_COLUMN[kind]
+    await conn.execute(sa.update(t).where(_ROW, column < until).values({column.name: until}))
 
 
 async def observe(
-    conn: AsyncConnection, *, window_start: int, day_start: int, used_15min: int, used_daily: int
+    conn: AsyncConnection,
+    *,
+    window_start: int,
+    day_start: int,
+    used_15min: int,
+    used_daily: int,
+    read_15min: int | None = None,
+    read_daily: int | None = None,
 ) -> None:
-    """Raise our counts to what Strava's headers report (other clients of the same app count too)."""
-    window_used = _used_in(t.c.window_start, t.c.window_used, window_start)
-    day_used = _used_in(t.c.day_start, t.c.day_used, day_start)
-    await conn.execute(
-        sa.update(t)
-        .where(_ROW)
-        .values(
-            window_start=window_start,
-            window_used=sa.case((window_used < used_15min, used_15min), else_=window_used),
-            day_start=day_start,
-            day_used=sa.case((day_used < used_daily, used_daily), else_=day_used),
-        )
-    )
+    """Raise our counts to what Strava's headers report (other clients of the same app count too): in each window
+    the larger of ours and Strava's."""
+    used = _current(window_start, day_start)
+    reported = {
+        "window_used": used_15min,
+        "day_used": used_daily,
+        "read_window_used": read_15min,
+        "read_day_used": read_daily,
+    }
+    values: dict[str, sa.ColumnElement[int]] = {}
+    for name, ours in used.items():
+        theirs = reported[name]
+        values[name] = ours if theirs is None else sa.case((ours < theirs, theirs), else_=ours)
+    await conn.execute(sa.update(t).where(_ROW).values(window_start=window_start, day_start=day_start, **values))
 
 
 async def read(conn: AsyncConnection) -> BudgetRow:
     row = (
         await conn.execute(
-            sa.select(t.c.window_start, t.c.window_used, t.c.day_start, t.c.day_used, t.c.paused_until).where(_ROW)
+            sa.select(
+                t.c.window_start,
+                t.c.window_used,
+                t.c.day_start,
+                t.c.day_used,
+                t.c.paused_until,
+                t.c.read_window_used,
+                t.c.read_day_used,
+                t.c.read_paused_until,
+                t.c.token_paused_until,
+            ).where(_ROW)
         )
     ).one()
     return BudgetRow(*row)
+
+
+async def token_paused_until(conn: AsyncConnection) -> int:
+    """The shared pause of `/oauth/token` calls (0: none)."""
+    return int((await conn.execute(sa.select(t.c.token_paused_until).where(_ROW))).scalar_one())
