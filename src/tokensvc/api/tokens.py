@@ -89,7 +89,6 @@ async def list_tokens(
             {
                 "type": "array",
                 "items": {"type": "string", "enum": _FILTERS},
-                "uniqueItems": True,
                 "examples": [["expired", "expiring_soon"]],
             }
         ),
