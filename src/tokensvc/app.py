@@ -23,7 +23,6 @@ from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys, single_query_values
 from tokensvc.api.fastpath import AccessTokenFastPath
 from tokensvc.api.inflight import InFlightLimit
-from tokensvc.api.json_body import RefuseLoneSurrogates
 from tokensvc.api.limits import BodySizeLimit
 from tokensvc.api.request_id import RequestId
 from tokensvc.api.security_headers import SecurityHeaders
@@ -355,9 +354,8 @@ def create_app(
                 state_file=sandbox_state_path(settings),  # Strava remembers its grants across our restarts
             ),
         )
-    app.add_middleware(RefuseLoneSurrogates)  # inside the size limit: it reads a bounded body
     app.add_middleware(BrowserCORS, origins=cors_origins)
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(BodySizeLimit)  # 64 KiB and no lone surrogates, read once
     app.add_middleware(RequestId)  # inside the fast path, so the hot call pays nothing for it
     app.add_middleware(SecurityHeaders)  # every answer but the fast path's, which adds them itself
     if fast_path:

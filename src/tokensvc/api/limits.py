@@ -1,13 +1,39 @@
-"""Request body limit (64 KiB), enforced as pure ASGI so a large or endless body is never buffered."""
+"""Request bodies, checked once as pure ASGI before any route sees them: at most 64 KiB (a large or endless body is
+never buffered), and no lone UTF-16 surrogate in JSON.
+
+Python's `json` accepts an escape such as `"\\ud800"` and yields a string that cannot be encoded as UTF-8, so it failed
+later, wherever the string met the database or a log line (an unauthenticated 500 on the webhook intake, issue 14).
+The check costs nothing for bodies without a `\\uD8..` to `\\uDF..` escape: only those are parsed here.
+"""
 
 from __future__ import annotations
+
+import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokensvc.api.problems import service_problem
-from tokensvc.errors import PayloadTooLarge
+from tokensvc.errors import PayloadTooLarge, ValidationFailed
 
 MAX_BODY_BYTES = 64 * 1024
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SURROGATE_DETAIL = "the body holds a lone UTF-16 surrogate (such as \\ud800), which is no Unicode character"
+
+
+def has_lone_surrogate(body: bytes) -> bool:
+    """True when `body` is JSON whose strings (or keys) hold a surrogate not paired as UTF-16 demands."""
+    if _SURROGATE_ESCAPE.search(body) is None:
+        return False
+    try:
+        parsed = json.loads(body)
+    except ValueError:  # not JSON at all: the route's own parsing says so (422) or the type is refused (415)
+        return False
+    try:
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class BodySizeLimit:
@@ -39,6 +65,10 @@ class BodySizeLimit:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        if has_lone_surrogate(body):
+            issue = {"loc": ["body"], "msg": SURROGATE_DETAIL, "type": "string_unicode"}
+            await service_problem(ValidationFailed(SURROGATE_DETAIL, errors=[issue]))(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
