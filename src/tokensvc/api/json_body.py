@@ -12,6 +12,7 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokensvc.api.limits import is_gateway
 from tokensvc.schemas import PROBLEM_TYPE, ProblemCode
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -40,7 +41,7 @@ class RefuseLoneSurrogates:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or is_gateway(scope):
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokensvc.api.problems import service_problem
 from tokensvc.errors import PayloadTooLarge
 
 MAX_BODY_BYTES = 64 * 1024
+# The Strava gateway streams its bodies within its own, larger bound (api/gateway.py enforces it).
+GATEWAY_PATH = re.compile(r"^/v1/users/[^/]+/strava/")
+
+
+def is_gateway(scope: Scope) -> bool:
+    return bool(GATEWAY_PATH.match(scope.get("path", "")))
 
 
 class BodySizeLimit:
@@ -16,7 +24,7 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_gateway(scope):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length")
