@@ -20,11 +20,8 @@ router = APIRouter(
 GATEWAY_ROUTE = "/users/{user_id}/strava/{path:path}"
 _METHODS = ("GET", "POST", "PUT", "DELETE")
 _NO_BODY = (204, 304)
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    "default": {
-        "description": "Strava's answer, passed through: its status, body and `Content-Type`, with "
-        "`X-RateLimit-*`, `X-ReadRateLimit-*` and `ETag` when Strava sent them"
-    },
+_STRAVAS: dict[str, Any] = {"application/json": {"schema": {}}, "*/*": {"schema": {}}}
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
     **problem_responses(
         403,
         404,
@@ -41,6 +38,15 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             "(`strava_rate_limited`, with `Retry-After`); nothing was sent",
         },
     ),
+}
+# Strava may answer any status itself (a 404 for an unknown activity): each status also carries Strava's body.
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {
+        "description": "Strava's answer, passed through: its status, body and `Content-Type`, with "
+        "`X-RateLimit-*`, `X-ReadRateLimit-*` and `ETag` when Strava sent them",
+        "content": _STRAVAS,
+    },
+    **{status: {**r, "content": {**r["content"], **_STRAVAS}} for status, r in _PROBLEMS.items()},
 }
 
 
