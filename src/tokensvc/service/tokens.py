@@ -533,7 +533,9 @@ class TokenService:
             if current is None or current.version != row.version:
                 known, force, message = current, False, MSG_SIBLING  # someone stored a pair since we read
                 continue
-            if row.expires_at - self._clock() >= max(min_ttl, 1):
+            # A token Strava refused is no use however long it seems to last: wait for the owner's new pair.
+            refused = rejected_version is not None and force
+            if not refused and row.expires_at - self._clock() >= max(min_ttl, 1):
                 return Outcome(row, refreshed=False, message=MSG_ELSEWHERE)
             if not await self._wait_for_claim(user_id, row.version, give_up):
                 raise ProviderUnavailable("a refresh for this user is in progress elsewhere; try again", retry_after=2)
