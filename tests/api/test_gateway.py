@@ -17,8 +17,10 @@ from asgi_lifespan import LifespanManager
 from tests.conftest import API_KEY, FakeClock, Seeded, import_body, make_settings, seed_athlete
 from tokensvc.app import create_app
 from tokensvc.config import Settings
+from tokensvc.providers.strava import seconds_to_next_window
 from tokensvc.sandbox import SandboxState
 from tokensvc.sandbox.activities import NewActivity
+from tokensvc.sandbox.faults import FaultSpec
 from tokensvc.service.oauth import ConnectLinks
 
 WRITE_SCOPES = "read,activity:read_all,activity:write"
@@ -191,7 +193,10 @@ class TestBudget:
         assert [r.status_code for r in passed] == [200, 200, 200]
         assert refused.status_code == 429, refused.text
         assert refused.json()["code"] == "strava_rate_limited"
-        assert int(refused.headers["retry-after"]) >= 1
+        # Until the window resets, plus a jitter of at most a tenth (30 s at most) so callers spread out.
+        reset = seconds_to_next_window(clock())
+        assert reset <= int(refused.headers["retry-after"]) <= reset + min(30, max(1, reset // 10))
+        assert refused.json()["retry_after"] == int(refused.headers["retry-after"])
         assert len(recording.api_calls()) == 3
         assert api_calls(sandbox) == 3
 
@@ -314,3 +319,38 @@ class TestBodyBound:
         assert response.status_code in (200, 400), response.text
         (sent,) = recording.api_calls()
         assert int(sent.headers["content-length"]) > 100_000
+
+
+class TestStravaFailing:
+    async def test_a_5xx_from_strava_is_503_with_retry_after(
+        self, database_url: str, clock: FakeClock, sandbox: SandboxState, recording: Recording
+    ) -> None:
+        """Strava's own failure is not passed through as such: 503 provider_unavailable, Retry-After."""
+        async with service(make_settings(database_url), clock, recording) as http:
+            seeded = await connect(http, sandbox, clock)
+            sandbox.add_fault(FaultSpec(endpoint="athlete", kind="status", status=502))
+            response = await http.get(gateway(seeded, "athlete"))
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "provider_unavailable"
+        assert int(response.headers["retry-after"]) >= 1
+
+
+class TestMetrics:
+    async def test_calls_are_counted_by_outcome(
+        self, database_url: str, clock: FakeClock, sandbox: SandboxState, recording: Recording
+    ) -> None:
+        """`tokensvc_gateway_calls_total` grows by outcome: a served call `ok`, a scope refusal `scope`."""
+
+        def count(text: str, outcome: str) -> float:
+            prefix = f'tokensvc_gateway_calls_total{{outcome="{outcome}"}} '
+            return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
+
+        async with service(make_settings(database_url), clock, recording) as http:
+            seeded = await connect(http, sandbox, clock)
+            narrow = await connect(http, sandbox, clock, scope="read")
+            before = (await http.get("/metrics")).text
+            assert (await http.get(gateway(seeded, "athlete"))).status_code == 200
+            assert (await http.get(gateway(narrow, "athlete/activities"))).status_code == 403
+            after = (await http.get("/metrics")).text
+        assert count(after, "ok") == count(before, "ok") + 1
+        assert count(after, "scope") == count(before, "scope") + 1
