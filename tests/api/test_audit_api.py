@@ -121,7 +121,15 @@ class TestStats:
         response = await client.get("/v1/stats")
         assert response.status_code == 200
         assert response.json() == {
-            "users": {"total": 0, "valid": 0, "expiring_soon": 0, "expired": 0, "needs_reauth": 0},
+            "users": {
+                "total": 0,
+                "valid": 0,
+                "expiring_soon": 0,
+                "expired": 0,
+                "needs_reauth": 0,
+                "active": 0,
+                "idle": 0,
+            },
             "refresh": {"last_24h": {"success": 0, "failure": 0, "reauth_required": 0}},
         }
 
@@ -144,7 +152,16 @@ class TestStats:
         assert (await client.post(f"/v1/users/{dead.user_id}/refresh")).status_code == 409
 
         assert (await client.get("/v1/stats")).json() == {
-            "users": {"total": 5, "valid": 2, "expiring_soon": 1, "expired": 1, "needs_reauth": 1},
+            # v1.1: the four that can be refreshed were all asked about (imported) within TOKENSVC_SWEEP_ACTIVE_DAYS
+            "users": {
+                "total": 5,
+                "valid": 2,
+                "expiring_soon": 1,
+                "expired": 1,
+                "needs_reauth": 1,
+                "active": 4,
+                "idle": 0,
+            },
             "refresh": {"last_24h": {"success": 1, "failure": 1, "reauth_required": 1}},
         }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, FakeClock
 from tokensvc.api.security_headers import DEFAULT_POLICY
 
 STRICT = DEFAULT_POLICY.decode()
@@ -42,12 +42,13 @@ class TestEveryResponse:
         assert_protected(response)
         assert response.headers["content-security-policy"] == STRICT
 
-    async def test_a_fast_path_token_carries_them_too(self, client: httpx.AsyncClient) -> None:
+    async def test_a_fast_path_token_carries_them_too(self, client: httpx.AsyncClient, clock: FakeClock) -> None:
         """The access-token fast path skips the middleware stack and adds the same headers itself."""
-        await client.put(
+        stored = await client.put(
             "/v1/users/u1/tokens",
-            json={"access_token": "a" * 40, "refresh_token": "r" * 40, "expires_at": 4_000_000_000},
+            json={"access_token": "a" * 40, "refresh_token": "r" * 40, "expires_at": int(clock()) + 20_000},
         )
+        assert stored.status_code == 200, stored.text
         response = await client.get("/v1/users/u1/access-token")
         assert response.status_code == 200
         assert_protected(response)

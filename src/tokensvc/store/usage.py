@@ -81,11 +81,12 @@ async def move_out(conn: AsyncConnection, moves: Sequence[tuple[str, int]]) -> N
 
 async def count_active(conn: AsyncConnection, *, active_since: int, expired_by: int | None = None) -> int:
     """Users who can still be refreshed and whose token something asked for since `active_since` (with
-    `expired_by`: only those whose access token expired by then)."""
+    `expired_by`: only those whose access token expired by then). A user with no usage row yet counts as active, as
+    the sweeper counts them: its first use may still be unflushed in some replica."""
     stmt = (
         sa.select(sa.func.count())
-        .select_from(t.join(u, u.c.user_id == t.c.user_id))
-        .where(t.c.reauth_reason.is_(None), u.c.last_used_at >= active_since)
+        .select_from(t.outerjoin(u, u.c.user_id == t.c.user_id))
+        .where(t.c.reauth_reason.is_(None), sa.or_(u.c.last_used_at.is_(None), u.c.last_used_at >= active_since))
     )
     if expired_by is not None:
         stmt = stmt.where(t.c.expires_at <= expired_by)
