@@ -17,7 +17,19 @@ from fastapi import Depends, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
-from tokensvc.api import audit, browser, docs, health, oauth, openapi, operations, problems, tokens, webhooks
+from tokensvc.api import (
+    audit,
+    browser,
+    docs,
+    gateway,
+    health,
+    oauth,
+    openapi,
+    operations,
+    problems,
+    tokens,
+    webhooks,
+)
 from tokensvc.api import dashboard as dashboard_api
 from tokensvc.api.cors import BrowserCORS
 from tokensvc.api.deps import ApiKeys, single_query_values
@@ -34,6 +46,7 @@ from tokensvc.db import make_engine
 from tokensvc.providers.strava import StravaClient
 from tokensvc.service.audit import Audit
 from tokensvc.service.dashboard import DashboardService
+from tokensvc.service.gateway import Gateway
 from tokensvc.service.housekeeping import Housekeeping
 from tokensvc.service.journal import Journal
 from tokensvc.service.notify import NotificationDeliverer
@@ -137,6 +150,7 @@ async def open_resources(
         clock=clock,
         on_usage=budget.note_usage,
         token_concurrency=settings.strava_token_concurrency,
+        api_base_url=settings.api_base_url,
     )
     # `prepare` guarantees a secret for `serve`; commands that serve no browser may sign with a throwaway one.
     secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
@@ -305,6 +319,13 @@ def create_app(
             app.state.audit = res.audit
             app.state.stats = res.stats
             app.state.webhooks = res.webhooks
+            app.state.gateway = Gateway(
+                tokens=res.service,
+                strava=res.strava,
+                budget=res.budget,
+                authorize_url=lambda user_id, scopes: res.links.authorize_url(user_id, scopes=scopes)[0],
+            )
+            app.state.gateway_max_body_bytes = settings.gateway_max_body_bytes
             res.start_background(sweeper=run_sweeper)
             # What start-up allocated lives as long as the process: keep it out of every garbage collection.
             gc.collect()
@@ -343,6 +364,7 @@ def create_app(
     app.include_router(audit.router)
     dashboard_api.install(app, settings, clock=app_clock)
     app.include_router(webhooks.router)
+    app.include_router(gateway.router)
     if sandbox:
         from tokensvc.sandbox import create_sandbox_app
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     strava_client_id: str | None = None
     strava_client_secret: SecretStr | None = None
     strava_base_url: str = "https://www.strava.com"
+    # v1.1: the Strava API the gateway calls (unset: the base URL + `/api/v3`; a host move is rumoured).
+    strava_api_base_url: str | None = None
+    # v1.1: the gateway's own request-body bound (an activity upload); every other endpoint keeps 64 KiB.
+    gateway_max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     strava_scopes: str = "read,activity:read_all"
     strava_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     # A token call's total deadline (retries included): generous, since no connection waits on it; shorter than
@@ -275,6 +279,11 @@ class Settings(BaseSettings):
         """(15-minute, daily) Strava call budget."""
         fifteen, daily = (int(part) for part in self.strava_rate_limit.split(","))
         return fifteen, daily
+
+    @property
+    def api_base_url(self) -> str:
+        """Where the gateway sends `/{path}`: TOKENSVC_STRAVA_API_BASE_URL, else the base URL + `/api/v3`."""
+        return (self.strava_api_base_url or f"{self.strava_base_url.rstrip('/')}/api/v3").rstrip("/")
 
     @property
     def read_rate_limits(self) -> tuple[int, int]:

@@ -160,3 +160,21 @@ class TooManyRequests(RetryLater):
     """A 429: this client must wait (Retry-After) before trying again (e.g. after failed sign-ins)."""
 
     code, status, title = "too_many_requests", 429, "Too many requests"
+
+
+class InsufficientScope(TokenServiceError):
+    """v1.1: Strava refused a gateway call for a permission the user's grant lacks; `missing_scope` names it and
+    `authorize_url` asks for the stored scopes plus that one."""
+
+    code, status, title = "insufficient_scope", 403, "Strava scope missing"
+
+    def __init__(self, detail: str, *, missing_scope: str, authorize_url: str | None) -> None:
+        super().__init__(detail, missing_scope=missing_scope, authorize_url=authorize_url)
+
+
+class StravaRateLimited(RetryLater):
+    """v1.1: a gateway call found its share of the app's Strava window spent (or Strava answered 429); nothing
+    was sent to Strava for it (or Strava refused it)."""
+
+    code, status, title = "strava_rate_limited", 429, "Strava rate limit reached"
+    default_retry_after = 900

@@ -76,3 +76,10 @@ NOTIFICATIONS_TOTAL = Counter(
     "Notification delivery attempts, by event type and result (delivered, failed: retried later)",
     ["event_type", "result"],
 )
+
+GATEWAY_CALLS_TOTAL = Counter(
+    "tokensvc_gateway_calls_total",
+    "Strava API gateway calls, by outcome (ok: Strava answered 2xx or 304; reauth, scope, rate_limited, "
+    "strava_error, client_error: another 4xx from Strava, unavailable, refused: the service's own 4xx)",
+    ["outcome"],
+)

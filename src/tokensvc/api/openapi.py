@@ -34,6 +34,10 @@ TAGS: list[dict[str, str]] = [
     {"name": "audit", "description": "The audit trail of each user and the DB-wide counts."},
     {"name": "operations", "description": "Probes, metrics and operator calls."},
     {"name": "webhooks", "description": "Strava's push subscription callback (called by Strava)."},
+    {
+        "name": "gateway",
+        "description": "Strava's API for one user: their token, the refresh rules, the app's shared rate limits.",
+    },
 ]
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import httpx
 import stamina
@@ -143,6 +143,67 @@ def seconds_to_next_window(now: float) -> int:
     return max(1, math.ceil(900 - (now % 900)))
 
 
+# Kept as sent: what a Strava path may carry (ids, `:`, `,`); anything else is percent-encoded.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# Strava's answer headers the gateway hands back (besides the body's content type).
+PASSED_HEADERS = (
+    "content-type",
+    "etag",
+    "x-ratelimit-limit",
+    "x-ratelimit-usage",
+    "x-readratelimit-limit",
+    "x-readratelimit-usage",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    """One gateway call as it goes to Strava: `headers` are only those the contract forwards; `body`, when set,
+    makes a fresh stream of the (replayable) body, `body_length` bytes long."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: Callable[[], AsyncIterator[bytes]] | None = None
+    body_length: int = 0
+
+
+class ApiAnswer:
+    """Strava's answer to a gateway call. `rejected` is set for a 401 (already read): `access_token_invalid` or
+    `scope_missing` (with Strava's `missing_field`, e.g. `activity:read_permission`); else the body is unread."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        *,
+        rejected: RejectedReason | None = None,
+        missing_field: str | None = None,
+    ) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers = {k: v for k in PASSED_HEADERS if (v := response.headers.get(k)) is not None}
+        self.rejected = rejected
+        self.missing_field = missing_field
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as Strava sends it (still encoded as sent: `Content-Encoding` is not passed on, so decoded)."""
+        try:
+            if self._response.is_stream_consumed:
+                yield self._response.content
+                return
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            # Headers are gone already: the caller sees a cut body, which is the truth.
+            log.warning("gateway.body_broken_off", error=type(exc).__name__)
+        finally:
+            await self._response.aclose()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
 class StravaClient:
     """Owns one long-lived `httpx.AsyncClient` for Strava's OAuth endpoints."""
 
@@ -159,8 +220,10 @@ class StravaClient:
         connect_attempts: int = 3,
         on_usage: Callable[[RateLimitUsage], None] | None = None,
         token_concurrency: int = 6,
+        api_base_url: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.api_base_url = (api_base_url or f"{self.base_url}/api/v3").rstrip("/")
         self._client_id = client_id
         self._client_secret = client_secret
         self._clock = clock
@@ -299,6 +362,62 @@ class StravaClient:
         )
         self._subscription_answer(response, expected=(200, 204))
 
+    async def api_request(self, request: ApiRequest, *, access_token: str) -> ApiAnswer:
+        """Send one gateway request to `<api base>/{path}` with the user's token and only the headers in `request`,
+        the body streamed from `request.body`; the answer comes back unread (stream it, then `aclose`). A 401 is
+        read and classified (`rejected`). Retried only when it provably never left (connect errors).
+
+        Raises ProviderTransientError (429 with `rate_limited`, 5xx, timeouts, connection errors) or
+        ProviderConfigError."""
+        headers = {**request.headers, "Authorization": f"Bearer {access_token}"}
+        if request.body is not None:
+            headers["Content-Length"] = str(request.body_length)
+        url = httpx.URL(f"{self.api_base_url}/{quote(request.path, safe=_PATH_SAFE)}")
+        if request.query:
+            url = url.copy_with(query=request.query.encode())
+        try:
+            async for attempt in stamina.retry_context(
+                on=_NEVER_SENT, attempts=self._connect_attempts, timeout=15.0, wait_initial=0.1, wait_max=1.0
+            ):
+                with attempt:
+                    built = self._http.build_request(
+                        request.method, url, headers=headers, content=request.body() if request.body else None
+                    )
+                    response = await self._observed("api", self._http.send(built, stream=True))
+        except _NEVER_SENT as exc:
+            raise ProviderTransientError(f"could not connect to Strava: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            raise ProviderTransientError(f"Strava did not answer: {type(exc).__name__}", answer_lost=True) from exc
+        self._note_usage(response)
+        return await self._api_answer(response)
+
+    async def _api_answer(self, response: httpx.Response) -> ApiAnswer:
+        """Read and classify the answers the gateway decides on (401, 429, 5xx); pass the rest through unread."""
+        if response.status_code != 401 and response.status_code != 429 and response.status_code < 500:
+            return ApiAnswer(response)
+        try:
+            await response.aread()
+        except httpx.HTTPError as exc:
+            raise ProviderTransientError("Strava's answer broke off", answer_lost=True) from exc
+        finally:
+            await response.aclose()
+        if response.status_code != 401:
+            raise self._classify(response)
+        error = self._classify(response)
+        if isinstance(error, ProviderConfigError):
+            raise error
+        if isinstance(error, ProviderRejectedError):
+            field = next((t.split("/")[1] for t in error.errors if t.startswith("AccessToken/")), "")
+            return ApiAnswer(response, rejected=error.reason, missing_field=field or None)
+        return ApiAnswer(response)
+
+    def _note_usage(self, response: httpx.Response) -> None:
+        usage = RateLimitUsage.from_headers(response.headers)
+        if usage is not None:
+            self.last_rate_limit = usage
+            if self._on_usage is not None:
+                self._on_usage(usage)
+
     def _app_credentials(self) -> dict[str, str]:
         return {"client_id": self._client_id, "client_secret": self._client_secret}
 
@@ -370,11 +489,7 @@ class StravaClient:
             ) from exc
         except httpx.HTTPError as exc:
             raise ProviderTransientError(f"Strava connection failed: {type(exc).__name__}", answer_lost=True) from exc
-        usage = RateLimitUsage.from_headers(response.headers)
-        if usage is not None:
-            self.last_rate_limit = usage
-            if self._on_usage is not None:
-                self._on_usage(usage)
+        self._note_usage(response)
         return response
 
     @staticmethod

@@ -28,7 +28,10 @@ from tokensvc.store.rate_budget import Limits, PauseKind
 
 log = structlog.get_logger(__name__)
 
-Priority = Literal["on_demand", "sweep"]
+# `on_demand` and `sweep` are the service's own calls; the gateway's callers pick one of the other three.
+Priority = Literal["on_demand", "sweep", "interactive", "sync", "backfill"]
+# The share of each window a priority may spend (v1.1 gateway: interactive 100 %, sync 80 %, backfill 50 %).
+GATEWAY_SHARES: dict[Priority, float] = {"interactive": 1.0, "sync": 0.8, "backfill": 0.5}
 WINDOW = 900
 DAY = 86_400
 _PAUSED = "Strava asked us to slow down; {kind} calls are paused"
@@ -80,7 +83,7 @@ class RateBudget:
         return now, now - now % WINDOW, now - now % DAY
 
     def _limits(self, priority: Priority, read: bool) -> Limits:
-        share = 1.0 if priority == "on_demand" else self._sweep_share
+        share = 1.0 if priority == "on_demand" else GATEWAY_SHARES.get(priority, self._sweep_share)
         reads = (int(self.read_limit_15min * share), int(self.read_limit_daily * share)) if read else None
         return Limits(int(self.limit_15min * share), int(self.limit_daily * share), reads)
 

@@ -186,6 +186,11 @@ class TokenService:
         refresh in the background. Otherwise the caller waits for the (shared) refresh.
         Raises TokensMissing, ReauthRequired, ProviderUnavailable (and subclasses), TokenUnreadable.
         """
+        row, token = await self.access_row(user_id, min_ttl=min_ttl)
+        return self._access(row, token)
+
+    async def access_row(self, user_id: str, *, min_ttl: int, trigger: str = "access_token") -> tuple[TokenRow, str]:
+        """`access_token`'s row and token in the clear (the gateway needs the row's version and scopes)."""
         needed = max(min_ttl, 1)
         row = await self._get(user_id)
         row = self._usable(user_id, row)
@@ -194,11 +199,24 @@ class TokenService:
         if remaining >= needed:
             if remaining <= self.buffer_seconds and not self._backing_off(row):
                 self._refresh_in_background(user_id)
-            return self._access(row, self._decrypt(row, "access"))
-        outcome = await self._ensure_fresh(user_id, force=False, min_ttl=needed, trigger="access_token")
+            return row, self._decrypt(row, "access")
+        outcome = await self._ensure_fresh(user_id, force=False, min_ttl=needed, trigger=trigger)
+        return self._fresh_enough(outcome, needed)
+
+    async def replace_rejected(self, user_id: str, *, version: int, min_ttl: int) -> tuple[TokenRow, str]:
+        """Strava refused the access token of row `version` although it should be alive: refresh once, however
+        many callers (here or on other replicas) saw the same refusal. The refresh is forced only while the row is
+        still that version; a caller who comes later gets the pair that replaced it. Raises what `access_token`
+        raises."""
+        outcome = await self._ensure_fresh(
+            user_id, force=True, min_ttl=max(min_ttl, 1), trigger="gateway", rejected_version=version
+        )
+        return self._fresh_enough(outcome, max(min_ttl, 1))
+
+    def _fresh_enough(self, outcome: Outcome, needed: int) -> tuple[TokenRow, str]:
         if outcome.row.expires_at - self._clock() < needed:
             raise ProviderUnavailable("Strava returned a token with less life than was asked for", retry_after=60)
-        return self._access(outcome.row, outcome.access_token or self._decrypt(outcome.row, "access"))
+        return outcome.row, outcome.access_token or self._decrypt(outcome.row, "access")
 
     # -- writes -----------------------------------------------------------------------------------------------
 
@@ -379,23 +397,39 @@ class TokenService:
     # -- the refresh itself -----------------------------------------------------------------------------------
 
     async def _ensure_fresh(
-        self, user_id: str, *, force: bool, min_ttl: int, trigger: str, strava_slots: asyncio.Semaphore | None = None
+        self,
+        user_id: str,
+        *,
+        force: bool,
+        min_ttl: int,
+        trigger: str,
+        strava_slots: asyncio.Semaphore | None = None,
+        rejected_version: int | None = None,
     ) -> Outcome:
         """Join the user's in-flight refresh (sharing its result or its error), or start one.
 
         A caller the joined flight did not satisfy (it wanted `force`, or more life) starts its own afterwards.
+        With `rejected_version`, `force` holds only while the row is still that version.
         """
         flight = self._flights.get(user_id)
         if flight is not None:
             outcome = await asyncio.shield(flight)
-            if (outcome.refreshed or not force) and outcome.row.expires_at - self._clock() >= min_ttl:
+            moved = rejected_version is not None and outcome.row.version != rejected_version
+            if (outcome.refreshed or moved or not force) and outcome.row.expires_at - self._clock() >= min_ttl:
                 return outcome
         flight = self._flights.get(user_id)
         if flight is None or flight.done():
             if self._closing:
                 raise ProviderUnavailable("the service is shutting down; try another replica", retry_after=1)
             flight = asyncio.create_task(
-                self._refresh_guarded(user_id, force=force, min_ttl=min_ttl, trigger=trigger, strava_slots=strava_slots)
+                self._refresh_guarded(
+                    user_id,
+                    force=force,
+                    min_ttl=min_ttl,
+                    trigger=trigger,
+                    strava_slots=strava_slots,
+                    rejected_version=rejected_version,
+                )
             )
             self._flights[user_id] = flight
             flight.add_done_callback(lambda done: self._forget_flight(user_id, done))
@@ -424,7 +458,14 @@ class TokenService:
         task.add_done_callback(self._background.discard)
 
     async def _refresh_guarded(
-        self, user_id: str, *, force: bool, min_ttl: int, trigger: str, strava_slots: asyncio.Semaphore | None = None
+        self,
+        user_id: str,
+        *,
+        force: bool,
+        min_ttl: int,
+        trigger: str,
+        strava_slots: asyncio.Semaphore | None = None,
+        rejected_version: int | None = None,
     ) -> Outcome:
         outcome_label = "error"
         try:
@@ -438,6 +479,7 @@ class TokenService:
                 priority=priority,
                 look_first=trigger != "sweep",
                 strava_slots=strava_slots,
+                rejected_version=rejected_version,
             )
         except TokenServiceError as exc:
             outcome_label = _OUTCOME_BY_CODE.get(exc.code, exc.code)
@@ -469,6 +511,7 @@ class TokenService:
         trigger: str = "api",
         look_first: bool = True,
         strava_slots: asyncio.Semaphore | None = None,
+        rejected_version: int | None = None,
     ) -> Outcome:
         """Decide, claim, call, store. The claim and the store are each one short transaction; the Strava call
         holds no connection. A caller that finds the claim held by a live owner waits for it (at most the wait
@@ -478,6 +521,8 @@ class TokenService:
         known = await self._get(user_id) if look_first else await self._read_fresh(user_id)
         while True:
             row = self._usable(user_id, known)
+            if rejected_version is not None and row.version != rejected_version:
+                force = False  # the rejected token was replaced already (here or on another replica)
             if not self._due(row, force=force, min_ttl=min_ttl):
                 return Outcome(row, refreshed=False, message=message)  # the common case: no claim, no budget
             # The sweep's bound on Strava calls in flight is taken before the claim, so no claim waits for a slot.
@@ -488,7 +533,9 @@ class TokenService:
             if current is None or current.version != row.version:
                 known, force, message = current, False, MSG_SIBLING  # someone stored a pair since we read
                 continue
-            if row.expires_at - self._clock() >= max(min_ttl, 1):
+            # A token Strava refused is no use however long it seems to last: wait for the owner's new pair.
+            refused = rejected_version is not None and force
+            if not refused and row.expires_at - self._clock() >= max(min_ttl, 1):
                 return Outcome(row, refreshed=False, message=MSG_ELSEWHERE)
             if not await self._wait_for_claim(user_id, row.version, give_up):
                 raise ProviderUnavailable("a refresh for this user is in progress elsewhere; try again", retry_after=2)
