@@ -213,3 +213,11 @@ async def test_a_single_value_parameter_given_twice_is_422(client: httpx.AsyncCl
     assert response.status_code == 422
     assert response.json()["code"] == "validation_error"
     assert response.json()["errors"][0]["loc"] == ["query", query.split("=")[0]]
+
+
+@pytest.mark.parametrize("query", ["status=", "status=,", "status=&status="])
+async def test_a_status_filter_that_names_no_status_is_422(client: httpx.AsyncClient, query: str) -> None:
+    """Not read as "every user" (Schemathesis sent `status=`): leaving the parameter out means that."""
+    response = await client.get(f"/v1/tokens?{query}")
+    assert response.status_code == 422
+    assert "status" in response.json()["detail"]

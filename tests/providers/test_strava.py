@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -856,3 +857,73 @@ class TestPushSubscriptions:
         await strava.delete_subscription(7)
         for route in (listing, deleting):
             assert dict(route.calls.last.request.url.params) == {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+
+
+class TestTokenSlots:
+    """TOKENSVC_STRAVA_TOKEN_CONCURRENCY bounds /oauth/token calls per process; the wait for a slot is not the call's
+    own deadline (found by bench/slowstrava.py: queued refreshes were cut at Strava as "answer lost")."""
+
+    async def test_a_call_queued_for_a_slot_keeps_its_whole_deadline(
+        self, token_route: respx.Route, clock: FakeClock
+    ) -> None:
+        held = asyncio.Event()
+        release = asyncio.Event()
+
+        async def answer(_request: httpx.Request) -> httpx.Response:
+            if not held.is_set():
+                held.set()
+                await release.wait()
+            return httpx.Response(200, json=REFRESH_BODY)
+
+        token_route.mock(side_effect=answer)
+        client = StravaClient(
+            base_url=BASE,
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            timeout=2.0,
+            clock=clock,
+            token_concurrency=1,
+        )
+        try:
+            first = asyncio.create_task(client.refresh(REFRESH, deadline_seconds=5.0))
+            await held.wait()  # the one slot is taken, its call at Strava
+            second = asyncio.create_task(client.refresh(REFRESH, deadline_seconds=0.2, slot_wait_seconds=5.0))
+            await asyncio.sleep(0.4)  # the second waits for the slot longer than its own deadline
+            release.set()
+            assert (await first).access_token == NEW_ACCESS
+            assert (await second).access_token == NEW_ACCESS  # sent once the slot was free, then answered in time
+        finally:
+            await client.aclose()
+        assert token_route.call_count == 2
+
+    async def test_no_slot_within_the_wait_is_a_transient_error_and_nothing_is_sent(
+        self, token_route: respx.Route, clock: FakeClock
+    ) -> None:
+        sent = asyncio.Event()
+        release = asyncio.Event()
+
+        async def answer(_request: httpx.Request) -> httpx.Response:
+            sent.set()
+            await release.wait()
+            return httpx.Response(200, json=REFRESH_BODY)
+
+        token_route.mock(side_effect=answer)
+        client = StravaClient(
+            base_url=BASE,
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            timeout=2.0,
+            clock=clock,
+            token_concurrency=1,
+        )
+        try:
+            first = asyncio.create_task(client.refresh(REFRESH))
+            await sent.wait()  # the one slot is taken, its call at Strava
+            with pytest.raises(ProviderTransientError, match="not sent") as caught:
+                await client.refresh(REFRESH, slot_wait_seconds=0.05)
+            assert not caught.value.answer_lost
+            assert token_route.call_count == 1
+            release.set()
+            await first
+        finally:
+            await client.aclose()

@@ -102,9 +102,11 @@ async def list_tokens(
 
 
 def _parse_statuses(raw: list[str] | None) -> list[Status]:
-    parts = [part.strip() for value in raw or () for part in value.split(",") if part.strip()]
-    if not parts:
+    if raw is None:
         return _STORED_STATUSES
+    parts = [part.strip() for value in raw for part in value.split(",") if part.strip()]
+    if not parts:  # `status=` names none: leave the parameter out to list every stored user
+        raise ValidationFailed(f"`status` is empty: name one or more of {', '.join(_FILTERS)}, or leave it out")
     try:
         return [Status(part) for part in parts]
     except ValueError as exc:

@@ -263,10 +263,15 @@ class StravaClient:
         )
         return f"{self.base_url}/oauth/authorize?{query}"
 
-    async def refresh(self, refresh_token: str) -> TokenGrant:
-        """Trade a refresh token for a token pair.
+    async def refresh(
+        self, refresh_token: str, *, deadline_seconds: float | None = None, slot_wait_seconds: float | None = None
+    ) -> TokenGrant:
+        """Trade a refresh token for a token pair. The call waits at most `slot_wait_seconds` for one of the
+        process's token slots (then nothing was sent) and, once sent, `deadline_seconds` in all (retries included;
+        then TimeoutError: the answer may be lost), so a queue for the slots never eats the call's own time.
 
-        Raises ProviderRejectedError (refresh_token_invalid), ProviderConfigError or ProviderTransientError.
+        Raises ProviderRejectedError (refresh_token_invalid), ProviderConfigError, ProviderTransientError, or
+        TimeoutError past the deadline.
         """
         response = await self._post(
             "/oauth/token",
@@ -277,6 +282,8 @@ class StravaClient:
                 "refresh_token": refresh_token,
             },
             http_timeout=self._token_timeout,
+            deadline_seconds=deadline_seconds,
+            slot_wait_seconds=slot_wait_seconds,
         )
         return self._grant(response, with_athlete=False)
 
@@ -443,16 +450,31 @@ class StravaClient:
         raise error
 
     async def _post(
-        self, path: str, form: Mapping[str, str], *, http_timeout: httpx.Timeout | None = None
+        self,
+        path: str,
+        form: Mapping[str, str],
+        *,
+        http_timeout: httpx.Timeout | None = None,
+        deadline_seconds: float | None = None,
+        slot_wait_seconds: float | None = None,
     ) -> httpx.Response:
-        if path == "/oauth/token":
-            async with self.token_slots:
-                metrics.TOKEN_CALLS_IN_FLIGHT.inc()
-                try:
-                    return await self._send("POST", path, data=form, http_timeout=http_timeout)
-                finally:
-                    metrics.TOKEN_CALLS_IN_FLIGHT.dec()
-        return await self._send("POST", path, data=form, http_timeout=http_timeout)
+        if path != "/oauth/token":
+            return await self._send("POST", path, data=form, http_timeout=http_timeout)
+        try:
+            async with asyncio.timeout(slot_wait_seconds):
+                await self.token_slots.acquire()
+        except TimeoutError as exc:
+            raise ProviderTransientError(
+                f"all {self.token_concurrency} token slots of this process stayed busy: the call was not sent",
+                retry_after=5,
+            ) from exc
+        metrics.TOKEN_CALLS_IN_FLIGHT.inc()
+        try:
+            async with asyncio.timeout(deadline_seconds):
+                return await self._send("POST", path, data=form, http_timeout=http_timeout)
+        finally:
+            metrics.TOKEN_CALLS_IN_FLIGHT.dec()
+            self.token_slots.release()
 
     async def _send(
         self,

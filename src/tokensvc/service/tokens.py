@@ -792,8 +792,13 @@ class TokenService:
         started = time.perf_counter()
         try:
             try:
-                async with asyncio.timeout(self._token_timeout):
-                    grant = await self._strava.refresh(refresh_token)
+                # The deadline starts when the call is sent; the wait for a token slot is bounded by what the claim
+                # leaves beyond it (a claim is at least 5 s longer than the deadline: config.py).
+                grant = await self._strava.refresh(
+                    refresh_token,
+                    deadline_seconds=self._token_timeout,
+                    slot_wait_seconds=max(1.0, self._claim_seconds - self._token_timeout - 2.0),
+                )
             except TimeoutError as exc:
                 raise ProviderTransientError(
                     "Strava did not answer within the token deadline", answer_lost=True
