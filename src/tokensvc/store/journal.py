@@ -73,16 +73,23 @@ async def enqueue(
 ) -> None:
     """Put a notification in the outbox; a deliverer in any replica sends it once the transaction commits."""
     await conn.execute(
-        sa.insert(n).values(
-            id=message_id,
-            event_type=event_type,
-            user_id=user_id,
-            payload=payload,
-            created_at=created_at,
-            next_attempt_at=deliver_at,
-            attempts=0,
-        )
+        sa.insert(n).values(outbox_row(message_id, event_type, user_id, payload, created_at, deliver_at))
     )
+
+
+def outbox_row(
+    message_id: str, event_type: str, user_id: str, payload: str, created_at: datetime, deliver_at: int
+) -> dict[str, object]:
+    """The columns of a new outbox row, not yet attempted (every writer of the outbox builds it here)."""
+    return {
+        "id": message_id,
+        "event_type": event_type,
+        "user_id": user_id,
+        "payload": payload,
+        "created_at": created_at,
+        "next_attempt_at": deliver_at,
+        "attempts": 0,
+    }
 
 
 _EVENT_COLUMNS = (

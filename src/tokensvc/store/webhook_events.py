@@ -21,6 +21,7 @@ from tokensvc.models import strava_subscription as sub
 from tokensvc.models import strava_webhook_events as w
 from tokensvc.models import user_tokens as t
 from tokensvc.store.housekeeping import batch_delete
+from tokensvc.store.journal import outbox_row
 
 PENDING = "pending"
 
@@ -237,15 +238,7 @@ async def enqueue_forwarded(
     retries are one row); False, and nothing written, when that id is there already."""
     stmt = (
         _insert(conn, n)
-        .values(
-            id=message_id,
-            event_type=event_type,
-            user_id=user_id,
-            payload=payload,
-            created_at=created_at,
-            next_attempt_at=deliver_at,
-            attempts=0,
-        )
+        .values(outbox_row(message_id, event_type, user_id, payload, created_at, deliver_at))
         .on_conflict_do_nothing(index_elements=[n.c.id])
         .returning(n.c.id)
     )
