@@ -148,7 +148,8 @@ async def handle(http: httpx.AsyncClient, event: Event, record: Recorder) -> Non
 
 
 async def consume(queue: asyncio.Queue[Event], http: httpx.AsyncClient, record: Recorder) -> None:
-    """One consumer, so a user's events are applied one at a time in `event_time` order."""
+    """One consumer: events are applied one at a time, in `event_time` order per object. A wait on 429 holds every
+    user's events, as it should: the spent window is the app's, not the user's."""
     order = EventOrder()
     while True:
         event = await queue.get()
@@ -169,23 +170,28 @@ def make_app(tokensvc_url: str, api_key: str, notify_secret: str, record: Record
     seen: OrderedDict[str, None] = OrderedDict()
 
     async def receive(request: Request) -> Response:
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            return Response(status_code=413)
         body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
+        if len(body) > MAX_BODY_BYTES:  # a chunked body declares no length
             return Response(status_code=413)
         try:
-            payload = webhook.verify(body, dict(request.headers))
+            payload = webhook.verify(body, dict(request.headers))  # the raw body, before any parsing
         except WebhookVerificationError:
             return Response(status_code=401)
         webhook_id = request.headers["webhook-id"]
         if webhook_id in seen:
             record("duplicate", webhook_id=webhook_id)
             return Response(status_code=204)
+        record("received", webhook_id=webhook_id, type=payload.get("type"), data=payload.get("data"))
+        if payload.get("type") in EVENT_TYPES:  # token.* notifications come here too (token.connected: a backfill)
+            try:
+                queue.put_nowait(Event.parse(webhook_id, payload))
+            except (KeyError, TypeError, ValueError):  # signed, so retrying would not help: log and drop it
+                log.error("malformed event %s", webhook_id)
         seen[webhook_id] = None
         if len(seen) > SEEN_IDS:
             seen.popitem(last=False)
-        record("received", webhook_id=webhook_id, type=payload["type"], data=payload["data"])
-        if payload["type"] in EVENT_TYPES:  # token.* notifications come here too (token.connected: a backfill)
-            queue.put_nowait(Event.parse(webhook_id, payload))
         return Response(status_code=204)
 
     async def healthz(request: Request) -> Response:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ class TestSyncWorker:
     async def test_an_upload_is_fetched_once_through_the_gateway(
         self, service_db: str, sandbox_process: Process, tmp_path: Path, http: httpx.AsyncClient
     ) -> None:
+        """At default settings: Strava's three tries of the create event are one signed `strava.activity.created`
+        for the right user, one gateway read answers 200 with the activity, and the delete is applied without one."""
         secret = generate_notify_secret()
         record = tmp_path / "synced.jsonl"
         service_port = free_port()
@@ -100,7 +103,6 @@ class TestSyncWorker:
             sandbox_process,
             TOKENSVC_NOTIFY_URL=f"{worker.url}/hooks/tokensvc",
             TOKENSVC_NOTIFY_SECRET=secret,
-            TOKENSVC_NOTIFY_POLL_SECONDS="0.2",
             TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN=VERIFY_TOKEN,
             TOKENSVC_STRAVA_WEBHOOK_PATH_SECRET=PATH_SECRET,
         )
@@ -114,6 +116,7 @@ class TestSyncWorker:
             athlete = await seed_user(http, sandbox_process, service, "syncs", expires_in=20_000)
             await seed_user(http, sandbox_process, service, "bystander", expires_in=20_000)
 
+            started = time.monotonic()
             uploaded = await http.post(
                 f"{sandbox_process.url}/_control/athletes/{athlete['athlete_id']}/activities",
                 params={"copies": 3},
@@ -125,6 +128,12 @@ class TestSyncWorker:
             assert [d["statuses"] for d in delivered.json()["deliveries"]] == [[200], [200], [200]]
 
             fetched = await wait_for_record(record, "fetched")
+            print(f"upload to activity fetched by the worker: {time.monotonic() - started:.2f}s (default settings)")
+            # The athlete deletes it: the worker forgets it without calling Strava.
+            assert (await http.delete(f"{sandbox_process.url}/_control/activities/{activity_id}")).status_code == 200
+            delivered = await http.get(f"{sandbox_process.url}/_control/deliveries", params={"count": 4, "timeout": 10})
+            assert delivered.json()["deliveries"][3]["statuses"] == [200]
+            deleted = await wait_for_record(record, "deleted")
             await wait_outbox_delivered(service_db)
             await self.assert_forged_and_replayed_are_not_synced(worker, secret, record)
         finally:
@@ -132,8 +141,9 @@ class TestSyncWorker:
             service.stop()
 
         received = [r for r in records(record) if r["kind"] == "received" and r["type"].startswith("strava.")]
-        assert len(received) == 1, received  # Strava's three tries are one notification
-        assert received[0]["type"] == "strava.activity.created"
+        # Strava's three tries are one notification; the delete is another.
+        assert [r["type"] for r in received] == ["strava.activity.created", "strava.activity.deleted"], received
+        assert (deleted["user_id"], deleted["activity_id"]) == ("syncs", activity_id)
         assert received[0]["data"]["user_id"] == "syncs"
         assert received[0]["data"]["object_id"] == activity_id
         assert [r for r in records(record) if r["kind"] == "fetched"] == [fetched]
@@ -141,14 +151,14 @@ class TestSyncWorker:
         assert (fetched["activity"]["id"], fetched["activity"]["name"]) == (activity_id, "Morning Tempo")
         assert fetched["activity"]["distance"] == 10_000
         stats = await sandbox_stats(http, sandbox_process)
-        assert stats["calls"]["activity"] == 1  # one read at Strava, through the gateway
+        assert stats["calls"]["activity"] == 1  # one read at Strava, through the gateway, none for the delete
         for token in (athlete["access_token"], athlete["refresh_token"]):
             assert token not in record.read_text()
             assert token not in worker.log.read_text()
 
     async def assert_forged_and_replayed_are_not_synced(self, worker: Process, secret: str, record: Path) -> None:
         """A delivery without a valid signature is refused; a replay of a handled `webhook-id` is not synced again."""
-        (first,) = [r for r in records(record) if r["kind"] == "received" and r["type"].startswith("strava.")]
+        first = next(r for r in records(record) if r["kind"] == "received" and r["type"].startswith("strava."))
         body = json.dumps({"type": first["type"], "timestamp": "2026-12-01T10:00:00Z", "data": first["data"]})
         async with httpx.AsyncClient(timeout=10) as client:
             forged = await client.post(
