@@ -45,13 +45,13 @@ test: install
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check src tests bench alembic
-	$(BIN)/ruff format --check src tests bench alembic
+	$(BIN)/ruff check src tests bench alembic examples
+	$(BIN)/ruff format --check src tests bench alembic examples
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff check --fix src tests bench alembic
-	$(BIN)/ruff format src tests bench alembic
+	$(BIN)/ruff check --fix src tests bench alembic examples
+	$(BIN)/ruff format src tests bench alembic examples
 
 $(UV):
 	$(PYTHON) -m venv build/tools/uv-$(UV_VERSION)

@@ -269,18 +269,33 @@ class TestDashboardInChromium:
                 assert (status["status"], status["needs_reauth"], status["athlete_id"]) == ("valid", False, athlete_id)
                 assert (await stack.control("GET", f"/athletes/{athlete_id}"))["revoked"] is False
 
-                # f. Sync now: asks tokensvc again (ensureFresh), then the app's backend calls Strava.
+                # f. Sync now: asks tokensvc again (ensureFresh), then the app's backend reads the athlete and the
+                #    5 newest of their 6 activities through tokensvc's gateway; the card lists them, newest first.
+                names = await self.upload_activities(stack, athlete_id, 6)
                 traffic.start_counting()
                 await page.get_by_test_id("sync-button").click()
                 await expect(page.get_by_test_id("sync-status")).to_contain_text("Synced", timeout=UI_TIMEOUT_MS)
                 await expect(page.get_by_test_id("sync-detail")).to_contain_text(f"athlete #{athlete_id}")
+                await expect(page.get_by_test_id("activity-name")).to_have_text(names[::-1][:5])
                 assert traffic.proactive_calls() == 1
-                assert (await stack.control("GET", "/stats"))["calls"]["athlete"] == 1
+                calls = (await stack.control("GET", "/stats"))["calls"]
+                assert (calls["athlete"], calls["activities"]) == (1, 1)
+                assert not any("/v1/users/" in r.url for r in traffic.requests)  # the service API is the backend's
+                await page.screenshot(path=screenshots / "browser-sync.png", full_page=True)
                 await self.assert_page_saw_no_secret(stack, traffic, athlete_id)
                 assert page_errors == []
             finally:
                 await browser.close()
         print(f"browser scenario took {time.monotonic() - started:.1f}s")
+
+    async def upload_activities(self, stack: Stack, athlete_id: int, count: int) -> list[str]:
+        """`count` activities on consecutive days, oldest first; their names."""
+        names = [f"Tempo run {i + 1}" for i in range(count)]
+        start = int(time.time()) - 10 * 86_400
+        for i, name in enumerate(names):
+            body = {"name": name, "start_date": start + i * 86_400, "distance": 8000 + 500 * i}
+            await stack.control("POST", f"/athletes/{athlete_id}/activities", json=body)
+        return names
 
     async def assert_page_saw_no_secret(self, stack: Stack, traffic: Traffic, athlete_id: int) -> None:
         """No body the page received holds a Strava token, and no request the page sent holds the API key."""

@@ -7,7 +7,10 @@
  *   POST /api/connect/complete → { session_token, session_expires_at, token_status }
  *                                                     confirms the `connect_id` tokensvc sent the browser back with,
  *                                                     for this app's signed-in user (POST …/connect/complete)
- *   POST /api/sync             → { athlete, synced_at } fetches a fresh access token from tokensvc and calls Strava
+ *   POST /api/sync             → { athlete, activities, synced_at }
+ *                                                     reads the athlete and their 5 newest activities from Strava
+ *                                                     through tokensvc's gateway (GET /v1/users/{id}/strava/…):
+ *                                                     this backend never holds a Strava token
  *
  * In a real application these live in your server, and the user id comes from your own login session.
  * Here the page passes `?user=` along, because the example has no login of its own.
@@ -19,7 +22,6 @@ import type { Connect, Plugin } from 'vite'
 export interface BackendConfig {
   tokensvcUrl: string
   apiKey: string
-  stravaApiUrl: string
 }
 
 const USER_ID = /^[A-Za-z0-9._-]{1,64}$/
@@ -28,13 +30,7 @@ const UPSTREAM_TIMEOUT_MS = 15_000
 
 export function configFromEnv(env: NodeJS.ProcessEnv = process.env): BackendConfig {
   const tokensvcUrl = (env.TOKENSVC_URL ?? 'http://127.0.0.1:8000').replace(/\/+$/, '')
-  return {
-    tokensvcUrl,
-    apiKey: env.TOKENSVC_API_KEY ?? 'sandbox-key',
-    // `tokensvc serve --sandbox` serves the Strava emulator's API here; point it at
-    // https://www.strava.com/api/v3 when tokensvc talks to the real Strava.
-    stravaApiUrl: (env.STRAVA_API_URL ?? `${tokensvcUrl}/sandbox/strava/api/v3`).replace(/\/+$/, ''),
-  }
+  return { tokensvcUrl, apiKey: env.TOKENSVC_API_KEY ?? 'sandbox-key' }
 }
 
 class HttpError extends Error {
@@ -87,7 +83,12 @@ function userIdOf(body: Record<string, unknown>): string {
 }
 
 /** A call to tokensvc's service API with the key; turns transport failures and problem+json into HttpErrors. */
-async function tokensvc(config: BackendConfig, path: string, init: RequestInit = {}): Promise<Response> {
+async function tokensvc(
+  config: BackendConfig,
+  path: string,
+  init: RequestInit = {},
+  extraHeaders: Record<string, string> = {},
+): Promise<Response> {
   let response: Response
   try {
     response = await fetch(`${config.tokensvcUrl}${path}`, {
@@ -96,6 +97,7 @@ async function tokensvc(config: BackendConfig, path: string, init: RequestInit =
         Authorization: `Bearer ${config.apiKey}`,
         Accept: 'application/json',
         ...(init.body === undefined ? {} : { 'Content-Type': 'application/json' }),
+        ...extraHeaders,
       },
       signal: AbortSignal.timeout(UPSTREAM_TIMEOUT_MS),
     })
@@ -111,6 +113,14 @@ async function tokensvc(config: BackendConfig, path: string, init: RequestInit =
       throw new HttpError(response.status, detail, {
         code: problem.code,
         needs_reauth: problem.code === 'reauth_required',
+      })
+    }
+    // The gateway's own refusals: a scope the user did not grant (reconnect asking for it), the app's shared
+    // Strava window spent (try again after Retry-After).
+    if (response.status === 403 || response.status === 429) {
+      throw new HttpError(response.status, detail, {
+        code: problem.code,
+        retry_after: Number(response.headers.get('retry-after') ?? '') || undefined,
       })
     }
     throw new HttpError(502, detail)
@@ -152,25 +162,42 @@ async function completeConnect(config: BackendConfig, req: IncomingMessage): Pro
   return { session_token, session_expires_at, token_status }
 }
 
+interface StravaActivity {
+  id: number
+  name: string
+  sport_type: string
+  start_date: string
+  distance: number
+}
+
+/** A Strava API call for the user through tokensvc's gateway: tokensvc injects (and refreshes) the token. */
+async function strava<T>(config: BackendConfig, userId: string, path: string): Promise<T> {
+  // The user is waiting for this answer: `interactive` may spend the whole shared window (sync workers: `sync`).
+  const response = await tokensvc(
+    config,
+    `/v1/users/${userId}/strava/${path}`,
+    {},
+    { 'Tokensvc-Priority': 'interactive' },
+  )
+  return (await response.json()) as T
+}
+
 async function sync(config: BackendConfig, req: IncomingMessage): Promise<unknown> {
   const userId = userIdOf(await readJson(req))
-  // tokensvc hands out a token that lives at least five more minutes, refreshing first when needed.
-  const tokenResponse = await tokensvc(config, `/v1/users/${userId}/access-token?min_ttl=300`)
-  const { access_token: accessToken } = (await tokenResponse.json()) as { access_token: string }
-  let strava: Response
-  try {
-    strava = await fetch(`${config.stravaApiUrl}/athlete`, {
-      headers: { Authorization: `Bearer ${accessToken}` },
-      signal: AbortSignal.timeout(UPSTREAM_TIMEOUT_MS),
-    })
-  } catch {
-    throw new HttpError(502, 'Strava is not reachable')
-  }
-  if (!strava.ok) throw new HttpError(502, `Strava answered ${strava.status}`)
-  const athlete = (await strava.json()) as { id: number; firstname?: string; lastname?: string }
-  // Only what the page shows goes back to the browser: never the token.
+  const [athlete, activities] = await Promise.all([
+    strava<{ id: number; firstname?: string; lastname?: string }>(config, userId, 'athlete'),
+    strava<StravaActivity[]>(config, userId, 'athlete/activities?per_page=5'),
+  ])
+  // Only what the page shows goes back to the browser.
   return {
     athlete: { id: athlete.id, name: [athlete.firstname, athlete.lastname].filter(Boolean).join(' ') },
+    activities: activities.map(({ id, name, sport_type, start_date, distance }) => ({
+      id,
+      name,
+      sport_type,
+      start_date,
+      distance,
+    })),
     synced_at: new Date().toISOString(),
   }
 }

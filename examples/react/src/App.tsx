@@ -65,8 +65,9 @@ export function App() {
               answers with a status only: this page never sees a Strava token or the tokensvc API key.
             </li>
             <li>
-              <em>Sync now</em> asks tokensvc once more, then the app's backend fetches a fresh access token with its
-              API key and calls Strava.
+              <em>Sync now</em> asks tokensvc once more, then the app's backend reads the athlete and their five newest
+              activities through tokensvc's Strava gateway (<code>GET /v1/users/&#123;id&#125;/strava/…</code>, with its
+              API key): tokensvc adds the token, so the backend never holds one either.
             </li>
           </ol>
         </section>

@@ -8,8 +8,17 @@ export function currentUserId(): string {
   return new URLSearchParams(window.location.search).get('user') || 'demo-user'
 }
 
+export interface RecentActivity {
+  id: number
+  name: string
+  sport_type: string
+  start_date: string
+  distance: number
+}
+
 export interface SyncResult {
   athlete: { id: number; name: string }
+  activities: RecentActivity[]
   synced_at: string
 }
 
@@ -49,7 +58,7 @@ export async function startConnect(redirectTo: string): Promise<string> {
   return authorize_url
 }
 
-/** The app's "sync": its backend gets a fresh access token from tokensvc and reads the athlete from Strava. */
+/** The app's "sync": its backend reads the athlete and their 5 newest activities through tokensvc's gateway. */
 export function syncNow(): Promise<SyncResult> {
   return post<SyncResult>('/api/sync', { user_id: currentUserId() })
 }

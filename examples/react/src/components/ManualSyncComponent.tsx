@@ -1,6 +1,6 @@
 import { useState } from 'react'
 
-import { AppBackendError, type SyncResult, syncNow } from '../appBackend'
+import { AppBackendError, type RecentActivity, type SyncResult, syncNow } from '../appBackend'
 import { useStravaTokens } from '../useStravaTokens'
 
 type Phase = 'idle' | 'checking' | 'syncing' | 'synced' | 'blocked' | 'failed'
@@ -14,7 +14,33 @@ const PHASE_TEXT: Record<Phase, string> = {
   failed: 'Sync failed',
 }
 
-/** "Sync now": first makes sure the token is fresh (tokensvc), then lets the app's backend sync. */
+function ActivityList({ activities }: { activities: RecentActivity[] }) {
+  if (activities.length === 0) {
+    return (
+      <p className="sync-detail" data-testid="activity-list-empty">
+        No activities on Strava yet.
+      </p>
+    )
+  }
+  return (
+    <ul className="activity-list" data-testid="activity-list">
+      {activities.map((activity) => (
+        <li key={activity.id} data-testid="activity-item" data-activity-id={activity.id}>
+          <span className="activity-name" data-testid="activity-name">
+            {activity.name}
+          </span>
+          <span className="activity-meta">
+            {activity.sport_type} · {(activity.distance / 1000).toFixed(1)} km ·{' '}
+            {new Date(activity.start_date).toLocaleDateString()}
+          </span>
+        </li>
+      ))}
+    </ul>
+  )
+}
+
+/** "Sync now": first makes sure the token is fresh (tokensvc), then the app's backend reads the athlete's recent
+ * activities through tokensvc's gateway, and the card lists them. */
 export function ManualSyncComponent() {
   const { needsReauth, status, ensureFresh } = useStravaTokens()
   const [phase, setPhase] = useState<Phase>('idle')
@@ -63,10 +89,17 @@ export function ManualSyncComponent() {
         {shown === 'failed' && detail !== null && <span>: {detail}</span>}
       </p>
       {shown === 'synced' && result !== null && (
-        <p className="sync-detail" data-testid="sync-detail">
-          Read athlete #{result.athlete.id} ({result.athlete.name}) from Strava at{' '}
-          {new Date(result.synced_at).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' })}
-        </p>
+        <>
+          <p className="sync-detail" data-testid="sync-detail">
+            Read athlete #{result.athlete.id} ({result.athlete.name}) and their recent activities through tokensvc at{' '}
+            {new Date(result.synced_at).toLocaleTimeString([], {
+              hour: '2-digit',
+              minute: '2-digit',
+              second: '2-digit',
+            })}
+          </p>
+          <ActivityList activities={result.activities} />
+        </>
       )}
       <button
         type="button"
