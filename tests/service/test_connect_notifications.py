@@ -24,6 +24,7 @@ from tokensvc.config import Settings
 from tokensvc.errors import ReauthRequired
 from tokensvc.sandbox import SandboxState
 from tokensvc.schemas import TokenStatus
+from tokensvc.service.journal import connect_news
 from tokensvc.service.notify import NotificationDeliverer
 from tokensvc.service.oauth import CallbackBrowser
 
@@ -254,3 +255,29 @@ class TestOtherWaysIn:
         await deliverer.deliver_due()
         types = sorted(r.verified()["type"] for r in receiver.received)
         assert types == [CONNECTED, "token.needs_reauth", "token.recovered"]
+
+
+class TestConnectNews:
+    """The decision itself, for the cases a test cannot time: two first connects of one user at once."""
+
+    @pytest.mark.parametrize(
+        ("previous", "inserted", "athlete_id", "scopes", "expected"),
+        [
+            pytest.param(None, True, 1, ["read"], (True, None), id="first"),
+            pytest.param(None, False, 1, ["read"], (False, None), id="a-concurrent-first-connect-notified"),
+            pytest.param((1, ["read"]), False, 1, ["read"], (False, None), id="same"),
+            pytest.param((1, ["read", "activity:read"]), False, 1, ["read"], (False, None), id="fewer"),
+            pytest.param((1, ["read"]), False, 1, ["read", "activity:read"], (True, ["activity:read"]), id="added"),
+            pytest.param((1, ["read"]), False, 2, ["read"], (True, None), id="another-athlete"),
+            pytest.param((None, ["read"]), False, 2, ["read"], (False, None), id="imported-without-athlete"),
+        ],
+    )
+    def test_what_a_connect_tells_the_app(
+        self,
+        previous: tuple[int | None, list[str]] | None,
+        inserted: bool,
+        athlete_id: int,
+        scopes: list[str],
+        expected: tuple[bool, list[str] | None],
+    ) -> None:
+        assert connect_news(previous, inserted=inserted, athlete_id=athlete_id, scopes=scopes) == expected

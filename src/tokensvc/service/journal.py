@@ -197,12 +197,20 @@ class Journal:
 
 
 def connect_news(
-    previous: tuple[int | None, list[str]] | None, *, athlete_id: int | None, scopes: list[str]
+    previous: tuple[int | None, list[str]] | None, *, inserted: bool, athlete_id: int | None, scopes: list[str]
 ) -> tuple[bool, list[str] | None]:
-    """Whether a connect is news for the app, and which scopes it added: `previous` is the stored row's (athlete,
-    scopes), None when the user had none. A first connect, or one for another athlete than the stored one, is news
-    with no `scopes_added`; a reconnect of the same athlete is news only when it added scopes."""
-    if previous is None or (previous[0] is not None and athlete_id is not None and previous[0] != athlete_id):
+    """Whether a connect is news for the app, and which scopes it added.
+
+    `inserted`: the connect's own write created the user's row (the database decides, so two concurrent first
+    connects notify once). `previous`: the row's (athlete, scopes) as the connect's transaction read it, None when
+    it saw none (then, if it did not insert, a concurrent connect did, and notified). A first connect, or one for
+    another athlete than the stored one, is news with no `scopes_added`; a reconnect of the same athlete is news
+    only when it added scopes."""
+    if inserted:
+        return True, None
+    if previous is None:
+        return False, None
+    if previous[0] is not None and athlete_id is not None and previous[0] != athlete_id:
         return True, None
     added = [s for s in scopes if s not in previous[1]]
     return bool(added), added or None

@@ -294,6 +294,7 @@ class TokenService:
             await self.journal.stored(conn, user_id, kind="connected", previous_reason=_reason(previous))
             news, added = connect_news(
                 (previous.athlete_id, previous.scope_list) if previous is not None else None,
+                inserted=row.version == 1,  # a new row starts at version 1; every later write bumps it
                 athlete_id=row.athlete_id,
                 scopes=row.scope_list,
             )
