@@ -234,6 +234,7 @@ async def open_resources(
         buffer_seconds=settings.refresh_buffer_seconds,
         gauge_interval_seconds=settings.gauge_interval_seconds,
         active_days=settings.sweep_active_days,
+        athlete_capacity=settings.strava_athlete_capacity,
     )
     try:
         yield Resources(
@@ -256,6 +257,7 @@ async def open_resources(
                 clock=clock,
                 buffer_seconds=settings.refresh_buffer_seconds,
                 active_days=settings.sweep_active_days,
+                athlete_capacity=settings.strava_athlete_capacity,
             ),
             rows=rows,
             clock=clock,

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     strava_rate_limit: str = Field(default="200,2000", pattern=r"^\s*\d+\s*,\s*\d+\s*$")
     # Strava's read ("non-upload") limit, charged as well for every rate-counted GET (the athlete check).
     strava_read_rate_limit: str = Field(default="100,1000", pattern=r"^\s*\d+\s*,\s*\d+\s*$")
+    # v1.1: how many connected athletes the Strava app may have (Strava: 1 for a new app, 10 self-serve, more after
+    # review); /v1/stats, /metrics and the dashboard show connected athletes against it. Unset: not shown.
+    strava_athlete_capacity: int | None = Field(default=None, ge=1, le=100_000_000)
     # /oauth/token calls (refresh, exchange) are not rate-counted by Strava: this bounds them per process instead.
     strava_token_concurrency: int = Field(default=6, ge=1, le=200)
     session_secret: SecretStr | None = None

@@ -61,6 +61,13 @@ class ConnectMismatch(TokenServiceError):
     code, status, title = "connect_mismatch", 409, "Connect started for another user"
 
 
+class AthleteCapacity(TokenServiceError):
+    """v1.1: Strava refused a connect because the app is at its athlete capacity (403 `Limit of connected athletes
+    exceeded`); nothing was stored. Not transient: another athlete must disconnect, or the app move up a tier."""
+
+    code, status, title = "athlete_capacity", 409, "Strava app at its athlete capacity"
+
+
 class NeedsReconnect(TokenServiceError):
     """The user must go through Strava's consent again; 409s say so with `needs_reauth` and an authorize URL."""
 

@@ -83,3 +83,18 @@ GATEWAY_CALLS_TOTAL = Counter(
     "strava_error, client_error: another 4xx from Strava, unavailable, refused: the service's own 4xx)",
     ["outcome"],
 )
+
+CONNECTS_TOTAL = Counter(
+    "tokensvc_connect_total",
+    "Code exchanges of connects (callback or connect/complete), by outcome (connected; capacity: Strava's 403 "
+    "`Limit of connected athletes exceeded`; code_rejected, athlete_in_use, unavailable, misconfigured)",
+    ["outcome"],
+)
+ATHLETES_CONNECTED = Gauge(
+    "tokensvc_strava_athletes_connected",
+    "Users holding a live Strava connection (stored tokens, not needs_reauth): one athlete each (DB-wide)",
+)
+ATHLETE_CAPACITY = Gauge(
+    "tokensvc_strava_athlete_capacity",
+    "TOKENSVC_STRAVA_ATHLETE_CAPACITY, the connected athletes the Strava app may have; absent when unset",
+)

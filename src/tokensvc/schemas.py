@@ -258,6 +258,7 @@ class ProblemCode(StrEnum):
     REAUTH_REQUIRED = "reauth_required"
     STALE_IMPORT = "stale_import"
     ATHLETE_IN_USE = "athlete_in_use"
+    ATHLETE_CAPACITY = "athlete_capacity"
     CONNECT_MISMATCH = "connect_mismatch"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
@@ -508,6 +509,21 @@ class RefreshWindows(BaseModel):
     last_24h: RefreshCounts
 
 
+class AthleteCounts(BaseModel):
+    """v1.1: connected athletes against the Strava app's capacity (Strava refuses connects beyond it)."""
+
+    connected: int = Field(
+        description="Users holding a live Strava connection (stored tokens, not `needs_reauth`): one athlete each"
+    )
+    capacity: int | None = Field(
+        description="TOKENSVC_STRAVA_ATHLETE_CAPACITY, the connected athletes the Strava app may have; null: unset"
+    )
+    warning: bool = Field(
+        description="`connected` has reached 80 % of `capacity`: ask Strava for a higher tier before connects "
+        "are refused (`strava=capacity`); false when no capacity is set"
+    )
+
+
 class Stats(BaseModel):
     """DB-wide counts: every replica answers the same."""
 
@@ -523,11 +539,13 @@ class Stats(BaseModel):
                 "idle": 138,
             },
             "refresh": {"last_24h": {"success": 4980, "failure": 3, "reauth_required": 2}},
+            "athletes": {"connected": 1238, "capacity": 9999, "warning": False},
         }
     )
 
     users: UserCounts
     refresh: RefreshWindows
+    athletes: AthleteCounts
 
 
 _BIGINT = 2**63 - 1

@@ -6,8 +6,10 @@ import httpx
 import pytest
 
 from tests.api.test_tokens_api import assert_problem, put_user
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, make_settings
+from tokensvc.config import Settings
 from tokensvc.sandbox import FaultSpec, SandboxState
+from tokensvc.service.stats import StatsService
 
 EVENT_FIELDS = {"id", "occurred_at", "kind", "trigger", "outcome", "strava_status", "duration_ms", "detail"}
 
@@ -131,6 +133,7 @@ class TestStats:
                 "idle": 0,
             },
             "refresh": {"last_24h": {"success": 0, "failure": 0, "reauth_required": 0}},
+            "athletes": {"connected": 0, "capacity": None, "warning": False},
         }
 
     async def test_counts_users_by_status_and_refreshes_of_the_last_day(
@@ -163,16 +166,62 @@ class TestStats:
                 "idle": 0,
             },
             "refresh": {"last_24h": {"success": 1, "failure": 1, "reauth_required": 1}},
+            # v1.1: connected athletes are the users holding a live connection (needs_reauth is not)
+            "athletes": {"connected": 4, "capacity": None, "warning": False},
         }
+
+    async def test_without_an_athlete_capacity_the_dashboard_shows_none(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """TOKENSVC_STRAVA_ATHLETE_CAPACITY unset (the default): `capacity` null, never a warning, no card."""
+        await put_user(client, sandbox, clock, expires_in=6 * 3600)
+        assert (await client.get("/v1/stats")).json()["athletes"] == {
+            "connected": 1,
+            "capacity": None,
+            "warning": False,
+        }
+        page = await client.get("/dashboard")
+        assert page.status_code == 200
+        assert 'data-testid="users-total"' in page.text
+        assert 'data-testid="athlete-capacity"' not in page.text
 
     async def test_needs_an_api_key(self, client: httpx.AsyncClient) -> None:
         """No key, 401."""
         assert_problem(await client.get("/v1/stats", headers={"Authorization": ""}), 401, "unauthorized")
 
 
-class TestOpenApi:
-    async def test_both_endpoints_declare_their_problems(self, client: httpx.AsyncClient) -> None:
-        """OpenAPI documents the new endpoints with their error responses."""
-        paths = (await client.get("/openapi.json")).json()["paths"]
-        assert {"200", "401", "422", "503"} <= set(paths["/v1/users/{user_id}/events"]["get"]["responses"])
-        assert {"200", "401", "503"} <= set(paths["/v1/stats"]["get"]["responses"])
+class TestAthleteCapacity:
+    """v1.1: TOKENSVC_STRAVA_ATHLETE_CAPACITY set: connected athletes against it in /v1/stats, /metrics and the
+    dashboard, a warning from 80 %."""
+
+    @pytest.fixture
+    def settings(self, database_url: str) -> Settings:
+        return make_settings(database_url, strava_athlete_capacity=5)
+
+    async def test_stats_metrics_and_dashboard_show_connected_athletes_against_the_capacity(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """3 of 5 (60 %): no warning; a fourth (80 %): warning; a needs_reauth user is not connected."""
+        for _ in range(3):
+            await put_user(client, sandbox, clock, expires_in=6 * 3600)
+        dead = await put_user(client, sandbox, clock, expires_in=600)
+        sandbox.revoke(dead.athlete_id)
+        assert (await client.post(f"/v1/users/{dead.user_id}/refresh")).status_code == 409
+        assert (await client.get("/v1/stats")).json()["athletes"] == {"connected": 3, "capacity": 5, "warning": False}
+        page = (await client.get("/dashboard")).text
+        assert 'data-testid="athlete-capacity"' in page
+        assert "3 / 5" in page
+        assert "card capacity-warning" not in page
+
+        await put_user(client, sandbox, clock, expires_in=6 * 3600)
+        assert (await client.get("/v1/stats")).json()["athletes"] == {"connected": 4, "capacity": 5, "warning": True}
+        page = (await client.get("/dashboard")).text
+        assert "4 / 5" in page
+        assert "card capacity-warning" in page
+        assert "80 %" in page
+
+        stats: StatsService = client.app.state.stats  # type: ignore[attr-defined]
+        await stats.update_gauges()
+        metrics = (await client.get("/metrics")).text
+        assert "tokensvc_strava_athletes_connected 4.0" in metrics
+        assert "tokensvc_strava_athlete_capacity 5.0" in metrics

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.api.oauth_helpers import complete, consent, follow_start, local_path, query_of
 from tests.api.test_tokens_api import assert_problem
 from tests.conftest import APP_ORIGIN, STRAVA_TEST_BASE, FakeClock, make_settings, seed_athlete
+from tests.logcapture import captured_logs
 from tokensvc.config import SANDBOX_CLIENT_ID, Settings
 from tokensvc.sandbox import FaultSpec, SandboxState
 
@@ -403,3 +405,67 @@ class TestCookieOverHttps:
                 assert "secure" in cookie.lower()
                 assert "httponly" in cookie.lower()
                 assert "samesite=lax" in cookie.lower()
+
+
+def connects(outcome: str) -> float:
+    return REGISTRY.get_sample_value("tokensvc_connect_total", {"outcome": outcome}) or 0.0
+
+
+class TestAthleteCapacity:
+    """Strava refuses a code exchange beyond the app's athlete capacity (403 `Limit of connected athletes exceeded`;
+    the sandbox emulates it): nothing stored, a clear answer, counted, logged without a token."""
+
+    async def test_the_browser_bound_callback_shows_a_page_and_stores_nothing(
+        self, client: httpx.AsyncClient, strava: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """409, an HTML page that says why, no session cookie; the refusal is counted and logged, tokenless."""
+        seed_athlete(sandbox, clock, expires_in=20_000)
+        sandbox.set_capacity(1)
+        callback = await consent(strava, await start_connect(client, "u-cap"))
+        before = connects("capacity")
+        with captured_logs() as logs:
+            response = await client.get(local_path(callback))
+        assert response.status_code == 409
+        assert response.headers["content-type"].startswith("text/html")
+        assert "limit of connected athletes" in response.text
+        assert "tokensvc_session" not in response.headers.get("set-cookie", "")
+        assert sandbox.calls["exchange"] == 1
+        assert connects("capacity") - before == 1
+        assert (await client.get("/v1/users/u-cap/token-status")).json()["status"] == "missing"
+        [line] = logs.events("oauth.athlete_capacity")
+        assert (line["user_id"], line["strava_status"]) == ("u-cap", 403)
+        assert "code=" not in logs.text
+        assert query_of(callback)["code"] not in logs.text
+
+    async def test_the_apps_confirmation_is_409_athlete_capacity(
+        self, client: httpx.AsyncClient, strava: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """With `redirect_to` the browser is back at the app (`strava=confirm`) before the exchange; the app's
+        backend gets 409 `athlete_capacity` from connect/complete (its page shows `strava=capacity`), the id spent."""
+        seed_athlete(sandbox, clock, expires_in=20_000)
+        sandbox.set_capacity(1)
+        callback = await consent(strava, await start_connect(client, "u-cap", redirect_to=DASHBOARD))
+        location = (await client.get(local_path(callback))).headers["location"]
+        before = connects("capacity")
+        problem = assert_problem(await complete(client, "u-cap", location), 409, "athlete_capacity")
+        assert "limit of connected athletes" in problem["detail"]
+        assert connects("capacity") - before == 1
+        assert (await client.get("/v1/users/u-cap/token-status")).json()["status"] == "missing"
+        assert_problem(await complete(client, "u-cap", location), 400, "invalid_state")
+
+    async def test_an_athlete_already_connected_reconnects_at_capacity(
+        self, client: httpx.AsyncClient, strava: httpx.AsyncClient, sandbox: SandboxState
+    ) -> None:
+        """Strava counts athletes, not connects: at capacity, the connected athlete can still reconnect."""
+        first = await consent(strava, await start_connect(client, "u-1", redirect_to=DASHBOARD))
+        status = (await complete(client, "u-1", (await client.get(local_path(first))).headers["location"])).json()
+        sandbox.set_capacity(1)
+        before = connects("connected")
+        again = await consent(
+            strava,
+            await start_connect(client, "u-1", redirect_to=DASHBOARD),
+            athlete_id=status["token_status"]["athlete_id"],
+        )
+        response = await complete(client, "u-1", (await client.get(local_path(again))).headers["location"])
+        assert response.status_code == 200, response.text
+        assert connects("connected") - before == 1

@@ -297,6 +297,29 @@ class TestDashboardInChromium:
             await stack.control("POST", f"/athletes/{athlete_id}/activities", json=body)
         return names
 
+    async def test_a_connect_strava_refuses_for_athlete_capacity_says_the_app_is_full(self, stack: Stack) -> None:
+        """The sandbox at its capacity (no athlete more): after the consent the app's backend gets 409
+        `athlete_capacity`, the page lands on `strava=capacity` with a clear note and stays not connected."""
+        await stack.control("POST", "/capacity", json={"athlete_capacity": 0})
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                await page.goto(f"{stack.app.url}/?user={USER}")
+                await expect_status(page, "not_connected")
+                await page.get_by_test_id("connect-button").click()
+                await page.wait_for_url(re.compile(r"/sandbox/strava/oauth/authorize\?"), timeout=UI_TIMEOUT_MS)
+                await page.click("#approve")
+                await page.wait_for_url(re.compile(r"[?&]strava=capacity(&|$)"), timeout=UI_TIMEOUT_MS)
+                assert landing_query(page) == {"user": [USER], "strava": ["capacity"]}
+                await expect(page.get_by_test_id("return-notice")).to_contain_text("limit of connected athletes")
+                await expect_status(page, "not_connected")
+                status = await stack.service("GET", f"/v1/users/{USER}/token-status")
+                assert status["status"] == "missing"
+                assert (await stack.control("GET", "/stats"))["calls"]["exchange"] == 1
+            finally:
+                await browser.close()
+
     async def assert_page_saw_no_secret(self, stack: Stack, traffic: Traffic, athlete_id: int) -> None:
         """No body the page received holds a Strava token, and no request the page sent holds the API key."""
         current = await stack.control("GET", f"/athletes/{athlete_id}")

@@ -14,6 +14,7 @@ import respx
 import stamina
 
 from tokensvc.providers.strava import (
+    ProviderCapacityError,
     ProviderConfigError,
     ProviderError,
     ProviderRejectedError,
@@ -492,6 +493,48 @@ class TestUnrecognisedRefusals:
         assert caught.value.status_code == status
         assert caught.value.rate_limited is False
         assert token_route.call_count == 1
+
+
+class TestAthleteCapacity:
+    @pytest.mark.parametrize(
+        "response",
+        [
+            pytest.param(
+                httpx.Response(403, json={"message": "Limit of connected athletes exceeded", "errors": []}),
+                id="message",
+            ),
+            pytest.param(
+                httpx.Response(403, json=strava_error("Forbidden", "Athlete", "", "limit exceeded")), id="error-code"
+            ),
+        ],
+    )
+    async def test_an_exchange_refused_for_the_apps_athlete_capacity_is_a_capacity_error(
+        self, strava: StravaClient, token_route: respx.Route, response: httpx.Response
+    ) -> None:
+        """Strava's 403 for one athlete more than the app may connect: neither transient nor the user's fault."""
+        token_route.mock(return_value=response)
+
+        with pytest.raises(ProviderCapacityError) as caught:
+            await strava.exchange_code("the-code")
+
+        assert caught.value.status_code == 403
+        assert token_route.call_count == 1
+
+    @pytest.mark.parametrize(
+        "response",
+        [
+            pytest.param(httpx.Response(403, text="<html>Forbidden</html>"), id="html"),
+            pytest.param(httpx.Response(403, json={"message": "Forbidden", "errors": []}), id="other-403"),
+            pytest.param(httpx.Response(403, json=["Limit of connected athletes exceeded"]), id="json-list"),
+        ],
+    )
+    async def test_another_403_of_an_exchange_stays_transient(
+        self, strava: StravaClient, token_route: respx.Route, response: httpx.Response
+    ) -> None:
+        token_route.mock(return_value=response)
+
+        with pytest.raises(ProviderTransientError):
+            await strava.exchange_code("the-code")
 
 
 class TestMalformedSuccess:

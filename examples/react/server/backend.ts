@@ -107,7 +107,7 @@ async function tokensvc(
   if (!response.ok) {
     const problem = (await response.json().catch(() => ({}))) as { detail?: unknown; code?: unknown }
     const detail = typeof problem.detail === 'string' ? problem.detail : `tokensvc answered ${response.status}`
-    // 409 (reauth_required, connect_mismatch, athlete_in_use) and 400 (an invalid or spent connect_id) are the
+    // 409 (reauth_required, connect_mismatch, athlete_in_use, athlete_capacity) and 400 (an invalid or spent connect_id) are the
     // user's to fix by connecting again; anything else is this backend's upstream failing.
     if (response.status === 409 || response.status === 400) {
       throw new HttpError(response.status, detail, {

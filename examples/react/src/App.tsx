@@ -8,6 +8,7 @@ const RETURN_NOTICE: Record<string, string> = {
   connected: 'Strava is connected. Welcome back!',
   denied: 'You cancelled connecting Strava; you can try again any time.',
   failed: 'Connecting Strava did not complete; please connect again.',
+  capacity: 'Strava did not connect: this app has reached its limit of connected athletes. Please try again later.',
 }
 
 /** How many times this page load asked tokensvc: the point of the hook is that mounting three components says 1. */

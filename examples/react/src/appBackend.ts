@@ -27,6 +27,8 @@ export class AppBackendError extends Error {
     readonly status: number,
     message: string,
     readonly needsReauth = false,
+    /** tokensvc's problem `code` when the backend passed one on (e.g. `athlete_capacity`). */
+    readonly code?: string,
   ) {
     super(message)
   }
@@ -38,12 +40,17 @@ async function post<T>(path: string, body: unknown): Promise<T> {
     headers: { 'Content-Type': 'application/json' },
     body: JSON.stringify(body),
   })
-  const payload = (await response.json().catch(() => ({}))) as { error?: string; needs_reauth?: boolean }
+  const payload = (await response.json().catch(() => ({}))) as {
+    error?: string
+    needs_reauth?: boolean
+    code?: string
+  }
   if (!response.ok) {
     throw new AppBackendError(
       response.status,
       payload.error ?? `${path} answered ${response.status}`,
       payload.needs_reauth,
+      payload.code,
     )
   }
   return payload as T

@@ -10,7 +10,7 @@
  */
 import { useEffect, useSyncExternalStore } from 'react'
 
-import { completeConnect, startConnect } from './appBackend'
+import { AppBackendError, completeConnect, startConnect } from './appBackend'
 import { getConfig } from './config'
 
 /** tokensvc's TokenStatus (CONTRACT.md): never any token material. */
@@ -151,7 +151,8 @@ const SESSION_KEY = 'tokensvc_session_token'
  * tokensvc sends the browser back with `strava=confirm&connect_id=…` and stores nothing until the app's backend
  * confirms that id for its signed-in user. The backend's answer carries a tokensvc session token for that user,
  * which this page then sends as a bearer (tokensvc sets no cookie on such a return). The URL is rewritten to
- * `strava=connected` (or `strava=failed`) so a reload does not try to spend the id again.
+ * `strava=connected` (or `strava=failed`; `strava=capacity` when Strava refused the connect because the app is at
+ * its limit of connected athletes) so a reload does not try to spend the id again.
  */
 async function confirmReturn(): Promise<void> {
   const url = new URL(window.location.href)
@@ -162,8 +163,9 @@ async function confirmReturn(): Promise<void> {
     const { session_token: token } = await completeConnect(connectId)
     window.sessionStorage.setItem(SESSION_KEY, token)
     url.searchParams.set('strava', 'connected')
-  } catch {
-    url.searchParams.set('strava', 'failed')
+  } catch (error) {
+    const full = error instanceof AppBackendError && error.code === 'athlete_capacity'
+    url.searchParams.set('strava', full ? 'capacity' : 'failed')
   }
   window.history.replaceState(null, '', url.toString())
 }

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from tokensvc.api.deps import LinksDep, OAuthServiceDep, RequiredSession, SessionsDep, UserId, require_api_key
 from tokensvc.api.problems import problem_responses
+from tokensvc.errors import AthleteCapacity
 from tokensvc.schemas import (
     ConnectCompleteRequest,
     ConnectCompleteResponse,
@@ -27,6 +28,17 @@ service_router = APIRouter(
 browser_router = APIRouter(tags=["browser"])
 
 _NO_STORE = {"Cache-Control": "no-store"}
+_CALLBACK_PROBLEMS = problem_responses(
+    400,
+    409,
+    503,
+    described={
+        409: "A browser signed in as another user (`connect_mismatch`) or an athlete another user holds "
+        "(`athlete_in_use`); or, as an HTML page, Strava refused the connect for the app's athlete capacity "
+        "(nothing stored)"
+    },
+)
+_CALLBACK_PROBLEMS[409]["content"]["text/html"] = {"schema": {"type": "string"}}
 _BROWSER_COOKIE_PATH = "/v1/oauth/strava"
 
 
@@ -53,7 +65,15 @@ async def create_session(user_id: UserId, sessions: SessionsDep) -> Response:
 @service_router.post(
     "/users/{user_id}/connect/complete",
     response_model=ConnectCompleteResponse,
-    responses=problem_responses(400, 409, 503),
+    responses=problem_responses(
+        400,
+        409,
+        503,
+        described={
+            409: "`connect_mismatch` (another user's flow), `athlete_in_use` (another user holds the athlete) or "
+            "`athlete_capacity` (Strava refused: the app is at its limit of connected athletes; nothing stored)"
+        },
+    ),
 )
 async def complete_connect(
     user_id: UserId, body: ConnectCompleteRequest, oauth: OAuthServiceDep, sessions: SessionsDep
@@ -61,7 +81,8 @@ async def complete_connect(
     """The app's backend confirms a connect (the `connect_id` of the redirect) for the user signed in there: the
     code is exchanged and the tokens stored only now. Another user's `connect_id` is 409 `connect_mismatch`; an
     unknown, used or expired one is 400 `invalid_state`; an athlete another user holds is 409 `athlete_in_use`
-    unless `replace`."""
+    unless `replace`; a connect Strava refuses because the app is at its athlete capacity is 409
+    `athlete_capacity` (nothing stored: the app shows its own `strava=capacity` note)."""
     status = await oauth.complete(user_id, body.connect_id, replace=body.replace)
     token, session = sessions.mint(user_id)
     result = ConnectCompleteResponse(token_status=status, session_token=token, session_expires_at=session.expires_at)
@@ -84,7 +105,7 @@ async def oauth_start(
     "/v1/oauth/strava/callback",
     response_class=HTMLResponse,
     status_code=303,
-    responses={200: {"description": "Connected page (no redirect_to)"}, **problem_responses(400, 409, 503)},
+    responses={200: {"description": "Connected page (no redirect_to)"}, **_CALLBACK_PROBLEMS},
 )
 async def oauth_callback(
     request: Request,
@@ -102,7 +123,15 @@ async def oauth_callback(
     browser = CallbackBrowser(
         binding=request.cookies.get(BROWSER_COOKIE), session_user=session.user_id if session else None
     )
-    result = await oauth.callback(state=state, code=code, scope=scope, error=error, browser=browser)
+    try:
+        result = await oauth.callback(state=state, code=code, scope=scope, error=error, browser=browser)
+    except AthleteCapacity:
+        return _page(
+            409,
+            "Not connected: the app is full",
+            "Strava refused this connection: the app has reached Strava's limit of connected athletes, so nothing "
+            "was stored. Please contact the app's support; you can try again once they have made room.",
+        )
     if result.outcome == "denied":
         if result.redirect_to:
             return RedirectResponse(with_query(result.redirect_to, strava="denied"), status_code=303)

@@ -74,6 +74,12 @@ class ProviderConfigError(ProviderError):
     """Strava rejected the application's client id or secret."""
 
 
+class ProviderCapacityError(ProviderError):
+    """Strava refused a code exchange because the application is at its athlete capacity (403 `Limit of connected
+    athletes exceeded`: new apps allow 1 athlete, self-serve 10). Nothing is wrong with the user or the code's
+    flow; the app needs another athlete to disconnect, or a higher tier."""
+
+
 class ProviderRequestError(ProviderError):
     """Strava refused an application-level request as such (a push subscription that exists already, or whose
     callback did not answer the challenge; an unknown subscription id). Retrying the same request will not help."""
@@ -290,7 +296,8 @@ class StravaClient:
     async def exchange_code(self, code: str) -> TokenGrant:
         """Trade an authorization code for the first token pair and the athlete id.
 
-        Raises ProviderRejectedError (code_invalid, code_expired), ProviderConfigError or ProviderTransientError.
+        Raises ProviderRejectedError (code_invalid, code_expired), ProviderCapacityError, ProviderConfigError or
+        ProviderTransientError.
         """
         response = await self._post(
             "/oauth/token",
@@ -301,6 +308,12 @@ class StravaClient:
                 "grant_type": "authorization_code",
             },
         )
+        if response.status_code == 403 and _capacity_refusal(response):
+            raise ProviderCapacityError(
+                "Strava refused the connect: the application is at its limit of connected athletes",
+                status_code=403,
+                errors=tuple("/".join(t) for t in _error_triples(response)),
+            )
         return self._grant(response, with_athlete=True)
 
     async def deauthorize(self, access_token: str) -> None:
@@ -618,6 +631,19 @@ def _error_triples(response: httpx.Response) -> list[tuple[str, str, str]]:
         for item in items
         if isinstance(item, dict)
     ]
+
+
+def _capacity_refusal(response: httpx.Response) -> bool:
+    """Strava's 403 for an application at its athlete capacity: the message `Limit of connected athletes exceeded`,
+    or an `Athlete` error whose code says a limit was exceeded (the message's wording is not documented)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    message = body.get("message") if isinstance(body, dict) else None
+    if isinstance(message, str) and "limit of connected athletes" in message.lower():
+        return True
+    return any(resource == "Athlete" and "limit" in code.lower() for resource, _, code in _error_triples(response))
 
 
 def _retry_after(response: httpx.Response) -> int | None:

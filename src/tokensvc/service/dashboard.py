@@ -12,8 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import __version__
 from tokensvc.clock import Clock
+from tokensvc.schemas import AthleteCounts
 from tokensvc.service.rate_budget import BudgetState, RateBudget
 from tokensvc.service.signing import SignedTokens
+from tokensvc.service.stats import athlete_counts, connected_athletes
 from tokensvc.status import Status
 from tokensvc.store import stats
 from tokensvc.store import usage as usage_store
@@ -98,6 +100,14 @@ class DashboardView:
     notifications_pending: int
     active: int | None = None  # users the sweeper keeps fresh (v1.1); None when every user is swept
     idle: int | None = None
+    athletes: AthleteCounts | None = None  # connected athletes against TOKENSVC_STRAVA_ATHLETE_CAPACITY (v1.1)
+
+    @property
+    def capacity_percent(self) -> int | None:
+        """Connected athletes as a share of the capacity, rounded down; None when no capacity is set."""
+        if self.athletes is None or self.athletes.capacity is None:
+            return None
+        return self.athletes.connected * 100 // self.athletes.capacity
 
 
 def bucket_outcome(outcome: str) -> str:
@@ -114,9 +124,17 @@ class DashboardService:
     """Assembles the dashboard from a handful of aggregate reads on one connection (no transaction kept open)."""
 
     def __init__(
-        self, *, engine: AsyncEngine, budget: RateBudget, clock: Clock, buffer_seconds: int, active_days: int = 0
+        self,
+        *,
+        engine: AsyncEngine,
+        budget: RateBudget,
+        clock: Clock,
+        buffer_seconds: int,
+        active_days: int = 0,
+        athlete_capacity: int | None = None,
     ) -> None:
         self._engine = engine
+        self._athlete_capacity = athlete_capacity
         self._active_days = active_days
         self._budget = budget
         self._clock = clock
@@ -154,6 +172,7 @@ class DashboardService:
             notifications_pending=pending,
             active=active,
             idle=None if active is None else max(0, sum(users.values()) - users["needs_reauth"] - active),
+            athletes=athlete_counts(connected_athletes(by_status), self._athlete_capacity),
         )
 
 

@@ -1,6 +1,7 @@
 """What the service records about each change: an audit row for every change of state and every failed refresh
 attempt, a count per hour and outcome for every refresh attempt, and a notification for the app when a user's
-connection changes state (`token.needs_reauth`, `token.recovered`, `token.revoked`).
+connection changes state (`token.needs_reauth`, `token.recovered`, `token.revoked`) or a connect gives the app
+something new to sync (`token.connected`).
 
 A successful refresh is only counted (at a million athletes that is millions of rows a day that nobody reads); it
 gets an audit row too when it ends a run of failures, so a user's history shows how each failure streak ended.
@@ -32,6 +33,7 @@ HOUR = 3600
 NEEDS_REAUTH = "token.needs_reauth"
 RECOVERED = "token.recovered"
 REVOKED = "token.revoked"
+CONNECTED = "token.connected"
 
 
 def new_message_id() -> str:
@@ -103,6 +105,23 @@ class Journal:
                 },
             )
 
+    async def connected(
+        self,
+        conn: AsyncConnection,
+        user_id: str,
+        *,
+        athlete_id: int | None,
+        scopes: list[str],
+        scopes_added: list[str] | None = None,
+    ) -> None:
+        """A connect that gives the app something new to sync: a first one (`scopes_added` None: the user had no
+        row, never connected or deleted since, or held another athlete), or a reconnect that added scopes (listed in
+        `scopes_added`). No audit row of its own: `stored` wrote the connect's."""
+        data: dict[str, object] = {"athlete_id": athlete_id, "scopes": scopes}
+        if scopes_added is not None:
+            data["scopes_added"] = scopes_added
+        await self._enqueue(conn, user_id, CONNECTED, data)
+
     async def needs_reauth(
         self, conn: AsyncConnection, user_id: str, *, athlete_id: int | None, reason: str, trigger: str | None = None
     ) -> None:
@@ -148,12 +167,16 @@ class Journal:
         trigger: str | None = None,
         detail: str | None = None,
     ) -> None:
-        now = self._now()
         await store.append(
-            conn, EventRecord(user_id=user_id, kind=kind, occurred_at=now, trigger=trigger, detail=detail)
+            conn, EventRecord(user_id=user_id, kind=kind, occurred_at=self._now(), trigger=trigger, detail=detail)
         )
+        await self._enqueue(conn, user_id, event_type, data)
+
+    async def _enqueue(self, conn: AsyncConnection, user_id: str, event_type: str, data: dict[str, object]) -> None:
+        """One notification in the outbox, in the caller's transaction (nothing without TOKENSVC_NOTIFY_URL)."""
         if not self.notify:
             return
+        now = self._now()
         payload = {
             "type": event_type,
             "timestamp": now.isoformat().replace("+00:00", "Z"),
@@ -171,3 +194,23 @@ class Journal:
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
+
+
+def connect_news(
+    previous: tuple[int | None, list[str]] | None, *, inserted: bool, athlete_id: int | None, scopes: list[str]
+) -> tuple[bool, list[str] | None]:
+    """Whether a connect is news for the app, and which scopes it added.
+
+    `inserted`: the connect's own write created the user's row (the database decides, so two concurrent first
+    connects notify once). `previous`: the row's (athlete, scopes) as the connect's transaction read it, None when
+    it saw none (then, if it did not insert, a concurrent connect did, and notified). A first connect, or one for
+    another athlete than the stored one, is news with no `scopes_added`; a reconnect of the same athlete is news
+    only when it added scopes."""
+    if inserted:
+        return True, None
+    if previous is None:
+        return False, None
+    if previous[0] is not None and athlete_id is not None and previous[0] != athlete_id:
+        return True, None
+    added = [s for s in scopes if s not in previous[1]]
+    return bool(added), added or None

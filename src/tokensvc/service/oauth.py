@@ -29,8 +29,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tokensvc import metrics
 from tokensvc.clock import Clock
 from tokensvc.errors import (
+    AthleteCapacity,
+    AthleteInUse,
     ConnectMismatch,
     InvalidState,
     OAuthCodeRejected,
@@ -40,10 +43,12 @@ from tokensvc.errors import (
     ValidationFailed,
 )
 from tokensvc.providers.strava import (
+    ProviderCapacityError,
     ProviderConfigError,
     ProviderRejectedError,
     ProviderTransientError,
     StravaClient,
+    TokenGrant,
 )
 from tokensvc.schemas import USER_ID_RE, TokenStatus
 from tokensvc.service.signing import SignedTokens
@@ -285,8 +290,8 @@ class OAuthService:
         exchange the code and store the tokens (the browser-bound flow).
 
         Raises InvalidState (bad, reused, expired, or another browser's: no exchange happens), ConnectMismatch (a
-        browser signed in as another user), ValidationFailed (no code), OAuthCodeRejected, AthleteInUse,
-        ProviderUnavailable (and subclasses).
+        browser signed in as another user), ValidationFailed (no code), OAuthCodeRejected, AthleteCapacity,
+        AthleteInUse, ProviderUnavailable (and subclasses).
         """
         claims = self._links.read_state(state)
         self._check_browser(claims, browser or CallbackBrowser())
@@ -307,7 +312,7 @@ class OAuthService:
         """The app's backend confirms a connect for the user signed in there: spend the id, exchange, store.
 
         Raises InvalidState (unknown, used or expired id), ConnectMismatch (another user's flow; the id is spent),
-        OAuthCodeRejected, AthleteInUse, ProviderUnavailable (and subclasses).
+        OAuthCodeRejected, AthleteCapacity, AthleteInUse, ProviderUnavailable (and subclasses).
         """
         now = int(self._clock())
         async with self._engine.begin() as conn:
@@ -363,16 +368,35 @@ class OAuthService:
         return connect_id
 
     async def _exchange_and_store(self, user_id: str, code: str, scopes: list[str], *, replace: bool) -> TokenStatus:
+        """Exchange the code and store the grant, counting the outcome (`tokensvc_connect_total`)."""
         try:
-            grant = await self._strava.exchange_code(code)
+            grant = await self._exchange(user_id, code)
+            status = await self._tokens.store_grant(user_id, grant, scopes=scopes, replace=replace)
+        except AthleteInUse:
+            metrics.CONNECTS_TOTAL.labels(outcome="athlete_in_use").inc()
+            raise
+        metrics.CONNECTS_TOTAL.labels(outcome="connected").inc()
+        log.info("oauth.connected", user_id=user_id, athlete_id=grant.athlete_id, scopes=status.scopes)
+        return status
+
+    async def _exchange(self, user_id: str, code: str) -> TokenGrant:
+        try:
+            return await self._strava.exchange_code(code)
         except ProviderRejectedError as exc:
+            metrics.CONNECTS_TOTAL.labels(outcome="code_rejected").inc()
             log.warning("oauth.code_rejected", user_id=user_id, reason=exc.reason)
             raise OAuthCodeRejected("Strava did not accept the authorization code; start connecting again") from exc
+        except ProviderCapacityError as exc:
+            metrics.CONNECTS_TOTAL.labels(outcome="capacity").inc()
+            log.warning("oauth.athlete_capacity", user_id=user_id, strava_status=exc.status_code, errors=exc.errors)
+            raise AthleteCapacity(
+                "Strava refused the connect: this Strava app is at its limit of connected athletes "
+                "(TOKENSVC_STRAVA_ATHLETE_CAPACITY); nothing was stored"
+            ) from exc
         except ProviderTransientError as exc:
+            metrics.CONNECTS_TOTAL.labels(outcome="unavailable").inc()
             error_type = ProviderRateLimited if exc.rate_limited else ProviderUnavailable
             raise error_type(str(exc), retry_after=exc.retry_after) from exc
         except ProviderConfigError as exc:
+            metrics.CONNECTS_TOTAL.labels(outcome="misconfigured").inc()
             raise ProviderMisconfigured(str(exc)) from exc
-        status = await self._tokens.store_grant(user_id, grant, scopes=scopes, replace=replace)
-        log.info("oauth.connected", user_id=user_id, athlete_id=grant.athlete_id, scopes=status.scopes)
-        return status

@@ -18,7 +18,7 @@ from tokensvc import metrics
 from tokensvc.background import PeriodicJob
 from tokensvc.clock import Clock
 from tokensvc.db import Autocommit
-from tokensvc.schemas import RefreshCounts, RefreshWindows, Stats, UserCounts
+from tokensvc.schemas import AthleteCounts, RefreshCounts, RefreshWindows, Stats, UserCounts
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.status import Status
 from tokensvc.store import stats as store
@@ -28,11 +28,25 @@ _GAUGED = (Status.VALID, Status.EXPIRING_SOON, Status.EXPIRED, Status.NEEDS_REAU
 HOUR = 3600
 DAY = 86_400
 HOURS = 24
+# Connected athletes from this share of TOKENSVC_STRAVA_ATHLETE_CAPACITY on are a warning (stats, dashboard).
+ATHLETE_CAPACITY_WARNING = 0.8
 
 
 def first_hour_of_day(now: float) -> int:
     """Epoch seconds at the start of the oldest of the last 24 hourly buckets (the current hour is the newest)."""
     return int(now) - int(now) % HOUR - (HOURS - 1) * HOUR
+
+
+def connected_athletes(users: Mapping[Status, int]) -> int:
+    """Users holding a live connection: one athlete each (one athlete belongs to one user). `needs_reauth` users
+    are not counted: a deauthorized athlete no longer counts at Strava; one whose refresh token was refused may."""
+    return users[Status.VALID] + users[Status.EXPIRING_SOON] + users[Status.EXPIRED]
+
+
+def athlete_counts(connected: int, capacity: int | None) -> AthleteCounts:
+    """Connected athletes against the capacity, a warning from 80 % of it (none without a capacity)."""
+    warning = capacity is not None and connected >= ATHLETE_CAPACITY_WARNING * capacity
+    return AthleteCounts(connected=connected, capacity=capacity, warning=warning)
 
 
 class StatsService:
@@ -45,8 +59,10 @@ class StatsService:
         buffer_seconds: int,
         gauge_interval_seconds: float = 10.0,
         active_days: int = 0,
+        athlete_capacity: int | None = None,
     ) -> None:
         self._engine = Autocommit(engine)
+        self._athlete_capacity = athlete_capacity
         self._budget = budget
         self._clock = clock
         self._buffer_seconds = buffer_seconds
@@ -75,6 +91,7 @@ class StatsService:
                     success=outcomes.success, failure=outcomes.failure, reauth_required=outcomes.reauth_required
                 )
             ),
+            athletes=athlete_counts(connected_athletes(users), self._athlete_capacity),
         )
 
     async def update_gauges(self) -> None:
@@ -96,6 +113,9 @@ class StatsService:
         for status in _GAUGED:
             metrics.USERS.labels(status=status.value).set(users[status])
         metrics.NOTIFICATIONS_PENDING.set(pending)
+        metrics.ATHLETES_CONNECTED.set(connected_athletes(users))
+        if self._athlete_capacity is not None:
+            metrics.ATHLETE_CAPACITY.set(self._athlete_capacity)
         metrics.RATE_BUDGET_REMAINING.labels(window="15min").set(max(0, budget.limit_15min - budget.used_15min))
         metrics.RATE_BUDGET_REMAINING.labels(window="daily").set(max(0, budget.limit_daily - budget.used_daily))
         read_15, read_day = (
@@ -109,7 +129,7 @@ class StatsService:
 
     async def _activity(self, conn: AsyncConnection, users: Mapping[Status, int], *, now: int) -> tuple[int, int]:
         """(active, idle) among the users who can be refreshed; everyone is active when active_days is 0."""
-        live = users[Status.VALID] + users[Status.EXPIRING_SOON] + users[Status.EXPIRED]
+        live = connected_athletes(users)
         if not self._active_days:
             return live, 0
         active = await usage_store.count_active(conn, active_since=now - self._active_days * DAY)

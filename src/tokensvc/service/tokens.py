@@ -68,7 +68,7 @@ from tokensvc.schemas import (
     TokenPage,
     TokenStatus,
 )
-from tokensvc.service.journal import Journal
+from tokensvc.service.journal import Journal, connect_news
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.revocation import user_subject
 from tokensvc.service.usage import UsageRecorder
@@ -279,6 +279,7 @@ class TokenService:
         self, user_id: str, grant: TokenGrant, *, scopes: Sequence[str], replace: bool = False
     ) -> TokenStatus:
         """Store a connect's first pair (one transaction; clears `needs_reauth`, waits for an in-flight refresh).
+        A first connect, or a reconnect that added scopes, notifies `token.connected` in the same transaction.
 
         Raises AthleteInUse when another user holds the athlete, unless `replace` moves it here."""
         if grant.refresh_token is None:
@@ -291,9 +292,21 @@ class TokenService:
                 conn, user_id, tokens, athlete_id=grant.athlete_id, scopes=list(scopes), now=self._now_dt()
             )
             await self.journal.stored(conn, user_id, kind="connected", previous_reason=_reason(previous))
+            news, added = connect_news(
+                (previous.athlete_id, previous.scope_list) if previous is not None else None,
+                inserted=row.version == 1,  # a new row starts at version 1; every later write bumps it
+                athlete_id=row.athlete_id,
+                scopes=row.scope_list,
+            )
+            if news:
+                await self.journal.connected(
+                    conn, user_id, athlete_id=row.athlete_id, scopes=row.scope_list, scopes_added=added
+                )
         self._rows_changed(user_id, moved)
         self._used(user_id)
-        log.info("token.connected", user_id=user_id, athlete_id=row.athlete_id, was=_reason(previous))
+        log.info(
+            "token.connected", user_id=user_id, athlete_id=row.athlete_id, was=_reason(previous), first=previous is None
+        )
         return self._status(user_id, row)
 
     async def _claim_athlete(
