@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import stamina
 import structlog
@@ -68,12 +68,13 @@ from tokensvc.schemas import (
     TokenPage,
     TokenStatus,
 )
+from tokensvc.service.grant_revocation import GrantRevoker
 from tokensvc.service.journal import Journal
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.revocation import user_subject
 from tokensvc.service.usage import UsageRecorder
 from tokensvc.status import Status, classify
-from tokensvc.store import claims, session_revocations
+from tokensvc.store import claims, session_revocations, tombstones
 from tokensvc.store import tokens as store
 from tokensvc.store.claims import Claim
 from tokensvc.store.reader import EngineReader, RowReader
@@ -82,9 +83,6 @@ from tokensvc.store.tokens import NewTokens, TokenRow
 log = structlog.get_logger(__name__)
 
 MAX_IMPORT_AHEAD_SECONDS = 366 * 86_400  # an imported expires_at further ahead is not epoch seconds
-
-# What a deauthorize came to: a 429 is kept so the caller pauses once it is done.
-DeauthorizeOutcome = Literal["not_called", "called"] | ProviderTransientError
 
 AuthorizeUrlFactory = Callable[[str], str | None]
 
@@ -125,6 +123,7 @@ class TokenService:
         wait_seconds: float | None = None,
         authorize_url: AuthorizeUrlFactory | None = None,
         journal: Journal | None = None,
+        revoker: GrantRevoker | None = None,
     ) -> None:
         self._engine = engine
         self.journal = journal or Journal(clock=clock)
@@ -150,6 +149,8 @@ class TokenService:
         self._background: set[asyncio.Task[Any]] = set()
         # Notes who asks for tokens (the sweeper refreshes only users used lately); set by app.py.
         self.usage: UsageRecorder | None = None
+        # Ends a deleted user's grant at Strava (without one, tombstones wait for a replica that has one).
+        self.revoker = revoker
 
     def _used(self, user_id: str) -> None:
         if self.usage is not None:
@@ -335,35 +336,26 @@ class TokenService:
         )
 
     async def delete(self, user_id: str) -> None:
-        """Deauthorize at Strava (best effort, holding no connection), then delete in one short transaction,
-        which also ends the user's browser sessions (`service/revocation.py`). Idempotent.
-
-        Deauthorize is rate-counted: it takes a unit of the overall window first, given back when no call was made;
-        without a unit the call is skipped and the row deleted all the same. A 429 pauses rate-counted calls."""
-        row = await self._read_fresh(user_id)
-        if row is not None and row.access_token_enc is not None and row.reauth_reason is None:
-            await self._deauthorize_counted(row)
+        """Delete the user in one short transaction, which also ends their browser sessions
+        (`service/revocation.py`) and, when the row still holds a live grant, buries its tokens in a tombstone
+        (`service/grant_revocation.py`); then, holding no connection, one attempt to end the grant at Strava. A
+        grant Strava does not confirm (outage, 429, no budget) is retried in the background until it does; the
+        row is gone either way. Idempotent."""
+        now = self._clock()
         async with self._engine.begin() as conn:
-            await session_revocations.revoke(conn, user_subject(user_id), now_ms=int(self._clock() * 1000))
+            await session_revocations.revoke(conn, user_subject(user_id), now_ms=int(now * 1000))
             row = await store.lock_for_refresh(conn, user_id)
             if row is None:
                 return
+            tombstone_id = None
+            if row.refresh_token_enc is not None and row.reauth_reason is None:
+                tombstone_id = await tombstones.bury(conn, row, due_at=int(now), now=self._now_dt())
             await store.delete(conn, user_id)
             await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
         self.row_changed(user_id)
-        log.info("token.deleted", user_id=user_id)
-
-    async def _deauthorize_counted(self, row: TokenRow) -> None:
-        try:
-            await self._budget.acquire("on_demand")
-        except ProviderRateLimited as exc:
-            log.warning("token.deauthorize.skipped_rate_limited", user_id=row.user_id, retry_after=exc.retry_after)
-            return
-        outcome = await self._deauthorize_best_effort(row)
-        if outcome == "not_called":
-            await self._budget.refund()
-        elif isinstance(outcome, ProviderTransientError):
-            await self._budget.pause(outcome.retry_after)
+        log.info("token.deleted", user_id=user_id, revoke_pending=tombstone_id is not None)
+        if tombstone_id is not None and self.revoker is not None:
+            await self.revoker.attempt(tombstone_id)
 
     def row_changed(self, user_id: str) -> None:
         """A transaction of this process that changed the user's row has committed: this replica's reader forgets
@@ -875,21 +867,6 @@ class TokenService:
 
     async def _get(self, user_id: str) -> TokenRow | None:
         return await self._rows.get(user_id)
-
-    async def _deauthorize_best_effort(self, row: TokenRow) -> DeauthorizeOutcome:
-        """The call itself; a 429 is handed back for the caller to pause on."""
-        try:
-            await self._strava.deauthorize(self._decrypt(row, "access"))
-        except TokenUnreadable as exc:
-            log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
-            return "not_called"
-        except (ProviderTransientError, ProviderRejectedError, ProviderConfigError) as exc:
-            log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
-            if isinstance(exc, ProviderTransientError) and exc.rate_limited:
-                return exc
-            return "called"
-        log.info("token.deauthorize.succeeded", user_id=row.user_id)
-        return "called"
 
     def _decrypt(self, row: TokenRow, field: Field) -> str:
         ciphertext = row.access_token_enc if field == "access" else row.refresh_token_enc
