@@ -12,14 +12,17 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
+from pydantic import SecretStr
 
 from tests.api.test_webhooks_api import wait_until
 from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
+from tokensvc.crypto import TokenCipher, generate_key
 from tokensvc.models import revocation_tombstones
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.service.grant_revocation import BACKOFF_CAP_SECONDS, LEASE_SECONDS
+from tokensvc.service.keys import KeyRotator
 from tokensvc.store import tombstones
 
 INVALID_TOKEN = '{"message": "Bad Request", "errors": [{"resource": "Token", "field": "token", "code": "invalid"}]}'
@@ -294,4 +297,29 @@ class TestJob:
             return await pending(running) == []
 
         await wait_until(confirmed)
+        assert sandbox.snapshot(user.athlete_id)["revoked"] is True
+
+
+class TestRotateKeys:
+    async def test_a_tombstone_rotated_to_a_new_key_is_revoked_by_replicas_that_know_only_that_key(
+        self,
+        database_url: str,
+        settings: Settings,
+        resources: Resources,
+        sandbox: SandboxState,
+        clock: FakeClock,
+        strava_transport: httpx.AsyncBaseTransport,
+    ) -> None:
+        """rotate-keys re-encrypts tombstones: once the old key is retired, the retry still decrypts and revokes."""
+        user = await delete_during_outage(resources, sandbox, clock)
+        old = [key.get_secret_value() for key in settings.encryption_keys]
+        new = generate_key()
+        report = await KeyRotator(engine=resources.engine, cipher=TokenCipher([new, *old])).rotate()
+        assert (report.ok, report.reencrypted) == (True, 1)
+
+        clock.advance(BACKOFF_CAP_SECONDS + 1)
+        retired = make_settings(database_url, encryption_keys=[SecretStr(new)], revoke_poll_interval_seconds=0)
+        async with open_resources(retired, clock=clock, strava_transport=strava_transport) as res:
+            assert await res.revoker.run_due() == 1
+            assert await pending(res) == []
         assert sandbox.snapshot(user.athlete_id)["revoked"] is True
