@@ -290,6 +290,18 @@ class TestDeleteEndpoint:
         assert (sandbox.calls["revoke"], sandbox.calls["deauthorize"]) == (1, 0)
         assert sandbox.snapshot(user.athlete_id)["revoked"] is True
 
+    @pytest.mark.parametrize("strava_status", [429, 500, 503])
+    async def test_a_strava_outage_does_not_change_the_answer(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock, strava_status: int
+    ) -> None:
+        """Strava failing the revoke: still 204 at once and `missing`; the grant waits to be revoked later."""
+        user = await put_user(client, sandbox, clock, expires_in=10_000)
+        sandbox.add_fault(FaultSpec(endpoint="revoke", kind="status", status=strava_status))
+        assert (await client.delete(f"/v1/users/{user.user_id}/tokens")).status_code == 204
+        assert (await client.get(f"/v1/users/{user.user_id}/token-status")).json()["status"] == "missing"
+        assert sandbox.calls["revoke"] == 1
+        assert sandbox.snapshot(user.athlete_id)["revoked"] is False
+
 
 class TestListing:
     async def test_list_filters_by_status_oldest_expiry_first_with_a_cursor(
