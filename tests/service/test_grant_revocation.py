@@ -19,6 +19,7 @@ from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_u
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
 from tokensvc.crypto import TokenCipher, generate_key
+from tokensvc.errors import ProviderUnavailable
 from tokensvc.models import revocation_tombstones
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.service.grant_revocation import BACKOFF_CAP_SECONDS, LEASE_SECONDS
@@ -323,3 +324,27 @@ class TestRotateKeys:
             assert await res.revoker.run_due() == 1
             assert await pending(res) == []
         assert sandbox.snapshot(user.athlete_id)["revoked"] is True
+
+
+class TestDeleteDuringARefresh:
+    async def test_a_pair_strava_rotated_while_the_user_was_deleted_is_revoked_too(
+        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """A refresh at Strava when the DELETE comes: the delete buries the old pair (its revoke fails here), Strava
+        then rotates, and the refresh's write finds no row: the new pair, the grant's only live refresh token, is
+        buried and revoked, not dropped (revoking the rotated-away token alone would leave the grant alive)."""
+        user = await seed_user(resources, sandbox, clock, expires_in=-10)
+        sandbox.gate.hold("refresh")
+        refresh = asyncio.create_task(resources.service.refresh(user.user_id))
+        await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=10)
+        sandbox.add_fault(FaultSpec(endpoint="revoke", kind="status", status=503))
+        await resources.service.delete(user.user_id)
+        assert await pending(resources) == [(user.user_id, 1)]
+        sandbox.gate.release()
+        with pytest.raises(ProviderUnavailable):
+            await refresh
+        assert sandbox.snapshot(user.athlete_id)["revoked"] is True
+        assert sandbox.calls["revoke"] == 2
+        clock.advance(BACKOFF_CAP_SECONDS + 1)
+        assert await resources.revoker.run_due() == 1  # the old, rotated-away token: confirmed, nothing left
+        assert await pending(resources) == []

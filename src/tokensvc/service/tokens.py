@@ -349,16 +349,55 @@ class TokenService:
                 return
             tombstone_id = None
             if row.refresh_token_enc is not None and row.reauth_reason is None:
-                tombstone_id = await tombstones.bury(conn, row, due_at=int(now), now=self._now_dt())
+                tombstone_id = await tombstones.bury(
+                    conn,
+                    user_id=user_id,
+                    athlete_id=row.athlete_id,
+                    refresh_token_enc=row.refresh_token_enc,
+                    access_token_enc=row.access_token_enc,
+                    access_expires_at=row.expires_at,
+                    key_id=row.key_id,
+                    due_at=int(now),
+                    now=self._now_dt(),
+                )
             await store.delete(conn, user_id)
             await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
         self.row_changed(user_id)
         log.info("token.deleted", user_id=user_id, revoke_pending=tombstone_id is not None)
-        if tombstone_id is not None and self.revoker is not None:
-            try:
-                await self.revoker.attempt(tombstone_id)
-            except (DBAPIError, OSError) as exc:  # the delete stands: the tombstone is due, the job takes it
-                log.warning("token.revoke.deferred", user_id=user_id, error=type(exc).__name__)
+        if tombstone_id is not None:
+            await self._revoke_now(user_id, tombstone_id)
+
+    async def _revoke_now(self, user_id: str, tombstone_id: int) -> None:
+        """One attempt at a just-buried grant, holding no connection; a database failure leaves it to the job."""
+        if self.revoker is None:
+            return
+        try:
+            await self.revoker.attempt(tombstone_id)
+        except (DBAPIError, OSError) as exc:  # the delete stands: the tombstone is due, the job takes it
+            log.warning("token.revoke.deferred", user_id=user_id, error=type(exc).__name__)
+
+    async def _bury_if_deleted(self, user_id: str, row: TokenRow, tokens: NewTokens) -> None:
+        """A refresh whose fenced write found nothing: if a DELETE removed the row while Strava rotated, the pair
+        Strava just issued is the grant's only live refresh token (the delete buried the one it replaced), so it
+        is buried for revoking too. A row that is there (a newer import or connect) keeps its own pair."""
+        if tokens.refresh_token_enc is None:
+            return  # no rotation: the refresh token the delete buried is still the live one
+        async with self._engine.begin() as conn:
+            if await store.lock_for_refresh(conn, user_id) is not None:
+                return
+            tombstone_id = await tombstones.bury(
+                conn,
+                user_id=user_id,
+                athlete_id=row.athlete_id,
+                refresh_token_enc=tokens.refresh_token_enc,
+                access_token_enc=tokens.access_token_enc,
+                access_expires_at=tokens.expires_at,
+                key_id=tokens.key_id,
+                due_at=int(self._clock()),
+                now=self._now_dt(),
+            )
+        log.warning("token.refresh.deleted_meanwhile", user_id=user_id, tombstone_id=tombstone_id)
+        await self._revoke_now(user_id, tombstone_id)
 
     def row_changed(self, user_id: str) -> None:
         """A transaction of this process that changed the user's row has committed: this replica's reader forgets
@@ -644,8 +683,13 @@ class TokenService:
                 log.error("token.refresh.write_lost", user_id=user_id, error=type(lost).__name__)
                 raise ProviderUnavailable("the database stayed away after Strava answered", retry_after=5) from lost
         if written is None:
-            # Someone stored a newer pair (an import, a connect) while we called: theirs is kept.
+            # Someone stored a newer pair (an import, a connect) while we called: theirs is kept. Or the user was
+            # deleted meanwhile: then the new pair is a live grant to revoke.
             await self._release(user_id)
+            try:
+                await self._bury_if_deleted(user_id, row, tokens)
+            except (DBAPIError, OSError) as exc:
+                log.error("token.refresh.orphan_pair_lost", user_id=user_id, error=type(exc).__name__)
             log.error("token.refresh.version_conflict", user_id=user_id)
             raise ProviderUnavailable("the token row changed during the refresh; try again", retry_after=5)
         self.row_changed(user_id)

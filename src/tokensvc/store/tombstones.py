@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import revocation_tombstones as g
 from tokensvc.models import user_tokens as t
-from tokensvc.store.tokens import TokenRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,17 +48,29 @@ _COLUMNS = (
 )
 
 
-async def bury(conn: AsyncConnection, row: TokenRow, *, due_at: int, now: datetime) -> int:
-    """Keep a row's grant (its ciphertexts as they are) for revoking, in the caller's transaction. Returns its id."""
+async def bury(
+    conn: AsyncConnection,
+    *,
+    user_id: str,
+    athlete_id: int | None,
+    refresh_token_enc: str,
+    access_token_enc: str | None,
+    access_expires_at: int,
+    key_id: str | None,
+    due_at: int,
+    now: datetime,
+) -> int:
+    """Keep a grant's ciphertexts (as the user's row held them) for revoking, in the caller's transaction.
+    Returns the tombstone's id."""
     stmt = (
         sa.insert(g)
         .values(
-            user_id=row.user_id,
-            athlete_id=row.athlete_id,
-            refresh_token_enc=row.refresh_token_enc,
-            access_token_enc=row.access_token_enc,
-            access_expires_at=row.expires_at,
-            key_id=row.key_id,
+            user_id=user_id,
+            athlete_id=athlete_id,
+            refresh_token_enc=refresh_token_enc,
+            access_token_enc=access_token_enc,
+            access_expires_at=access_expires_at,
+            key_id=key_id,
             due_at=due_at,
             attempts=0,
             created_at=now,
