@@ -22,7 +22,7 @@ from tests.conftest import FakeClock, make_settings, seed_athlete
 from tests.logcapture import CapturedLogs, captured_logs
 from tokensvc.app import notification_deliverer
 from tokensvc.config import Settings
-from tokensvc.models import notifications, token_events
+from tokensvc.models import notifications, revocation_tombstones, token_events
 from tokensvc.sandbox import FaultSpec, SandboxState
 
 
@@ -112,6 +112,7 @@ SOURCES: dict[str, Source] = {
     "metrics": _metrics,
     "token_events": _table(token_events),
     "notifications": _table(notifications),
+    "revocation_tombstones": _table(revocation_tombstones),
     "api responses": _api_reads,
     "error and other bodies": _bodies,
     "dashboard": _dashboard,
@@ -174,9 +175,19 @@ async def drive(client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClo
     await call("PUT", f"/v1/users/{dead}/tokens", json={"access_token": bad, "refresh_token": bad, "expires_at": "x"})
     await call("PUT", "/v1/users/bad%20id/tokens", json=body(bad, bad, 1, 1))
 
-    # 5. delete: deauthorize at Strava and a `token.revoked` notification
+    # 5. delete: revoke at Strava and a `token.revoked` notification
     assert (await call("DELETE", f"/v1/users/{good.user_id}/tokens")).status_code == 204
-    run.users += [good.user_id, flaky.user_id, dead]
+
+    # 6. delete while Strava's revoke is down: the grant waits in a revocation tombstone (still encrypted)
+    buried = f"canary-gone-{uuid.uuid4().hex[:8]}"
+    await call("PUT", f"/v1/users/{buried}/tokens", json=body(*canaries_pair(run), int(clock()) + 7200, 4343))
+    sandbox.add_fault(FaultSpec(endpoint="revoke", kind="status", status=503))
+    assert (await call("DELETE", f"/v1/users/{buried}/tokens")).status_code == 204
+    run.users += [good.user_id, flaky.user_id, dead, buried]
+
+
+def canaries_pair(run: Run) -> tuple[str, str]:
+    return run.canary("access"), run.canary("refresh")
 
 
 @pytest.mark.parametrize("source", list(SOURCES))
@@ -192,7 +203,7 @@ async def test_no_token_appears_anywhere_but_the_access_token_response(
     issued = sandbox.issued_tokens()
     tokens = set(issued) | set(run.handed_out) | set(run.imported)
     assert len(issued) >= 6
-    assert len(run.imported) == 5
+    assert len(run.imported) == 7
     # Positive control: the scan finds a token where one belongs (the access-token response).
     assert any(token in run.handed_out for token in issued)
     assert scanned.strip(), f"{source}: nothing to scan"

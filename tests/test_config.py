@@ -174,6 +174,24 @@ class TestRefreshBufferRange:
         assert "refresh_buffer_seconds" in str(caught.value)
 
 
+class TestRevokeEndpoint:
+    def test_auto_is_the_default(self) -> None:
+        """Unset: revoke, falling back to deauthorize on a 404; retried every minute."""
+        assert (Settings().strava_revoke_endpoint, Settings().revoke_poll_interval_seconds) == ("auto", 60)
+
+    @pytest.mark.parametrize("value", ["auto", "revoke", "deauthorize"])
+    def test_each_endpoint_can_be_pinned(self, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+        monkeypatch.setenv("TOKENSVC_STRAVA_REVOKE_ENDPOINT", value)
+        assert Settings().strava_revoke_endpoint == value
+
+    def test_anything_else_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A typo stops the start rather than silently picking one."""
+        monkeypatch.setenv("TOKENSVC_STRAVA_REVOKE_ENDPOINT", "oauth/revoke")
+        with pytest.raises(ValidationError) as caught:
+            Settings()
+        assert [e["loc"] for e in caught.value.errors()] == [("strava_revoke_endpoint",)]
+
+
 class TestDatabaseUrlNormalisation:
     @pytest.mark.parametrize(
         ("given", "expected"),

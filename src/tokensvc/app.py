@@ -47,6 +47,7 @@ from tokensvc.providers.strava import StravaClient
 from tokensvc.service.audit import Audit
 from tokensvc.service.dashboard import DashboardService
 from tokensvc.service.gateway import Gateway
+from tokensvc.service.grant_revocation import GrantRevoker
 from tokensvc.service.housekeeping import Housekeeping
 from tokensvc.service.journal import Journal
 from tokensvc.service.notify import NotificationDeliverer
@@ -79,6 +80,7 @@ class Resources:
     webhooks: StravaWebhooks
     notifier: NotificationDeliverer | None
     housekeeping: Housekeeping
+    revoker: GrantRevoker
     audit: Audit
     stats: StatsService
     dashboard: DashboardService
@@ -97,6 +99,7 @@ class Resources:
         if self.notifier is not None:
             self.notifier.start()
         self.housekeeping.start()
+        self.revoker.start()  # when TOKENSVC_REVOKE_POLL_INTERVAL_SECONDS > 0
         if self.usage is not None:
             self.usage.start()
         self.stats.gauges.start()
@@ -179,6 +182,16 @@ async def open_resources(
             keep=lambda row: row.reauth_reason is None and row.expires_at - clock() > buffer,
         )
         rows.start()
+    cipher = TokenCipher(settings.all_encryption_keys)
+    revoker = GrantRevoker(
+        engine=engine,
+        cipher=cipher,
+        strava=strava,
+        budget=budget,
+        clock=clock,
+        endpoint=settings.strava_revoke_endpoint,
+        interval_seconds=settings.revoke_poll_interval_seconds,
+    )
     journal = Journal(
         clock=clock,
         notify=settings.notify_url is not None,
@@ -188,7 +201,7 @@ async def open_resources(
         engine=engine,
         budget=budget,
         rows=rows,
-        cipher=TokenCipher(settings.all_encryption_keys),
+        cipher=cipher,
         strava=strava,
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
@@ -197,6 +210,7 @@ async def open_resources(
         token_timeout_seconds=settings.strava_token_timeout_seconds,
         authorize_url=links.for_user,
         journal=journal,
+        revoker=revoker,
     )
     oauth = OAuthService(links=links, tokens=service, strava=strava, engine=engine, clock=clock)
     sessions = Sessions(secret, ttl_seconds=settings.session_ttl_seconds, clock=clock)
@@ -249,6 +263,7 @@ async def open_resources(
             webhooks=strava_webhooks,
             notifier=notifier,
             housekeeping=housekeeping,
+            revoker=revoker,
             audit=Audit(engine),
             stats=stats,
             dashboard=DashboardService(
@@ -270,7 +285,13 @@ async def open_resources(
         # client and the engines close. Each step gets what is left of the one deadline.
         left = shutdown.remaining()
         loops = [job.stop(deadline_seconds=left) for job in (clock_sync, stats.gauges, housekeeping.job) if job]
-        stops = [*loops, strava_webhooks.stop(), sweeper.stop(), *([notifier.stop()] if notifier else [])]
+        stops = [
+            *loops,
+            revoker.stop(deadline_seconds=left),
+            strava_webhooks.stop(),
+            sweeper.stop(),
+            *([notifier.stop()] if notifier else []),
+        ]
         drain = asyncio.gather(service.aclose(max(0.5, left - CLOSE_RESERVE_SECONDS)), *stops, return_exceptions=True)
         try:
             await asyncio.wait_for(drain, timeout=max(1.0, left - CLOSE_RESERVE_SECONDS / 2))

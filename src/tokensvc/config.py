@@ -7,7 +7,7 @@ import re
 import secrets
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import structlog
@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     # v1.1: how many connected athletes the Strava app may have (Strava: 1 for a new app, 10 self-serve, more after
     # review); /v1/stats, /metrics and the dashboard show connected athletes against it. Unset: not shown.
     strava_athlete_capacity: int | None = Field(default=None, ge=1, le=100_000_000)
+    # How a deleted user's grant is ended at Strava: `auto` sends `POST /oauth/revoke` and falls back to the legacy
+    # `/oauth/deauthorize` on a 404 (the latter is reported to retire on 2027-06-01); `revoke` or `deauthorize` pins
+    # one endpoint.
+    strava_revoke_endpoint: Literal["auto", "revoke", "deauthorize"] = "auto"
+    # How often each replica retries the revocations Strava has not confirmed yet (tombstones); 0: none here.
+    revoke_poll_interval_seconds: int = Field(default=60, ge=0, le=86_400)
     # /oauth/token calls (refresh, exchange) are not rate-counted by Strava: this bounds them per process instead.
     strava_token_concurrency: int = Field(default=6, ge=1, le=200)
     session_secret: SecretStr | None = None

@@ -20,8 +20,8 @@ REFRESH_SECONDS = Histogram(
 
 STRAVA_REQUESTS = Counter(
     "tokensvc_strava_requests_total",
-    "HTTP requests to Strava, by endpoint (token_refresh, token_exchange, deauthorize, athlete, push_subscriptions, "
-    "api) and by status code "
+    "HTTP requests to Strava, by endpoint (token_refresh, token_exchange, deauthorize, revoke, athlete, "
+    "push_subscriptions, api) and by status code "
     "(or `error` when no response came back)",
     ["endpoint", "status"],
 )
@@ -69,6 +69,17 @@ WEBHOOK_EVENTS_TOTAL = Counter(
 DEAUTHORIZATIONS_TOTAL = Counter(
     "tokensvc_strava_deauthorizations_total",
     "Deauthorization events processed, by outcome (confirmed, unconfirmed, no_user, retried)",
+    ["outcome"],
+)
+REVOCATIONS_PENDING = Gauge(
+    "tokensvc_revocation_tombstones_pending",
+    "Deleted users' grants still to be revoked at Strava (tombstones waiting for Strava to confirm; DB-wide)",
+)
+REVOCATIONS_TOTAL = Counter(
+    "tokensvc_strava_revocations_total",
+    "Attempts to end a deleted user's grant at Strava, by outcome (revoked, deauthorized, token_dead: nothing was "
+    "left alive; superseded: the athlete reconnected, so nothing was sent; retried: a 429, 5xx, timeout or "
+    "refusal, tried again later)",
     ["outcome"],
 )
 NOTIFICATIONS_TOTAL = Counter(

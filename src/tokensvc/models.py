@@ -372,3 +372,27 @@ class RefreshClaim(SQLModel, table=True):
 
 
 refresh_claims: sa.Table = RefreshClaim.__table__  # type: ignore[attr-defined]
+
+
+class RevocationTombstone(SQLModel, table=True):
+    """A grant still to be revoked at Strava after its user's row is gone (DELETE): the tokens it needs, as the
+    same ciphertexts `user_tokens` held (same keys, bound to the user id and field), until Strava confirms; then
+    the row goes. A narrow table of its own, claimed by moving `due_at` past now (the claim's lease)."""
+
+    __tablename__ = "revocation_tombstones"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_BigId)
+    user_id: str = Field(max_length=64)
+    athlete_id: int | None = Field(default=None, sa_type=sa.BigInteger)
+    refresh_token_enc: str
+    access_token_enc: str | None = Field(default=None)
+    access_expires_at: int = Field(sa_type=sa.BigInteger)
+    key_id: str | None = Field(default=None, max_length=16)
+    # When the next attempt is due (epoch seconds); while a replica works on it, the end of its claim.
+    due_at: int = Field(sa_type=sa.BigInteger, index=True)
+    attempts: int = Field(default=0)
+    last_error: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+revocation_tombstones: sa.Table = RevocationTombstone.__table__  # type: ignore[attr-defined]

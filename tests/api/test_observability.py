@@ -51,7 +51,7 @@ class TestMetrics:
     async def test_strava_requests_are_counted_by_endpoint_and_status(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """A refresh (200), a failing refresh (503) and a deauthorization (200) each count once under their label."""
+        """A refresh (200), a failing refresh (503) and a delete's revoke (200) each count once under their label."""
         name = "tokensvc_strava_requests_total"
         before = await scrape(client)
         user = await put_user(client, sandbox, clock, expires_in=60)
@@ -60,7 +60,7 @@ class TestMetrics:
         await client.post(f"/v1/users/{user.user_id}/refresh?force=true")
         await client.delete(f"/v1/users/{user.user_id}/tokens")
         after = await scrape(client)
-        for endpoint, status in [("token_refresh", "200"), ("token_refresh", "503"), ("deauthorize", "200")]:
+        for endpoint, status in [("token_refresh", "200"), ("token_refresh", "503"), ("revoke", "200")]:
             delta = value(after, name, endpoint=endpoint, status=status) - value(
                 before, name, endpoint=endpoint, status=status
             )
@@ -110,7 +110,7 @@ class TestMetrics:
         assert (await client.delete(f"/v1/users/{valid.user_id}/tokens")).status_code in (200, 204)
         await stats.update_gauges()
         samples = await scrape(client)
-        assert value(samples, "tokensvc_rate_budget_remaining", window="15min") == full_15min - 1  # deauthorize
+        assert value(samples, "tokensvc_rate_budget_remaining", window="15min") == full_15min - 1  # the revoke
         assert value(samples, "tokensvc_rate_budget_remaining", window="daily") == full_daily - 1
         full_read = value(samples, "tokensvc_rate_budget_remaining", window="read_15min")
         assert full_read == 100

@@ -282,12 +282,25 @@ class TestDeleteEndpoint:
     async def test_delete_is_204_and_idempotent(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """204 twice; the user is `missing` afterwards and Strava was asked to deauthorize once."""
+        """204 twice; the user is `missing` afterwards and Strava was asked to revoke the grant once."""
         user = await put_user(client, sandbox, clock, expires_in=10_000)
         assert (await client.delete(f"/v1/users/{user.user_id}/tokens")).status_code == 204
         assert (await client.delete(f"/v1/users/{user.user_id}/tokens")).status_code == 204
         assert (await client.get(f"/v1/users/{user.user_id}/token-status")).json()["status"] == "missing"
-        assert sandbox.calls["deauthorize"] == 1
+        assert (sandbox.calls["revoke"], sandbox.calls["deauthorize"]) == (1, 0)
+        assert sandbox.snapshot(user.athlete_id)["revoked"] is True
+
+    @pytest.mark.parametrize("strava_status", [429, 500, 503])
+    async def test_a_strava_outage_does_not_change_the_answer(
+        self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock, strava_status: int
+    ) -> None:
+        """Strava failing the revoke: still 204 at once and `missing`; the grant waits to be revoked later."""
+        user = await put_user(client, sandbox, clock, expires_in=10_000)
+        sandbox.add_fault(FaultSpec(endpoint="revoke", kind="status", status=strava_status))
+        assert (await client.delete(f"/v1/users/{user.user_id}/tokens")).status_code == 204
+        assert (await client.get(f"/v1/users/{user.user_id}/token-status")).json()["status"] == "missing"
+        assert sandbox.calls["revoke"] == 1
+        assert sandbox.snapshot(user.athlete_id)["revoked"] is False
 
 
 class TestListing:
@@ -398,7 +411,8 @@ class TestOneAthleteOneUser:
         assert (await client.get("/v1/users/first/token-status")).json()["status"] == "missing"
         token = (await client.get("/v1/users/second/access-token")).json()["access_token"]
         assert token == seeded.access_token
-        assert sandbox.calls["deauthorize"] == 0  # the grant is the athlete's, now the second user's: not revoked
+        # the grant is the athlete's, now the second user's: not revoked
+        assert (sandbox.calls["deauthorize"], sandbox.calls["revoke"]) == (0, 0)
 
 
 class TestImportsNeverGoBackwards:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ import stamina
 from tokensvc.providers.strava import (
     ProviderCapacityError,
     ProviderConfigError,
+    ProviderEndpointMissing,
     ProviderError,
     ProviderRejectedError,
     ProviderRequestError,
@@ -187,6 +189,74 @@ class TestDeauthorizeRequest:
         assert token_route.call_count == 0
         assert deauth_route.calls.last.request.url == httpx.URL(f"{BASE}/oauth/deauthorize")
         assert sent_form(deauth_route) == {"access_token": ACCESS}
+
+
+class TestRevokeRequest:
+    async def test_revoke_posts_the_refresh_token_with_basic_client_credentials(
+        self, strava: StravaClient, strava_api: respx.MockRouter
+    ) -> None:
+        """One POST /oauth/revoke: HTTP Basic client_id:client_secret, form token + token_type_hint, nothing else."""
+        route = strava_api.post("/oauth/revoke").respond(200, json={})
+
+        assert await strava.revoke(REFRESH) == "revoked"
+
+        assert route.call_count == 1
+        request = route.calls.last.request
+        assert request.url == httpx.URL(f"{BASE}/oauth/revoke")
+        expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+        assert request.headers["authorization"] == expected
+        assert sent_form(route) == {"token": REFRESH, "token_type_hint": "refresh_token"}
+
+    async def test_a_404_is_the_endpoint_missing(self, strava: StravaClient, strava_api: respx.MockRouter) -> None:
+        """404: Strava has no /oauth/revoke (yet): a typed error the caller falls back on."""
+        strava_api.post("/oauth/revoke").respond(404, text="Not Found")
+        with pytest.raises(ProviderEndpointMissing):
+            await strava.revoke(REFRESH)
+
+    @pytest.mark.parametrize(
+        ("status", "body"),
+        [
+            (400, strava_error("Bad Request", "Token", "token", "invalid")),
+            (401, strava_error("Authorization Error", "Athlete", "access_token", "invalid")),
+        ],
+    )
+    async def test_strava_calling_the_token_invalid_is_token_dead(
+        self, strava: StravaClient, strava_api: respx.MockRouter, status: int, body: dict[str, Any]
+    ) -> None:
+        """A 400/401 whose errors say `invalid` about the token: nothing is left to revoke."""
+        strava_api.post("/oauth/revoke").respond(status, json=body)
+        assert await strava.revoke(REFRESH) == "token_dead"
+
+    @pytest.mark.parametrize(
+        ("status", "body", "error"),
+        [
+            (401, strava_error("Authorization Error", "Application", "", "invalid"), ProviderConfigError),
+            (400, None, ProviderTransientError),  # a bare 400 proves nothing about the token
+            (503, None, ProviderTransientError),
+            (429, strava_error("Rate Limit Exceeded", "Application", "rate limit", "exceeded"), ProviderTransientError),
+        ],
+    )
+    async def test_other_answers_are_not_a_confirmation(
+        self,
+        strava: StravaClient,
+        strava_api: respx.MockRouter,
+        status: int,
+        body: dict[str, Any] | None,
+        error: type[ProviderError],
+    ) -> None:
+        """Our credentials refused, a bare 400, 5xx, 429: raised (the caller retries), never taken as revoked."""
+        route = strava_api.post("/oauth/revoke")
+        route.respond(status, json=body) if body is not None else route.respond(status, text="oops")
+        with pytest.raises(error):
+            await strava.revoke(REFRESH)
+
+    async def test_a_404_from_deauthorize_is_the_endpoint_missing(
+        self, strava: StravaClient, deauth_route: respx.Route
+    ) -> None:
+        """The legacy endpoint retired (a 404) is typed the same way."""
+        deauth_route.respond(404, text="Not Found")
+        with pytest.raises(ProviderEndpointMissing):
+            await strava.deauthorize(ACCESS)
 
 
 # --- successful answers -----------------------------------------------------------------------------------------

@@ -323,22 +323,22 @@ class TestAccessToken:
 
 
 class TestDelete:
-    async def test_delete_deauthorizes_at_strava_and_forgets_the_user(
+    async def test_delete_revokes_at_strava_and_forgets_the_user(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """Deauthorize (Strava revokes every token), then the row is gone; a second delete is a no-op."""
+        """The row is gone and Strava revokes every token; a second delete is a no-op."""
         user = await seed_user(resources, sandbox, clock, expires_in=10_000)
         await resources.service.delete(user.user_id)
         assert sandbox.snapshot(user.athlete_id)["revoked"] is True
         assert (await resources.service.status(user.user_id)).status is Status.MISSING
         await resources.service.delete(user.user_id)
-        assert sandbox.calls["deauthorize"] == 1
+        assert (sandbox.calls["revoke"], sandbox.calls["deauthorize"]) == (1, 0)
 
     async def test_delete_still_deletes_when_strava_fails(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """Deauthorization is best effort: a Strava 500 does not keep the tokens."""
+        """A Strava 500 on the revoke does not keep the tokens (the grant waits in a tombstone instead)."""
         user = await seed_user(resources, sandbox, clock, expires_in=10_000)
-        sandbox.add_fault(FaultSpec(endpoint="deauthorize", kind="status", status=500))
+        sandbox.add_fault(FaultSpec(endpoint="revoke", kind="status", status=500))
         await resources.service.delete(user.user_id)
         assert (await resources.service.status(user.user_id)).status is Status.MISSING

@@ -175,17 +175,17 @@ class TestRateBudget:
         state = await replicas[1].budget.state()
         assert (state.used_15min, state.used_daily, state.read_used_15min) == (0, 0, 0)
 
-    async def test_a_deauthorize_takes_an_overall_unit_and_no_read_unit(
+    async def test_a_revoke_takes_an_overall_unit_and_no_read_unit(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
         await resources.service.delete(user.user_id)
-        assert sandbox.calls["deauthorize"] == 1
+        assert sandbox.calls["revoke"] == 1
         state = await resources.budget.state()
         assert (state.used_15min, state.used_daily) == (1, 1)
         assert (state.read_used_15min, state.read_used_daily) == (0, 0)
 
-    async def test_a_spent_overall_window_skips_the_deauthorize_but_still_deletes(
+    async def test_a_spent_overall_window_defers_the_revoke_but_still_deletes(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
@@ -194,7 +194,7 @@ class TestRateBudget:
         with pytest.raises(ProviderRateLimited):
             await resources.budget.acquire("on_demand")
         await resources.service.delete(user.user_id)
-        assert sandbox.calls["deauthorize"] == 0
+        assert (sandbox.calls["revoke"], sandbox.calls["deauthorize"]) == (0, 0)
         assert (await resources.service.status(user.user_id)).status is Status.MISSING
 
     async def test_reads_are_charged_to_the_read_window_as_well(self, resources: Resources, clock: FakeClock) -> None:

@@ -469,4 +469,4 @@ class TestTheCheckIsARead:
         assert state.read_paused_until > clock()
         assert (state.paused_until, state.token_paused_until) == (0, 0)
         await resources.service.delete(user.user_id)  # a rate-counted call that is not a read still goes
-        assert sandbox.calls["deauthorize"] == 1
+        assert sandbox.calls["revoke"] == 1

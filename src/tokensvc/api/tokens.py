@@ -75,7 +75,7 @@ async def get_access_token(
 
 @router.delete("/users/{user_id}/tokens", status_code=204, responses=problem_responses(503))
 async def delete_tokens(user_id: UserId, service: TokenServiceDep) -> Response:
-    """Deauthorize at Strava (best effort) and delete the user's tokens. Idempotent."""
+    """Delete the user's tokens at once and revoke the grant at Strava (retried until Strava confirms). Idempotent."""
     await service.delete(user_id)
     return Response(status_code=204)
 

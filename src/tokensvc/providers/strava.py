@@ -11,6 +11,7 @@ A refresh whose answer was lost is never retried: Strava may already have rotate
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -26,6 +27,9 @@ from tokensvc import metrics
 
 log = structlog.get_logger(__name__)
 
+TokenTypeHint = Literal["refresh_token", "access_token"]
+# What a revoke came to: Strava revoked it, or the token was dead already (nothing left to revoke).
+RevokeAnswer = Literal["revoked", "token_dead"]
 RejectedReason = Literal[
     "refresh_token_invalid", "code_invalid", "code_expired", "access_token_invalid", "scope_missing"
 ]
@@ -78,6 +82,11 @@ class ProviderCapacityError(ProviderError):
     """Strava refused a code exchange because the application is at its athlete capacity (403 `Limit of connected
     athletes exceeded`: new apps allow 1 athlete, self-serve 10). Nothing is wrong with the user or the code's
     flow; the app needs another athlete to disconnect, or a higher tier."""
+
+
+class ProviderEndpointMissing(ProviderError):
+    """Strava answered 404 for one of its own endpoints (`/oauth/revoke` not there yet, `/oauth/deauthorize`
+    retired): the caller may try the other one."""
 
 
 class ProviderRequestError(ProviderError):
@@ -319,12 +328,40 @@ class StravaClient:
     async def deauthorize(self, access_token: str) -> None:
         """Revoke every token this app holds for the athlete.
 
-        Raises ProviderRejectedError (access_token_invalid: already revoked), ProviderConfigError or
-        ProviderTransientError.
+        Raises ProviderRejectedError (access_token_invalid: already revoked, or the access token expired),
+        ProviderEndpointMissing (404: retired), ProviderConfigError or ProviderTransientError.
         """
         response = await self._post("/oauth/deauthorize", {"access_token": access_token})
+        if response.status_code == 404:
+            raise ProviderEndpointMissing("Strava has no /oauth/deauthorize here (404)", status_code=404)
         if response.status_code != 200:
             raise self._classify(response)
+
+    async def revoke(self, token: str, *, token_type_hint: TokenTypeHint = "refresh_token") -> RevokeAnswer:
+        """`POST /oauth/revoke` (RFC 7009: HTTP Basic client credentials, form `token`, `token_type_hint`); revoking a
+        refresh token ends the athlete's grant. Rate-counted at Strava. Returns `revoked` for a 200, `token_dead`
+        when Strava calls the token itself invalid (a 400/401 with an `invalid` error not about the application):
+        either way nothing is left alive.
+
+        Raises ProviderEndpointMissing (404), ProviderConfigError or ProviderTransientError.
+        """
+        credentials = base64.b64encode(f"{self._client_id}:{self._client_secret}".encode()).decode()
+        response = await self._send(
+            "POST",
+            "/oauth/revoke",
+            data={"token": token, "token_type_hint": token_type_hint},
+            headers={"Authorization": f"Basic {credentials}"},
+        )
+        if response.status_code == 200:
+            return "revoked"
+        if response.status_code == 404:
+            raise ProviderEndpointMissing("Strava has no /oauth/revoke here (404)", status_code=404)
+        error = self._classify(response)
+        # Only Strava's own "this token is invalid" counts as dead: a bare 400/401 proves nothing (I3's spirit).
+        invalid = any(code == "invalid" for _, _, code in _error_triples(response))
+        if response.status_code in (400, 401) and invalid and not isinstance(error, ProviderConfigError):
+            return "token_dead"
+        raise error
 
     async def check_access(self, access_token: str) -> bool:
         """Whether Strava still honours an access token (`GET /api/v3/athlete`; rate-counted at Strava): False when
@@ -602,7 +639,7 @@ class StravaClient:
         return ProviderTransientError(f"Strava answered {status}", status_code=status, errors=errors)
 
 
-Endpoint = Literal["token_refresh", "token_exchange", "deauthorize", "athlete", "push_subscriptions", "api"]
+Endpoint = Literal["token_refresh", "token_exchange", "deauthorize", "revoke", "athlete", "push_subscriptions", "api"]
 
 
 def _endpoint_of(path: str, form: Mapping[str, str]) -> Endpoint:
@@ -611,6 +648,8 @@ def _endpoint_of(path: str, form: Mapping[str, str]) -> Endpoint:
         return "token_refresh" if form.get("grant_type") == "refresh_token" else "token_exchange"
     if path.endswith("/oauth/deauthorize"):
         return "deauthorize"
+    if path.endswith("/oauth/revoke"):
+        return "revoke"
     if path.endswith("/api/v3/athlete"):
         return "athlete"
     if "/push_subscriptions" in path:

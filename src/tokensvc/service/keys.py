@@ -4,7 +4,9 @@ Run with `TOKENSVC_ENCRYPTION_KEYS="new,old"` (the service's replicas configured
 read rows under either key). Rows go in batches of one short transaction each: lock the batch (skipping rows an
 in-flight refresh holds), decrypt each ciphertext with whichever configured key it names, encrypt it with the newest,
 write it back under the lock, commit. Rows skipped because they were locked are taken on a later pass. A row no
-configured key can read is left untouched and reported by user id (never by ciphertext).
+configured key can read is left untouched and reported by user id (never by ciphertext). Revocation tombstones
+(deleted users' grants waiting for Strava) go the same way after the rows, each write fenced by the ciphertext it
+replaces (an attempt that refreshed the grant meanwhile wins; the next pass takes its new pair).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.crypto import DecryptionError, Field, TokenCipher
 from tokensvc.store import keys as store
+from tokensvc.store import tombstones
 from tokensvc.store.keys import SealedRow
+from tokensvc.store.tombstones import SealedTombstone
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +46,7 @@ class RotationReport:
     unreadable: dict[str, Field] = field(default_factory=dict)
     still_locked: int = 0
     passes: int = 0
+    unreadable_tombstones: set[int] = field(default_factory=set)  # also named in `unreadable`
 
     @property
     def ok(self) -> bool:
@@ -80,6 +85,7 @@ class KeyRotator:
         while True:
             report.passes += 1
             await self._one_pass(report, on_batch)
+            await self._tombstone_pass(report, on_batch)
             left = await self._left_over(report)
             if not left:
                 break
@@ -125,6 +131,52 @@ class KeyRotator:
             if len(rows) < self._batch_size:  # skipped (locked) rows do not count towards the limit: this was the end
                 return
 
+    async def _tombstone_pass(self, report: RotationReport, on_batch: Callable[[BatchDone], None] | None) -> None:
+        after = 0
+        current = self._cipher.current_key_id
+        while True:
+            written = 0
+            async with self._engine.begin() as conn:
+                batch = await tombstones.needing_rotation(
+                    conn, current_key_id=current, after=after, limit=self._batch_size
+                )
+                for old in batch:
+                    sealed = self._reseal_tombstone(old, report)
+                    if sealed is not None and await tombstones.write_sealed(
+                        conn, old, refresh_token_enc=sealed[0], access_token_enc=sealed[1], key_id=current
+                    ):
+                        written += 1
+            if not batch:
+                return
+            report.reencrypted += written
+            after = batch[-1].id
+            if on_batch is not None:
+                on_batch(BatchDone(reencrypted=written, total=report.reencrypted))
+
+    def _reseal_tombstone(self, old: SealedTombstone, report: RotationReport) -> tuple[str, str | None] | None:
+        """Its ciphertexts under the current key (bound to the user id, as in the row they came from), or None
+        (and reported as `<user id> (tombstone <id>)`) when one cannot be read."""
+        fields: tuple[tuple[Field, str | None], ...] = (
+            ("refresh", old.refresh_token_enc),
+            ("access", old.access_token_enc),
+        )
+        sealed: dict[Field, str | None] = {}
+        for field_name, ciphertext in fields:
+            if ciphertext is None:
+                sealed[field_name] = None
+                continue
+            try:
+                plaintext = self._cipher.decrypt(ciphertext, user_id=old.user_id, field=field_name)
+            except DecryptionError as exc:
+                label = _tombstone_label(old.id, old.user_id)
+                if label not in report.unreadable:
+                    log.error("token.decrypt_failed", tombstone_id=old.id, field=field_name, error=str(exc))
+                report.unreadable[label] = field_name
+                report.unreadable_tombstones.add(old.id)
+                return None
+            sealed[field_name] = self._cipher.encrypt(plaintext, user_id=old.user_id, field=field_name)
+        return sealed["refresh"] or "", sealed["access"]
+
     def _reseal(self, row: SealedRow, report: RotationReport) -> tuple[str | None, str | None] | None:
         """Both ciphertexts under the current key, or None (and the user reported) when one cannot be read."""
         sealed: dict[Field, str | None] = {}
@@ -149,7 +201,12 @@ class KeyRotator:
     async def _left_over(self, report: RotationReport) -> int:
         """Rows still needing rotation that are not known to be unreadable (that is: rows that were locked)."""
         async with self._engine.connect() as conn:
-            ids = await store.pending(
-                conn, current_key_id=self._cipher.current_key_id, limit=len(report.unreadable) + self._batch_size
-            )
-        return sum(1 for user_id in ids if user_id not in report.unreadable)
+            limit = len(report.unreadable) + self._batch_size
+            ids = await store.pending(conn, current_key_id=self._cipher.current_key_id, limit=limit)
+            buried = await tombstones.pending_rotation(conn, current_key_id=self._cipher.current_key_id, limit=limit)
+        rows = sum(1 for user_id in ids if user_id not in report.unreadable)
+        return rows + sum(1 for tombstone_id in buried if tombstone_id not in report.unreadable_tombstones)
+
+
+def _tombstone_label(tombstone_id: int, user_id: str) -> str:
+    return f"{user_id} (tombstone {tombstone_id})"

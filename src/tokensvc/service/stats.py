@@ -22,6 +22,7 @@ from tokensvc.schemas import AthleteCounts, RefreshCounts, RefreshWindows, Stats
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.status import Status
 from tokensvc.store import stats as store
+from tokensvc.store import tombstones as tombstone_store
 from tokensvc.store import usage as usage_store
 
 _GAUGED = (Status.VALID, Status.EXPIRING_SOON, Status.EXPIRED, Status.NEEDS_REAUTH)
@@ -95,11 +96,12 @@ class StatsService:
         )
 
     async def update_gauges(self) -> None:
-        """Set the DB-wide gauges (users by status, rate budget, pause, pending notifications) from the database.
-        Raises the database's errors; the gauges keep their last values then."""
+        """Set the DB-wide gauges (users by status, rate budget, pause, pending notifications and revocations)
+        from the database. Raises the database's errors; the gauges keep their last values then."""
         async with self._engine.connect() as conn:
             users = await store.users_by_status(conn, now=int(self._clock()), buffer_seconds=self._buffer_seconds)
             pending = await store.notifications_pending(conn)
+            tombstones = await tombstone_store.count(conn)
             now = int(self._clock())
             active, idle = await self._activity(conn, users, now=now)
             expired_active = users[Status.EXPIRED]
@@ -116,6 +118,7 @@ class StatsService:
         metrics.ATHLETES_CONNECTED.set(connected_athletes(users))
         if self._athlete_capacity is not None:
             metrics.ATHLETE_CAPACITY.set(self._athlete_capacity)
+        metrics.REVOCATIONS_PENDING.set(tombstones)
         metrics.RATE_BUDGET_REMAINING.labels(window="15min").set(max(0, budget.limit_15min - budget.used_15min))
         metrics.RATE_BUDGET_REMAINING.labels(window="daily").set(max(0, budget.limit_daily - budget.used_daily))
         read_15, read_day = (

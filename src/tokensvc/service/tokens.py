@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import stamina
 import structlog
@@ -68,12 +68,13 @@ from tokensvc.schemas import (
     TokenPage,
     TokenStatus,
 )
+from tokensvc.service.grant_revocation import GrantRevoker
 from tokensvc.service.journal import Journal, connect_news
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.revocation import user_subject
 from tokensvc.service.usage import UsageRecorder
 from tokensvc.status import Status, classify
-from tokensvc.store import claims, session_revocations
+from tokensvc.store import claims, session_revocations, tombstones
 from tokensvc.store import tokens as store
 from tokensvc.store.claims import Claim
 from tokensvc.store.reader import EngineReader, RowReader
@@ -82,9 +83,6 @@ from tokensvc.store.tokens import NewTokens, TokenRow
 log = structlog.get_logger(__name__)
 
 MAX_IMPORT_AHEAD_SECONDS = 366 * 86_400  # an imported expires_at further ahead is not epoch seconds
-
-# What a deauthorize came to: a 429 is kept so the caller pauses once it is done.
-DeauthorizeOutcome = Literal["not_called", "called"] | ProviderTransientError
 
 AuthorizeUrlFactory = Callable[[str], str | None]
 
@@ -125,6 +123,7 @@ class TokenService:
         wait_seconds: float | None = None,
         authorize_url: AuthorizeUrlFactory | None = None,
         journal: Journal | None = None,
+        revoker: GrantRevoker | None = None,
     ) -> None:
         self._engine = engine
         self.journal = journal or Journal(clock=clock)
@@ -150,6 +149,8 @@ class TokenService:
         self._background: set[asyncio.Task[Any]] = set()
         # Notes who asks for tokens (the sweeper refreshes only users used lately); set by app.py.
         self.usage: UsageRecorder | None = None
+        # Ends a deleted user's grant at Strava (without one, tombstones wait for a replica that has one).
+        self.revoker = revoker
 
     def _used(self, user_id: str) -> None:
         if self.usage is not None:
@@ -348,35 +349,68 @@ class TokenService:
         )
 
     async def delete(self, user_id: str) -> None:
-        """Deauthorize at Strava (best effort, holding no connection), then delete in one short transaction,
-        which also ends the user's browser sessions (`service/revocation.py`). Idempotent.
-
-        Deauthorize is rate-counted: it takes a unit of the overall window first, given back when no call was made;
-        without a unit the call is skipped and the row deleted all the same. A 429 pauses rate-counted calls."""
-        row = await self._read_fresh(user_id)
-        if row is not None and row.access_token_enc is not None and row.reauth_reason is None:
-            await self._deauthorize_counted(row)
+        """Delete the user in one short transaction, which also ends their browser sessions
+        (`service/revocation.py`) and, when the row still holds a live grant, buries its tokens in a tombstone
+        (`service/grant_revocation.py`); then, holding no connection, one attempt to end the grant at Strava. A
+        grant Strava does not confirm (outage, 429, no budget) is retried in the background until it does; the
+        row is gone either way. Idempotent."""
+        now = self._clock()
         async with self._engine.begin() as conn:
-            await session_revocations.revoke(conn, user_subject(user_id), now_ms=int(self._clock() * 1000))
+            await session_revocations.revoke(conn, user_subject(user_id), now_ms=int(now * 1000))
             row = await store.lock_for_refresh(conn, user_id)
             if row is None:
                 return
+            tombstone_id = None
+            if row.refresh_token_enc is not None and row.reauth_reason is None:
+                tombstone_id = await tombstones.bury(
+                    conn,
+                    user_id=user_id,
+                    athlete_id=row.athlete_id,
+                    refresh_token_enc=row.refresh_token_enc,
+                    access_token_enc=row.access_token_enc,
+                    access_expires_at=row.expires_at,
+                    key_id=row.key_id,
+                    due_at=int(now),
+                    now=self._now_dt(),
+                )
             await store.delete(conn, user_id)
             await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
         self.row_changed(user_id)
-        log.info("token.deleted", user_id=user_id)
+        log.info("token.deleted", user_id=user_id, revoke_pending=tombstone_id is not None)
+        if tombstone_id is not None:
+            await self._revoke_now(user_id, tombstone_id)
 
-    async def _deauthorize_counted(self, row: TokenRow) -> None:
-        try:
-            await self._budget.acquire("on_demand")
-        except ProviderRateLimited as exc:
-            log.warning("token.deauthorize.skipped_rate_limited", user_id=row.user_id, retry_after=exc.retry_after)
+    async def _revoke_now(self, user_id: str, tombstone_id: int) -> None:
+        """One attempt at a just-buried grant, holding no connection; a database failure leaves it to the job."""
+        if self.revoker is None:
             return
-        outcome = await self._deauthorize_best_effort(row)
-        if outcome == "not_called":
-            await self._budget.refund()
-        elif isinstance(outcome, ProviderTransientError):
-            await self._budget.pause(outcome.retry_after)
+        try:
+            await self.revoker.attempt(tombstone_id)
+        except (DBAPIError, OSError) as exc:  # the delete stands: the tombstone is due, the job takes it
+            log.warning("token.revoke.deferred", user_id=user_id, error=type(exc).__name__)
+
+    async def _bury_if_deleted(self, user_id: str, row: TokenRow, tokens: NewTokens) -> None:
+        """A refresh whose fenced write found nothing: if a DELETE removed the row while Strava rotated, the pair
+        Strava just issued is the grant's only live refresh token (the delete buried the one it replaced), so it
+        is buried for revoking too. A row that is there (a newer import or connect) keeps its own pair."""
+        if tokens.refresh_token_enc is None:
+            return  # no rotation: the refresh token the delete buried is still the live one
+        async with self._engine.begin() as conn:
+            if await store.lock_for_refresh(conn, user_id) is not None:
+                return
+            tombstone_id = await tombstones.bury(
+                conn,
+                user_id=user_id,
+                athlete_id=row.athlete_id,
+                refresh_token_enc=tokens.refresh_token_enc,
+                access_token_enc=tokens.access_token_enc,
+                access_expires_at=tokens.expires_at,
+                key_id=tokens.key_id,
+                due_at=int(self._clock()),
+                now=self._now_dt(),
+            )
+        log.warning("token.refresh.deleted_meanwhile", user_id=user_id, tombstone_id=tombstone_id)
+        await self._revoke_now(user_id, tombstone_id)
 
     def row_changed(self, user_id: str) -> None:
         """A transaction of this process that changed the user's row has committed: this replica's reader forgets
@@ -662,8 +696,13 @@ class TokenService:
                 log.error("token.refresh.write_lost", user_id=user_id, error=type(lost).__name__)
                 raise ProviderUnavailable("the database stayed away after Strava answered", retry_after=5) from lost
         if written is None:
-            # Someone stored a newer pair (an import, a connect) while we called: theirs is kept.
+            # Someone stored a newer pair (an import, a connect) while we called: theirs is kept. Or the user was
+            # deleted meanwhile: then the new pair is a live grant to revoke.
             await self._release(user_id)
+            try:
+                await self._bury_if_deleted(user_id, row, tokens)
+            except (DBAPIError, OSError) as exc:
+                log.error("token.refresh.orphan_pair_lost", user_id=user_id, error=type(exc).__name__)
             log.error("token.refresh.version_conflict", user_id=user_id)
             raise ProviderUnavailable("the token row changed during the refresh; try again", retry_after=5)
         self.row_changed(user_id)
@@ -888,21 +927,6 @@ class TokenService:
 
     async def _get(self, user_id: str) -> TokenRow | None:
         return await self._rows.get(user_id)
-
-    async def _deauthorize_best_effort(self, row: TokenRow) -> DeauthorizeOutcome:
-        """The call itself; a 429 is handed back for the caller to pause on."""
-        try:
-            await self._strava.deauthorize(self._decrypt(row, "access"))
-        except TokenUnreadable as exc:
-            log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
-            return "not_called"
-        except (ProviderTransientError, ProviderRejectedError, ProviderConfigError) as exc:
-            log.warning("token.deauthorize.failed", user_id=row.user_id, error=type(exc).__name__)
-            if isinstance(exc, ProviderTransientError) and exc.rate_limited:
-                return exc
-            return "called"
-        log.info("token.deauthorize.succeeded", user_id=row.user_id)
-        return "called"
 
     def _decrypt(self, row: TokenRow, field: Field) -> str:
         ciphertext = row.access_token_enc if field == "access" else row.refresh_token_enc
