@@ -537,6 +537,7 @@ class TokenService:
             refused = rejected_version is not None and force
             if not refused and row.expires_at - self._clock() >= max(min_ttl, 1):
                 return Outcome(row, refreshed=False, message=MSG_ELSEWHERE)
+            log.info("token.refresh.waiting_for_claim", user_id=user_id, version=row.version)
             if not await self._wait_for_claim(user_id, row.version, give_up):
                 raise ProviderUnavailable("a refresh for this user is in progress elsewhere; try again", retry_after=2)
             known, force, message = await self._read_fresh(user_id), False, MSG_SIBLING
@@ -636,6 +637,7 @@ class TokenService:
         """One short transaction: the fenced write, its audit, the claim given back. Strava already rotated, so a
         database that is away is retried for the write budget with the new pair kept in memory."""
         tokens = self._encrypt_grant(user_id, grant)
+        failpoints.hit("refresh.before_store")  # tests only: Strava answered, nothing written yet (kill or freeze)
         try:
             written = await self._write(user_id, row, tokens, trigger=trigger, duration_ms=duration_ms)
         except (DBAPIError, OSError) as exc:
