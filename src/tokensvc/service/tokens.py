@@ -23,10 +23,10 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import stamina
 import structlog
@@ -87,6 +87,9 @@ MAX_IMPORT_AHEAD_SECONDS = 366 * 86_400  # an imported expires_at further ahead 
 DeauthorizeOutcome = Literal["not_called", "called"] | ProviderTransientError
 
 AuthorizeUrlFactory = Callable[[str], str | None]
+
+CallResult = TypeVar("CallResult")
+StoreResult = TypeVar("StoreResult")
 
 MSG_REFRESHED = "Tokens refreshed successfully"
 MSG_STILL_VALID = "Tokens are still valid - no refresh needed"
@@ -541,6 +544,40 @@ class TokenService:
             if not await self._wait_for_claim(user_id, row.version, give_up):
                 raise ProviderUnavailable("a refresh for this user is in progress elsewhere; try again", retry_after=2)
             known, force, message = await self._read_fresh(user_id), False, MSG_SIBLING
+
+    async def under_claim(
+        self,
+        row: TokenRow,
+        call: Callable[[], Awaitable[CallResult]],
+        store_result: Callable[[AsyncConnection, CallResult], Awaitable[StoreResult | None]],
+    ) -> StoreResult | None:
+        """Other work on a user's tokens through the refresh's own steps (the webhook's deauthorization check):
+        claim the user's refresh at `row`'s version (one short transaction), `call` Strava holding no connection,
+        then `store_result` in one short transaction that also gives the claim back. While the claim is held no
+        refresh of the user rotates the tokens under the call. None when the row moved on from `row`, or
+        `store_result` said so: decide again. A live owner's claim is waited on first (at most the wait budget).
+
+        Raises ProviderUnavailable when that wait runs out, and what `call` or `store_result` raise (the claim is
+        given back)."""
+        user_id = row.user_id
+        claim, current = await self._claim(user_id, row)
+        if claim is None:
+            held = current is not None and current.version == row.version
+            if held and not await self._wait_for_claim(user_id, row.version, time.monotonic() + self._wait_seconds):
+                raise ProviderUnavailable("a refresh for this user is in progress elsewhere; try again", retry_after=2)
+            return None
+        released = False
+        try:
+            result = await call()
+            async with self._engine.begin() as conn:
+                stored = await store_result(conn, result)
+                await claims.release(conn, user_id, owner=self._owner, now=self._now_ms())
+            released = True
+        finally:
+            if not released:
+                await self._release(user_id)
+        self.row_changed(user_id)
+        return stored
 
     async def _read_fresh(self, user_id: str) -> TokenRow | None:
         async with self._autocommit.connect() as conn:
