@@ -219,6 +219,43 @@ class TestFrozenOwner:
         assert await harness.http.refresh_calls() == 2
         await harness.check([a, b], retried={"victim"})
 
+    async def test_frozen_past_its_write_budget_too_its_late_pair_clears_the_flag_set_meanwhile(
+        self, services: ServiceFactory, harness: Harness
+    ) -> None:
+        """The same freeze, held past A's write budget (2 s here): B's first attempt is rejected and answers 503;
+        once A's budget has passed, B flags the user `refresh_token_invalid` without presenting the dead token
+        again (409). A is continued and stores its late pair, which still wins: the flag is cleared, both
+        replicas serve the new token, the stored refresh token is Strava's newest."""
+        short_budget = {"TOKENSVC_REFRESH_WRITE_BUDGET_SECONDS": "2"}
+        a = services("a", **FREEZE_AFTER_ANSWER, **short_budget)
+        b = services("b", **LEASED, **short_budget)
+        await wait_ready(a, b)
+        await harness.seed(b, "victim", expires_in=-60)
+        from_a = asyncio.create_task(harness.http.get(f"{a.url}/v1/users/victim/access-token"))
+        await wait_for_log(a, "failpoint.triggered name=refresh.before_store")
+        await wait_stopped(a)
+        try:
+            during = await harness.http.get(f"{b.url}/v1/users/victim/access-token")
+            assert during.status_code == 503, during.text
+            await harness.wait_claim_left("victim", 0)  # B holds the claim until A's write budget has passed
+            flagged = await harness.http.get(f"{b.url}/v1/users/victim/access-token")
+            assert (flagged.status_code, flagged.json()["reauth_reason"]) == (409, "refresh_token_invalid")
+            assert await harness.http.refresh_calls() == 2  # A's, and B's one rejected attempt
+        finally:
+            a.popen.send_signal(signal.SIGCONT)
+        response = await from_a
+        assert response.status_code == 200, response.text
+        newest = await harness.newest("victim")
+        assert response.json()["access_token"] == newest["access_token"]
+        status = (await harness.http.get(f"{b.url}/v1/users/victim/token-status")).json()
+        assert (status["status"], status["needs_reauth"], status["reauth_reason"]) == ("valid", False, None)
+        after = await harness.http.get(f"{b.url}/v1/users/victim/access-token")
+        assert after.status_code == 200, after.text
+        assert after.json()["access_token"] == newest["access_token"]
+        assert await harness.stored_refresh_token("victim") == newest["refresh_token"]
+        assert await harness.http.refresh_calls() == 2
+        await harness.check([a, b], retried={"victim"})
+
 
 class TestRejectedAfterASiblingsRotation:
     async def test_a_token_rotated_by_a_sibling_is_not_a_false_needs_reauth_but_a_revoked_one_is_flagged(
