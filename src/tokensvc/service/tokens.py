@@ -3,7 +3,8 @@
 Exactly once, however many callers and processes ask:
 1. single flight inside the process: concurrent callers for one user await one shared task;
 2. decide from a read; claim the refresh in `refresh_claims` (one short committed transaction, `store.claims`);
-   other processes wait on the claim (polling with backoff) or use the stored token while it lasts;
+   other processes wait on the claim (woken by the row's change notification on Postgres, polling with backoff
+   for the rest) or use the stored token while it lasts;
 3. call Strava holding no connection, within a deadline shorter than the claim;
 4. store in a second short transaction a write fenced by the version read (a `needs_reauth` set meanwhile over the
    same refresh token is cleared: the newest pair wins); the claim goes with it.
@@ -610,20 +611,33 @@ class TokenService:
         return claim, current
 
     async def _wait_for_claim(self, user_id: str, version: int, give_up: float) -> bool:
-        """Poll, backing off, until the row changes or the claim is gone or lapsed (True), or `give_up` (False).
-        Each look is one autocommit read; nothing is held between looks."""
+        """Look, backing off, until the row changes or the claim is gone or lapsed (True), or `give_up` (False).
+        On Postgres the row's change notification (the token cache's LISTEN) wakes the waiter at once; a claim
+        given back without a new pair, or a lapse, is seen at the next look. Each look is one autocommit read;
+        nothing is held between looks."""
         delay = 0.02
-        while time.monotonic() < give_up:
-            await asyncio.sleep(min(delay, max(0.0, give_up - time.monotonic())))
-            delay = min(delay * 1.5, 0.5)
-            async with self._autocommit.connect() as conn:
-                row = await store.get(conn, user_id)
-                if row is None or row.version != version:
+        changed = self._rows.watch(user_id)
+        try:
+            while time.monotonic() < give_up:
+                pause = min(delay, max(0.0, give_up - time.monotonic()))
+                if changed is None:
+                    await asyncio.sleep(pause)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), timeout=pause)
+                    changed.clear()
+                delay = min(delay * 1.5, 0.5)
+                async with self._autocommit.connect() as conn:
+                    row = await store.get(conn, user_id)
+                    if row is None or row.version != version:
+                        return True
+                    claim = await claims.get(conn, user_id)
+                if claim is None or claim.until <= self._now_ms():
                     return True
-                claim = await claims.get(conn, user_id)
-            if claim is None or claim.until <= self._now_ms():
-                return True
-        return False
+            return False
+        finally:
+            if changed is not None:
+                self._rows.unwatch(user_id, changed)
 
     async def _call_and_store(
         self,
