@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
 from tests.conftest import make_settings
@@ -139,11 +140,17 @@ class TestUpgradingToRefreshClaims:
         self, database_url: str, tmp_path: Path
     ) -> None:
         """The fleet stops for 0010 (docs/operations.md): once migrated, an old replica's start-up migration (its
-        scripts end at 0008) fails at once instead of running beside new replicas with another refresh guard."""
+        scripts are 0010's ancestors, exactly what the code before 0010 shipped) fails at once instead of running
+        beside new replicas with another refresh guard. Downgrading to 0010's parent, as the notes say, drops the
+        claims and keeps every table the old code knows."""
+        scripts = ScriptDirectory.from_config(alembic_config(database_url))
+        parent = scripts.get_revision("0010").down_revision
+        assert isinstance(parent, str)
+        known_before = {rev.revision for rev in scripts.iterate_revisions(parent, "base")}
         old_scripts = tmp_path / "alembic"
         shutil.copytree(alembic_dir(), old_scripts)
         for script in (old_scripts / "versions").glob("*.py"):
-            if script.name[:4].isdigit() and script.name[:4] > "0008":
+            if script.name[:4].isdigit() and script.name[:4] not in known_before:
                 script.unlink()
         engine = make_engine(database_url)
         try:
@@ -154,9 +161,13 @@ class TestUpgradingToRefreshClaims:
             with pytest.raises(CommandError, match="Can't locate revision"):
                 async with engine.begin() as conn:
                     await conn.run_sync(_upgrade, cfg, "head")
-            await downgrade(engine, "0008")
-            assert "refresh_claims" not in await table_names(database_url)
+            await downgrade(engine, parent)
+            tables = await table_names(database_url)
+            assert "refresh_claims" not in tables
+            async with engine.begin() as conn:  # the old code's own start-up migration now finds its head
+                await conn.run_sync(_upgrade, cfg, "head")
             await migrate(engine)
+            assert "refresh_claims" in await table_names(database_url)
         finally:
             await engine.dispose()
 

@@ -17,6 +17,11 @@ class TestParse:
         environ = {"TOKENSVC_ENABLE_FAILPOINTS": "1", "TOKENSVC_FAILPOINTS": " refresh.before_commit=exit , "}
         assert failpoints.parse(environ) == {"refresh.before_commit": "exit"}
 
+    def test_stop_is_an_action(self) -> None:
+        """`stop` (freeze with SIGSTOP until SIGCONT) is known beside `exit`."""
+        environ = {"TOKENSVC_ENABLE_FAILPOINTS": "1", "TOKENSVC_FAILPOINTS": "refresh.before_store=stop"}
+        assert failpoints.parse(environ) == {"refresh.before_store": "stop"}
+
     def test_an_unknown_action_is_refused(self) -> None:
         """A typo fails loudly instead of silently testing nothing."""
         with pytest.raises(ValueError, match="unknown action"):

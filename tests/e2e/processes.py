@@ -105,6 +105,30 @@ async def wait_ready(*processes: Process, deadline: float = START_DEADLINE) -> N
                     await asyncio.sleep(0.05)
 
 
+async def wait_for_log(process: Process, event: str, *, count: int = 1, deadline: float = START_DEADLINE) -> None:
+    """Until `event` appears `count` times in the process's log (where a process's steps are observable from
+    outside): a bounded condition wait, not a sleep."""
+    async with asyncio.timeout(deadline):
+        while True:
+            if process.log.read_text(errors="replace").count(event) >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    """The process's state letter from /proc/PID/stat (`T`: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def wait_stopped(process: Process, deadline: float = START_DEADLINE) -> None:
+    """Until the process is stopped (SIGSTOP), within a deadline."""
+    async with asyncio.timeout(deadline):
+        while True:
+            if _state(process.popen.pid) == "T":
+                return
+            await asyncio.sleep(0.05)
+
+
 @dataclass(frozen=True)
 class Completed:
     returncode: int

@@ -22,7 +22,9 @@ from tests.e2e.processes import Process
 from tests.reliability.cluster import Cluster
 from tokensvc.crypto import TokenCipher
 from tokensvc.db import make_engine
+from tokensvc.store import claims
 from tokensvc.store import tokens as store
+from tokensvc.store.claims import Claim
 from tokensvc.store.tokens import TokenRow
 
 DEFAULT_MIN_TTL = 300  # the access-token endpoint's default
@@ -131,6 +133,24 @@ class Harness:
         finally:
             await engine.dispose()
 
+    async def claim(self, user_id: str) -> Claim | None:
+        """The user's refresh claim as the replicas see it (the test's own engine, closed afterwards)."""
+        engine = make_engine(self.cluster.url(self.database), pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                return await claims.get(conn, user_id)
+        finally:
+            await engine.dispose()
+
+    async def wait_claim_left(self, user_id: str, seconds: float, deadline: float = 60) -> None:
+        """Until the user's claim has at most `seconds` of its lease left (or is gone): a bounded condition wait."""
+        async with asyncio.timeout(deadline):
+            while True:
+                claim = await self.claim(user_id)
+                if claim is None or claim.until / 1000 - time.time() <= seconds:
+                    return
+                await asyncio.sleep(0.1)
+
     async def stored_refresh_token(self, user_id: str) -> str:
         row = (await self.rows())[user_id]
         assert row is not None
@@ -138,13 +158,20 @@ class Harness:
         return TokenCipher([self.encryption_key]).decrypt(row.refresh_token_enc, user_id=user_id, field="refresh")
 
     async def check(
-        self, replicas: Collection[Process], *, stranded: Collection[str] = (), raced: Collection[str] = ()
+        self,
+        replicas: Collection[Process],
+        *,
+        stranded: Collection[str] = (),
+        raced: Collection[str] = (),
+        retried: Collection[str] = (),
     ) -> None:
         """Assert I1-I6 for every seeded user. `stranded` users are the ones a test knowingly cut off between
         Strava's answer and the commit: for them the old refresh token may be presented once more (and rejected)
         and the database cannot hold Strava's newest token, but they must be flagged `needs_reauth`. `raced` users
         had their token rotated behind tokensvc's back by the test while a refresh was at Strava: the sandbox notes
-        the dead token's presentation, which is the race, not a second use (each token is still sent at most once)."""
+        the dead token's presentation, which is the race, not a second use (each token is still sent at most once).
+        `retried` users had an owner frozen or cut off after Strava answered: whoever took over its lapsed claim may
+        present the replaced token once more (rejected), but the owner's late pair must still be the one stored."""
         ledger: dict[str, list[dict[str, Any]]] = await self.http.control("GET", "/ledger")
         stats = await self.http.stats()
         rows = await self.rows()
@@ -153,7 +180,7 @@ class Harness:
             snapshot = await self.newest(user_id)
             entries = ledger[str(athlete_id)]
             # I1: one successor per refresh token (a stranded user's last token may be tried once more, not looped)
-            limit = 2 if user_id in stranded else 1
+            limit = 2 if user_id in (*stranded, *retried) else 1
             overused = [e for e in entries if e["sent"] > limit]
             assert not overused, f"I1: {user_id}: refresh tokens presented more than {limit}x: {overused}"
             row = rows[user_id]
@@ -178,7 +205,7 @@ class Harness:
             if row.reauth_reason is not None:
                 really = snapshot["revoked"] or (not stored_entry["alive"] and stored_entry["sent"] >= 1)
                 assert really, f"I3: {user_id} flagged {row.reauth_reason} but Strava never rejected its token"
-        excused = {self.users[u] for u in (*stranded, *raced)}
+        excused = {self.users[u] for u in (*stranded, *raced, *retried)}
         violators = {v["athlete_id"] for v in stats["ledger_violations"]}
         assert violators <= excused, f"I1: {stats['ledger_violations']}"
         self._check_answers()

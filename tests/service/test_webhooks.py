@@ -19,9 +19,10 @@ from tokensvc.crypto import generate_notify_secret
 from tokensvc.errors import AthleteInUse, ReauthRequired
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.schemas import StravaEvent
+from tokensvc.service.tokens import MSG_ELSEWHERE
 from tokensvc.status import Status
+from tokensvc.store import claims, webhook_events
 from tokensvc.store import journal as journal_store
-from tokensvc.store import webhook_events
 from tokensvc.store.webhook_events import StoredWebhookEvent
 
 VERIFY_TOKEN = "verify-me-please"
@@ -278,7 +279,8 @@ class TestStravaUnavailable:
     async def test_a_failed_check_is_retried_later_and_then_applied(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """Strava answers 503 to the check: tokens untouched, the event waits out its backoff, then applies."""
+        """Strava answers 503 to the check: tokens untouched, the check's refresh claim given back (a refresh
+        meanwhile does not wait on it), the event waits out its backoff, then applies."""
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
         sandbox.revoke(user.athlete_id)
         sandbox.add_fault(FaultSpec(endpoint="athlete", kind="status", status=503))
@@ -288,6 +290,8 @@ class TestStravaUnavailable:
         assert (event.state, event.attempts) == ("pending", 1)
         assert event.next_attempt_at > clock()
         assert (await resources.service.status(user.user_id)).reauth_reason is None
+        async with resources.engine.connect() as conn:
+            assert await claims.get(conn, user.user_id) is None
         assert await resources.webhooks.process_once() == 0  # not due yet
         clock.advance(event.next_attempt_at - clock())
         assert await resources.webhooks.process_once() == 1
@@ -372,7 +376,7 @@ class TestRaceWithRefresh:
         await assert_deauthorized(resources, user.user_id)
         assert (await events(resources))[0].state == "confirmed"
 
-    async def test_a_refresh_that_commits_during_the_check_is_checked_again_and_still_loses(
+    async def test_a_forced_refresh_during_the_check_does_not_rotate_under_it(
         self,
         settings: Settings,
         resources: Resources,
@@ -380,9 +384,10 @@ class TestRaceWithRefresh:
         clock: FakeClock,
         strava_transport: httpx.AsyncBaseTransport,
     ) -> None:
-        """Our check is at Strava (held) while another replica refreshes and commits a new version; then the
-        athlete revokes. The deauthorization sees the row changed under it, checks the newer row again, and
-        discards its tokens."""
+        """Our check is at Strava (held) when another replica is asked for a forced refresh: the check holds the
+        user's refresh claim (the refresh's own path, no lock), so that replica serves the stored token, which is
+        still good, without calling Strava. The athlete revokes; the check's answer is about the row as it still
+        is, and applies at once: one check, no refresh call."""
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
         async with open_resources(settings, clock=clock, strava_transport=strava_transport) as other:
             sandbox.gate.hold("athlete")
@@ -393,8 +398,38 @@ class TestRaceWithRefresh:
 
             processing = asyncio.create_task(deliver_and_process())
             await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=10)
-            refreshed = await other.service.refresh(user.user_id, force=True)
-            assert refreshed.refreshed is True
+            forced = await other.service.refresh(user.user_id, force=True)
+            assert (forced.refreshed, forced.message) == (False, MSG_ELSEWHERE)
+            sandbox.revoke(user.athlete_id)
+            sandbox.gate.release()
+            await asyncio.wait_for(processing, timeout=30)
+        await assert_deauthorized(resources, user.user_id)
+        assert (sandbox.calls["athlete"], sandbox.calls["refresh"]) == (1, 0)
+        assert sandbox.stats()["ledger_violations"] == []
+
+    async def test_an_import_that_commits_during_the_check_is_checked_again_and_still_loses(
+        self,
+        settings: Settings,
+        resources: Resources,
+        sandbox: SandboxState,
+        clock: FakeClock,
+        strava_transport: httpx.AsyncBaseTransport,
+    ) -> None:
+        """Our check is at Strava (held) while another replica imports a newer pair (another client rotated);
+        then the athlete revokes. The check's answer was about a row that no longer exists: its fenced store
+        changes nothing, the newer row is checked again, and its tokens are discarded."""
+        user = await seed_user(resources, sandbox, clock, expires_in=20_000)
+        async with open_resources(settings, clock=clock, strava_transport=strava_transport) as other:
+            sandbox.gate.hold("athlete")
+
+            async def deliver_and_process() -> None:
+                await resources.webhooks.receive(deauthorization(user.athlete_id))
+                await resources.webhooks.process_once()
+
+            processing = asyncio.create_task(deliver_and_process())
+            await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=10)
+            rotated = user.with_pair(sandbox.rotate_athlete(user.athlete_id))
+            await other.service.import_tokens(user.user_id, import_body(rotated))
             sandbox.revoke(user.athlete_id)
             sandbox.gate.release()
             await asyncio.wait_for(processing, timeout=30)

@@ -46,6 +46,12 @@ class _CountingReader:
     def forget(self, user_id: str) -> None:
         self._inner.forget(user_id)
 
+    def watch(self, user_id: str) -> asyncio.Event | None:
+        return self._inner.watch(user_id)
+
+    def unwatch(self, user_id: str, event: asyncio.Event) -> None:
+        self._inner.unwatch(user_id, event)
+
     async def aclose(self) -> None:
         await self._inner.aclose()
 
@@ -152,6 +158,24 @@ class TestAcrossReplicas:
         await a.service.import_tokens(user.user_id, import_body(newer))  # replica A writes
         await until(cache_of(b), lambda: user.user_id in cache_of(b).forgotten)
         assert await served(b, user.user_id) == newer.access_token
+
+    async def test_a_waiter_on_a_refresh_claim_is_woken_by_another_replicas_commit(
+        self, replicas: tuple[Resources, Resources], sandbox: SandboxState, clock: FakeClock
+    ) -> None:
+        """What a caller waiting on a claim held elsewhere wakes on (instead of its next poll): B's watch on a user
+        is set by A's commit for that user, heard through NOTIFY, and not by A's commits for anyone else."""
+        a, b = replicas
+        user = await seed_user(a, sandbox, clock, expires_in=6 * 3600)
+        await settle(a, b)
+        changed = b.rows.watch(user.user_id)
+        assert changed is not None
+        await seed_user(a, sandbox, clock, expires_in=6 * 3600)  # another user's row
+        await settle(a, b)
+        assert not changed.is_set()
+        newer = seed_athlete(sandbox, clock, expires_in=7 * 3600)
+        await a.service.import_tokens(user.user_id, import_body(newer))
+        await asyncio.wait_for(changed.wait(), DEADLINE)
+        b.rows.unwatch(user.user_id, changed)
 
     async def test_a_deauthorization_written_anywhere_stops_the_token_at_once(
         self, replicas: tuple[Resources, Resources], sandbox: SandboxState, clock: FakeClock
@@ -318,6 +342,12 @@ class _Rows:
     def forget(self, user_id: str) -> None:
         return None
 
+    def watch(self, user_id: str) -> asyncio.Event | None:
+        return None
+
+    def unwatch(self, user_id: str, event: asyncio.Event) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 
@@ -326,6 +356,27 @@ def live_cache(inner: RowReader, **kwargs: Any) -> ObservedCache:
     cache = ObservedCache(inner, dsn="postgresql://unused", keep=lambda _row: True, **kwargs)
     cache._reset(live=True)  # as if the listener were connected
     return cache
+
+
+class TestWatchers:
+    def test_a_watch_is_set_by_its_users_change_and_by_a_reset_and_ends_with_unwatch(self) -> None:
+        """A change heard for the user (a notification or an own commit both come as `forget`) sets the watch,
+        another user's does not; a listener reset sets every watch (a change may have gone unheard)."""
+        cache = live_cache(_Rows("u1", "u2"))
+        changed = cache.watch("u1")
+        assert changed is not None
+        cache.forget("u2")
+        assert not changed.is_set()
+        cache.forget("u1")
+        assert changed.is_set()
+        changed.clear()
+        cache._reset(live=False)
+        assert changed.is_set()
+        cache.unwatch("u1", changed)
+        changed.clear()
+        cache.forget("u1")
+        assert not changed.is_set()
+        assert cache._watchers == {}
 
 
 class TestBounds:

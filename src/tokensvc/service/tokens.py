@@ -3,7 +3,8 @@
 Exactly once, however many callers and processes ask:
 1. single flight inside the process: concurrent callers for one user await one shared task;
 2. decide from a read; claim the refresh in `refresh_claims` (one short committed transaction, `store.claims`);
-   other processes wait on the claim (polling with backoff) or use the stored token while it lasts;
+   other processes wait on the claim (woken by the row's change notification on Postgres, polling with backoff
+   for the rest) or use the stored token while it lasts;
 3. call Strava holding no connection, within a deadline shorter than the claim;
 4. store in a second short transaction a write fenced by the version read (a `needs_reauth` set meanwhile over the
    same refresh token is cleared: the newest pair wins); the claim goes with it.
@@ -23,10 +24,10 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import stamina
 import structlog
@@ -85,6 +86,9 @@ log = structlog.get_logger(__name__)
 MAX_IMPORT_AHEAD_SECONDS = 366 * 86_400  # an imported expires_at further ahead is not epoch seconds
 
 AuthorizeUrlFactory = Callable[[str], str | None]
+
+CallResult = TypeVar("CallResult")
+StoreResult = TypeVar("StoreResult")
 
 MSG_REFRESHED = "Tokens refreshed successfully"
 MSG_STILL_VALID = "Tokens are still valid - no refresh needed"
@@ -584,9 +588,44 @@ class TokenService:
             refused = rejected_version is not None and force
             if not refused and row.expires_at - self._clock() >= max(min_ttl, 1):
                 return Outcome(row, refreshed=False, message=MSG_ELSEWHERE)
+            log.info("token.refresh.waiting_for_claim", user_id=user_id, version=row.version)
             if not await self._wait_for_claim(user_id, row.version, give_up):
                 raise ProviderUnavailable("a refresh for this user is in progress elsewhere; try again", retry_after=2)
             known, force, message = await self._read_fresh(user_id), False, MSG_SIBLING
+
+    async def under_claim(
+        self,
+        row: TokenRow,
+        call: Callable[[], Awaitable[CallResult]],
+        store_result: Callable[[AsyncConnection, CallResult], Awaitable[StoreResult | None]],
+    ) -> StoreResult | None:
+        """Other work on a user's tokens through the refresh's own steps (the webhook's deauthorization check):
+        claim the user's refresh at `row`'s version (one short transaction), `call` Strava holding no connection,
+        then `store_result` in one short transaction that also gives the claim back. While the claim is held no
+        refresh of the user rotates the tokens under the call. None when the row moved on from `row`, or
+        `store_result` said so: decide again. A live owner's claim is waited on first (at most the wait budget).
+
+        Raises ProviderUnavailable when that wait runs out, and what `call` or `store_result` raise (the claim is
+        given back)."""
+        user_id = row.user_id
+        claim, current = await self._claim(user_id, row)
+        if claim is None:
+            held = current is not None and current.version == row.version
+            if held and not await self._wait_for_claim(user_id, row.version, time.monotonic() + self._wait_seconds):
+                raise ProviderUnavailable("a refresh for this user is in progress elsewhere; try again", retry_after=2)
+            return None
+        released = False
+        try:
+            result = await call()
+            async with self._engine.begin() as conn:
+                stored = await store_result(conn, result)
+                await claims.release(conn, user_id, owner=self._owner, now=self._now_ms())
+            released = True
+        finally:
+            if not released:
+                await self._release(user_id)
+        self.row_changed(user_id)
+        return stored
 
     async def _read_fresh(self, user_id: str) -> TokenRow | None:
         async with self._autocommit.connect() as conn:
@@ -619,20 +658,33 @@ class TokenService:
         return claim, current
 
     async def _wait_for_claim(self, user_id: str, version: int, give_up: float) -> bool:
-        """Poll, backing off, until the row changes or the claim is gone or lapsed (True), or `give_up` (False).
-        Each look is one autocommit read; nothing is held between looks."""
+        """Look, backing off, until the row changes or the claim is gone or lapsed (True), or `give_up` (False).
+        On Postgres the row's change notification (the token cache's LISTEN) wakes the waiter at once; a claim
+        given back without a new pair, or a lapse, is seen at the next look. Each look is one autocommit read;
+        nothing is held between looks."""
         delay = 0.02
-        while time.monotonic() < give_up:
-            await asyncio.sleep(min(delay, max(0.0, give_up - time.monotonic())))
-            delay = min(delay * 1.5, 0.5)
-            async with self._autocommit.connect() as conn:
-                row = await store.get(conn, user_id)
-                if row is None or row.version != version:
+        changed = self._rows.watch(user_id)
+        try:
+            while time.monotonic() < give_up:
+                pause = min(delay, max(0.0, give_up - time.monotonic()))
+                if changed is None:
+                    await asyncio.sleep(pause)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), timeout=pause)
+                    changed.clear()
+                delay = min(delay * 1.5, 0.5)
+                async with self._autocommit.connect() as conn:
+                    row = await store.get(conn, user_id)
+                    if row is None or row.version != version:
+                        return True
+                    claim = await claims.get(conn, user_id)
+                if claim is None or claim.until <= self._now_ms():
                     return True
-                claim = await claims.get(conn, user_id)
-            if claim is None or claim.until <= self._now_ms():
-                return True
-        return False
+            return False
+        finally:
+            if changed is not None:
+                self._rows.unwatch(user_id, changed)
 
     async def _call_and_store(
         self,
@@ -683,6 +735,7 @@ class TokenService:
         """One short transaction: the fenced write, its audit, the claim given back. Strava already rotated, so a
         database that is away is retried for the write budget with the new pair kept in memory."""
         tokens = self._encrypt_grant(user_id, grant)
+        failpoints.hit("refresh.before_store")  # tests only: Strava answered, nothing written yet (kill or freeze)
         try:
             written = await self._write(user_id, row, tokens, trigger=trigger, duration_ms=duration_ms)
         except (DBAPIError, OSError) as exc:

@@ -10,10 +10,12 @@ retries collapse), with only Strava's documented `updates`, capped per athlete a
 Events are unsigned, so an event is a hint, never proof. For every user connected as the athlete, the processor
 asks Strava about the user's own access token (obtained through the normal exactly-once refresh path): 401 means
 access really was revoked; 200 means it was not (a forged or stale event: the tokens are kept and the audit says
-so). A refresh token Strava already rejected counts as confirmed. Only then, in one transaction holding the user's
-refresh guard and only if the row is still the version that was checked, are the tokens discarded; a refresh
-that read the row earlier can no longer write (the guard and its version check stop it), so the deauthorization
-wins. A user already `deauthorized` is left alone, which makes Strava's retries (and replays) one effect.
+so). A refresh token Strava already rejected counts as confirmed. The check takes the refresh's own steps
+(decide, claim, call, store: `TokenService.under_claim`): the user's refresh claim is held while Strava is asked, so
+no refresh rotates the tokens under the question, and only if the row is still the version that was checked are the
+tokens discarded, in the claim's short store transaction; a refresh that read the row earlier can no longer write
+(its version check stops it), so the deauthorization wins. A user already `deauthorized` is left alone, which makes
+Strava's retries (and replays) one effect.
 
 Each replica runs a processor: a new event wakes the replica that stored it, and a poll picks up events due for
 another attempt (after a transient failure) or left behind by a replica that died (its lease runs out).
@@ -28,11 +30,12 @@ import random
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from functools import partial
 from typing import Final, Literal
 
 import structlog
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc import metrics
 from tokensvc.backoff import backoff_seconds
@@ -46,6 +49,7 @@ from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.tokens import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, TokenService
 from tokensvc.store import tokens as tokens_store
 from tokensvc.store import webhook_events as store
+from tokensvc.store.tokens import TokenRow
 from tokensvc.store.webhook_events import NewEvent, PendingEvent
 
 log = structlog.get_logger(__name__)
@@ -288,7 +292,13 @@ class StravaWebhooks:
         )
 
     async def _deauthorize_user(self, user_id: str, athlete_id: int) -> UserOutcome:
-        """Confirm with Strava, then discard the user's tokens if the row is still the one that was checked.
+        """Decide, claim, call, store: the refresh's own steps (`TokenService.under_claim`), no lock of its own.
+
+        Decide from a read which token to ask Strava about; claim the user's refresh at that row's version (no
+        refresh rotates the tokens while Strava is asked); ask, holding no connection; store in one short
+        transaction, fenced by the version: discard the tokens when Strava confirmed, else note that it did not.
+        A row that moved on meanwhile is decided again. A confirmed deauthorization beats a late refresh write (the
+        version, and a flag other than `refresh_token_invalid`, stop that write).
 
         A refresh token Strava rejects while this event is checked confirms it. A user flagged
         `refresh_token_invalid` before the event came is another matter: that rejection proves the refresh token
@@ -304,40 +314,40 @@ class StravaWebhooks:
                 return _GONE  # deleted, or reconnected as another athlete, since the event was stored
             if before.reauth_reason == DEAUTHORIZED:
                 return _ALREADY
-            if before.reauth_reason is None:
-                try:
-                    token = await self._tokens.access_token(user_id, min_ttl=_MIN_TTL)
-                except ReauthRequired:
-                    rejected_now = True
-                    continue  # Strava rejected the refresh token just now: the next round sees it
-                except TokensMissing:
-                    return _GONE
-                except RetryLater as exc:  # Strava or the budget unavailable, or keys missing: nothing changed
-                    raise _RetryLater(exc.code, exc.retry_after) from exc
-                async with self._engine.connect() as conn:
-                    after = await tokens_store.get(conn, user_id)
-                if after is None or after.version != before.version:
-                    continue  # refreshed (or changed) meanwhile: the token may not be the row's; look again
-                if await self._strava_honours(token.access_token):
-                    await self._unconfirmed(user_id, athlete_id)
-                    return _UNCONFIRMED
-            elif not rejected_now:
-                try:
-                    stored = self._tokens.live_access_token(before, min_ttl=_MIN_TTL)
-                except RetryLater as exc:
-                    raise _RetryLater(exc.code, exc.retry_after) from exc
-                if stored is None:
-                    # Nothing left to ask: Strava's rejection of the refresh token is the only answer there is.
-                    # The user must reconnect either way, and the tokens discarded were dead.
-                    log.info("webhook.deauthorization_on_rejection", user_id=user_id, was=before.reauth_reason)
-                elif await self._strava_honours(stored):
-                    await self._unconfirmed(user_id, athlete_id)
-                    return _UNCONFIRMED
-            # Confirmed: the access token is refused, or the refresh token was rejected while checking this event.
-            applied = await self._apply(user_id, expected_version=before.version)
-            if applied is not None:
-                return applied
+            try:
+                token = await self._token_to_ask(before, rejected_now=rejected_now)
+                outcome: UserOutcome | None = await self._tokens.under_claim(
+                    before, partial(self._confirmed, token), partial(self._store_verdict, before)
+                )
+            except ReauthRequired:
+                rejected_now = True
+                continue  # Strava rejected the refresh token just now: the next round sees it
+            except TokensMissing:
+                return _GONE
+            except RetryLater as exc:  # Strava or the budget unavailable, or keys missing: nothing changed
+                raise _RetryLater(exc.code, exc.retry_after) from exc
+            if outcome is not None:
+                return outcome
         raise _RetryLater("the user's tokens kept changing while the deauthorization was checked")
+
+    async def _token_to_ask(self, before: TokenRow, *, rejected_now: bool) -> str | None:
+        """The access token to ask Strava about, or None when the answer is in already (the refresh token was
+        rejected: just now, or earlier with the access token since expired). An unflagged user's token comes from
+        the normal exactly-once refresh path. Raises ReauthRequired, TokensMissing, RetryLater."""
+        if before.reauth_reason is None:
+            return (await self._tokens.access_token(before.user_id, min_ttl=_MIN_TTL)).access_token
+        if rejected_now:
+            return None
+        stored = self._tokens.live_access_token(before, min_ttl=_MIN_TTL)
+        if stored is None:
+            # Nothing left to ask: Strava's rejection of the refresh token is the only answer there is. The user
+            # must reconnect either way, and the tokens discarded were dead.
+            log.info("webhook.deauthorization_on_rejection", user_id=before.user_id, was=before.reauth_reason)
+        return stored
+
+    async def _confirmed(self, access_token: str | None) -> bool:
+        """The call step: whether Strava confirms the revocation (refuses `access_token`; None: confirmed)."""
+        return access_token is None or not await self._strava_honours(access_token)
 
     async def _strava_honours(self, access_token: str) -> bool:
         try:
@@ -356,45 +366,34 @@ class StravaWebhooks:
         except ProviderConfigError as exc:
             raise _RetryLater("Strava rejected the application's credentials", 300) from exc
 
-    async def _unconfirmed(self, user_id: str, athlete_id: int) -> None:
-        async with self._engine.begin() as conn:
+    async def _store_verdict(self, before: TokenRow, conn: AsyncConnection, confirmed: bool) -> UserOutcome | None:
+        """The store step, in the claim's second short transaction: discard the tokens and flag `deauthorized` if
+        the row is still the version that was checked (None when it changed: decide again); or, unconfirmed, note
+        that Strava still honours the token (the tokens are kept)."""
+        user_id, athlete_id = before.user_id, before.athlete_id
+        if not confirmed:
             await self._tokens.journal.note(
                 conn,
                 user_id,
                 kind="deauthorization_unconfirmed",
                 detail=f"athlete {athlete_id}: Strava still honours the access token; tokens kept",
             )
-        log.warning("webhook.deauthorization_unconfirmed", user_id=user_id, athlete_id=athlete_id)
-
-    async def _apply(self, user_id: str, *, expected_version: int) -> UserOutcome | None:
-        """One transaction holding the user's refresh guard (it waits for an in-flight refresh to commit): discard
-        the tokens and flag `deauthorized`, if the row is still at `expected_version`; None when it changed."""
-        async with self._engine.begin() as conn:
-            row = await tokens_store.lock_for_refresh(conn, user_id)
-            if row is None:
-                return _GONE
-            if row.reauth_reason == DEAUTHORIZED:
-                return _ALREADY
-            if row.version != expected_version:
-                return None
-            await tokens_store.mark_needs_reauth(
-                conn,
-                user_id,
-                reason=DEAUTHORIZED,
-                now=self._now_dt(),
-                expected_version=row.version,
-                discard_tokens=True,
+            log.warning("webhook.deauthorization_unconfirmed", user_id=user_id, athlete_id=athlete_id)
+            return _UNCONFIRMED
+        flagged = await tokens_store.mark_needs_reauth(
+            conn, user_id, reason=DEAUTHORIZED, now=self._now_dt(), expected_version=before.version, discard_tokens=True
+        )
+        if flagged is None:
+            return None
+        if before.reauth_reason is None:
+            await self._tokens.journal.needs_reauth(
+                conn, user_id, athlete_id=athlete_id, reason=DEAUTHORIZED, trigger="webhook"
             )
-            if row.reauth_reason is None:
-                await self._tokens.journal.needs_reauth(
-                    conn, user_id, athlete_id=row.athlete_id, reason=DEAUTHORIZED, trigger="webhook"
-                )
-            else:  # already told to reconnect: a record of the change, but no second notification
-                await self._tokens.journal.note(
-                    conn, user_id, kind="needs_reauth", detail=f"{DEAUTHORIZED} (was {row.reauth_reason})"
-                )
-        self._tokens.row_changed(user_id)
-        log.info("token.deauthorized", user_id=user_id, athlete_id=row.athlete_id, was=row.reauth_reason)
+        else:  # already told to reconnect: a record of the change, but no second notification
+            await self._tokens.journal.note(
+                conn, user_id, kind="needs_reauth", detail=f"{DEAUTHORIZED} (was {before.reauth_reason})"
+            )
+        log.info("token.deauthorized", user_id=user_id, athlete_id=athlete_id, was=before.reauth_reason)
         return _APPLIED
 
     # -- the background loop ------------------------------------------------------------------------------------

@@ -26,6 +26,12 @@ class RowReader(Protocol):
     def forget(self, user_id: str) -> None:
         """The user's row was just changed by this process (called after the commit)."""
 
+    def watch(self, user_id: str) -> asyncio.Event | None:
+        """An event set whenever this reader hears the user's row changed (another process's commit included), for
+        a caller waiting on a refresh claim; None when it hears of nothing (poll). Hand it back with `unwatch`."""
+
+    def unwatch(self, user_id: str, event: asyncio.Event) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -41,6 +47,12 @@ class EngineReader:
 
     def forget(self, user_id: str) -> None:
         return None  # nothing kept
+
+    def watch(self, user_id: str) -> asyncio.Event | None:
+        return None  # hears of no change: waiters poll
+
+    def unwatch(self, user_id: str, event: asyncio.Event) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None
@@ -79,6 +91,12 @@ class AsyncpgReader:
 
     def forget(self, user_id: str) -> None:
         return None  # nothing kept
+
+    def watch(self, user_id: str) -> asyncio.Event | None:
+        return None  # hears of no change: waiters poll
+
+    def unwatch(self, user_id: str, event: asyncio.Event) -> None:
+        return None
 
     async def aclose(self) -> None:
         if self._pool is not None:

@@ -72,6 +72,7 @@ class CachedReader:
         self._stopping = asyncio.Event()
         self._interrupt = asyncio.Event()  # ends the current connection's wait: lost, or closing
         self._task: asyncio.Task[None] | None = None
+        self._watchers: dict[str, set[asyncio.Event]] = {}
 
     @property
     def live(self) -> bool:
@@ -121,11 +122,30 @@ class CachedReader:
         flight from caching what it saw."""
         self._epoch += 1
         self._entries.pop(user_id, None)
+        for event in self._watchers.get(user_id, ()):
+            event.set()
 
     def _reset(self, *, live: bool) -> None:
         self._epoch += 1
         self._entries.clear()
         self._live = live
+        for events in self._watchers.values():  # a change may have gone unheard: every waiter looks again
+            for event in events:
+                event.set()
+
+    def watch(self, user_id: str) -> asyncio.Event | None:
+        """Set on every change to the user's row this replica hears of (a notification, its own commit) and on
+        every listener reset; a waiter on a refresh claim wakes on it instead of at its next poll."""
+        event = asyncio.Event()
+        self._watchers.setdefault(user_id, set()).add(event)
+        return event
+
+    def unwatch(self, user_id: str, event: asyncio.Event) -> None:
+        events = self._watchers.get(user_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._watchers[user_id]
 
     # -- the listener -------------------------------------------------------------------------------------------
 
