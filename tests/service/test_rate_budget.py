@@ -87,3 +87,22 @@ class TestReserve:
         """On-demand calls of the service (a DELETE's revoke) are not held to a share at all."""
         assert await spend(resources.budget, "sync") == 80
         assert await spend(resources.budget, "on_demand") == 20
+
+    async def test_a_spent_window_reserve_does_not_hold_back_the_days(
+        self, resources: Resources, clock: FakeClock
+    ) -> None:
+        """The app's sync has spent more than the background share of the day (and of the window): when the
+        service's reserve of the 15-minute window runs out, its calls wait for the next window, not the day's end
+        (the day's reserve, 50, is far from spent)."""
+        budget = resources.budget
+        for _ in range(7):  # 7 windows of 80 sync calls: 560 of the day's 1,000, past the background 500
+            assert await spend(budget, "sync") == 80
+            clock.advance(900)
+        assert await spend(budget, "sync") == 80
+        assert await spend(budget, "sweep") == 5
+        with pytest.raises(ProviderRateLimited) as refused:
+            await budget.acquire("sweep")
+        assert refused.value.retry_after <= 900
+        clock.advance(900)
+        assert await spend(budget, "sync") == 80
+        assert await spend(budget, "sweep") == 5

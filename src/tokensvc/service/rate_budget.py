@@ -140,12 +140,8 @@ class RateBudget:
             if until > now:
                 self._paused_until[kind] = until
                 return self._limited(until - now, _PAUSED.format(kind=kind))
-        same_day = row.day_start == day_start
-        day_spent = same_day and row.day_used >= limits.limit_daily
-        if limits.read is not None:
-            day_spent = day_spent or (same_day and row.read_day_used >= limits.read[1])
         what = f"{priority} {'read ' if read else ''}calls"
-        if day_spent:
+        if row.day_start == day_start and _day_spent(row, limits):
             self._spent_until[priority, read] = day_start + DAY
             return self._limited(day_start + DAY - now, f"the daily Strava budget for {what} is spent")
         self._spent_until[priority, read] = window_start + WINDOW
@@ -240,3 +236,20 @@ class RateBudget:
     @staticmethod
     def _limited(seconds: int, detail: str) -> ProviderRateLimited:
         return ProviderRateLimited(detail, retry_after=max(1, seconds))
+
+
+def _day_spent(row: store.BudgetRow, limits: Limits) -> bool:
+    """Whether the day (not only the 15-minute window) refuses a call with `limits`: its share is spent and, for
+    the service's own calls, so is the day's reserve or the whole day."""
+    used = [(row.day_used, limits.limit_daily)]
+    if limits.read is not None:
+        used.append((row.read_day_used, limits.read[1]))
+    reserve = limits.reserve
+    if reserve is None:
+        return any(count >= limit for count, limit in used)
+    wholes = [reserve.whole.limit_daily, *([reserve.whole.read[1]] if reserve.whole.read else [])]
+    reserves = [reserve.calls.limit_daily, *([reserve.calls.read[1]] if reserve.calls.read else [])]
+    return any(
+        count >= limit and (row.service_day_used >= own or count >= whole)
+        for (count, limit), whole, own in zip(used, wholes, reserves, strict=True)
+    )
