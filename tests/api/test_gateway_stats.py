@@ -112,13 +112,12 @@ class TestStats:
     async def test_a_replicas_counts_are_written_when_it_stops(
         self, database_url: str, clock: FakeClock, sandbox: SandboxState, recording: gw.Recording
     ) -> None:
-        """Counts not yet flushed when a replica shuts down are written on the way out."""
+        """Counts not yet flushed when a replica shuts down are written on the way out (nothing else wrote them:
+        its tally job runs every 5 minutes here, and it served no /v1/stats)."""
         settings = make_settings(database_url, gauge_interval_seconds=300)
         async with gw.service(settings, clock, recording) as http:
             seeded = await gw.connect(http, sandbox, clock)
             assert (await http.get(gw.gateway(seeded, "athlete"))).status_code == 200
-            tally = http.app.state.stats.tally  # type: ignore[attr-defined]
-            assert tally.pending == 1
         async with gw.service(settings, clock, recording) as http:
             counted = (await http.get("/v1/stats")).json()["gateway"]["last_24h"]
         assert (counted["calls"], counted["ok"]) == (1, 1)

@@ -76,10 +76,6 @@ class GatewayTally:
         now = int(self._clock())
         self._pending[now - now % HOUR, outcome] += 1
 
-    @property
-    def pending(self) -> int:
-        return sum(self._pending.values())
-
     async def flush(self) -> int:
         """Add the pending counts to the database in one transaction. Returns the calls written; on a database
         failure they stay pending for the next flush."""
