@@ -61,6 +61,7 @@ from benchlib import (
 from tokensvc.crypto import TokenCipher, generate_key
 from tokensvc.db import make_engine, migrate
 from tokensvc.service.dashboard import DashboardService
+from tokensvc.service.gateway_stats import GatewayTally
 from tokensvc.service.housekeeping import Housekeeping
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.stats import StatsService
@@ -331,7 +332,8 @@ async def capture_plans(database_url: str, now: int) -> list[tuple[str, str, lis
 
     clock = lambda: float(now)  # noqa: E731 - the load's "now"
     budget = RateBudget(engine, limit_15min=200, limit_daily=2000, clock=clock)
-    stats = StatsService(engine, budget=budget, clock=clock, buffer_seconds=BUFFER)
+    tally = GatewayTally(engine, clock=clock)
+    stats = StatsService(engine, budget=budget, tally=tally, clock=clock, buffer_seconds=BUFFER)
     dashboard = DashboardService(engine=engine, budget=budget, clock=clock, buffer_seconds=BUFFER)
     sa.event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:

@@ -22,8 +22,9 @@ from tests.conftest import FakeClock, make_settings, seed_athlete
 from tests.logcapture import CapturedLogs, captured_logs
 from tokensvc.app import notification_deliverer
 from tokensvc.config import Settings
-from tokensvc.models import notifications, revocation_tombstones, token_events
+from tokensvc.models import gateway_counts, notifications, revocation_tombstones, strava_webhook_events, token_events
 from tokensvc.sandbox import FaultSpec, SandboxState
+from tokensvc.sandbox.activities import NewActivity
 
 
 @pytest.fixture
@@ -111,8 +112,10 @@ SOURCES: dict[str, Source] = {
     "logs": _logs,
     "metrics": _metrics,
     "token_events": _table(token_events),
-    "notifications": _table(notifications),
+    "notifications": _table(notifications),  # forwarded Strava events included
     "revocation_tombstones": _table(revocation_tombstones),
+    "webhook_events": _table(strava_webhook_events),
+    "gateway_counts": _table(gateway_counts),
     "api responses": _api_reads,
     "error and other bodies": _bodies,
     "dashboard": _dashboard,
@@ -120,11 +123,16 @@ SOURCES: dict[str, Source] = {
 }
 
 
+Call = Callable[..., Awaitable[httpx.Response]]
+
+
 async def drive(client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock, run: Run) -> None:
     async def call(method: str, path: str, **kwargs: object) -> httpx.Response:
         response = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
         if path.endswith("/access-token") and response.status_code == 200:
             run.handed_out.append(response.json()["access_token"])
+        elif "/strava/" in path:  # a gateway answer: what the service adds may be in any header too
+            run.bodies.append(f"{response.headers.multi_items()!r} {response.text}")
         else:
             run.bodies.append(response.text)
         return response
@@ -175,19 +183,55 @@ async def drive(client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClo
     await call("PUT", f"/v1/users/{dead}/tokens", json={"access_token": bad, "refresh_token": bad, "expires_at": "x"})
     await call("PUT", "/v1/users/bad%20id/tokens", json=body(bad, bad, 1, 1))
 
-    # 5. delete: revoke at Strava and a `token.revoked` notification
+    # 5. the gateway and forwarded events, the canary user's tokens included
+    synced = await drive_gateway(call, sandbox, clock, dead=dead)
+
+    # 6. delete: revoke at Strava and a `token.revoked` notification
     assert (await call("DELETE", f"/v1/users/{good.user_id}/tokens")).status_code == 204
 
-    # 6. delete while Strava's revoke is down: the grant waits in a revocation tombstone (still encrypted)
+    # 7. delete while Strava's revoke is down: the grant waits in a revocation tombstone (still encrypted)
     buried = f"canary-gone-{uuid.uuid4().hex[:8]}"
     await call("PUT", f"/v1/users/{buried}/tokens", json=body(*canaries_pair(run), int(clock()) + 7200, 4343))
     sandbox.add_fault(FaultSpec(endpoint="revoke", kind="status", status=503))
     assert (await call("DELETE", f"/v1/users/{buried}/tokens")).status_code == 204
-    run.users += [good.user_id, flaky.user_id, dead, buried]
+    run.users += [good.user_id, flaky.user_id, dead, buried, *synced]
 
 
 def canaries_pair(run: Run) -> tuple[str, str]:
     return run.canary("access"), run.canary("refresh")
+
+
+async def drive_gateway(call: Call, sandbox: SandboxState, clock: FakeClock, *, dead: str) -> list[str]:
+    """Gateway calls of every kind (served, after a rejected access token and its refresh, a missing scope, the
+    canary user's rejected tokens, a refused path), then Strava events forwarded to the app and a deauthorization
+    check armed. Returns the users it connected."""
+    users = []
+    for scope in ("read,activity:read_all,activity:write", "read"):
+        seeded = seed_athlete(sandbox, clock, expires_in=21_600)
+        pair = sandbox.create_athlete(seeded.athlete_id, expires_in=21_600, scope=scope)
+        body: dict[str, object] = {"access_token": pair["access_token"], "refresh_token": pair["refresh_token"]}
+        body |= {"expires_at": pair["expires_at"], "athlete_id": seeded.athlete_id, "scopes": scope.split(",")}
+        assert (await call("PUT", f"/v1/users/{seeded.user_id}/tokens", json=body)).status_code == 200
+        users.append((seeded.user_id, seeded.athlete_id))
+    (synced, athlete), (narrow, narrow_athlete) = users
+    activity = sandbox.upload_activity(athlete, NewActivity(name="canary ride"))
+    assert (await call("GET", f"/v1/users/{synced}/strava/athlete")).status_code == 200
+    sandbox.invalidate_access(athlete)  # the next call is refused once, refreshed, and retried
+    assert (await call("GET", f"/v1/users/{synced}/strava/activities/{activity['id']}")).status_code == 200
+    put = await call("PUT", f"/v1/users/{synced}/strava/activities/{activity['id']}", json={"name": "renamed"})
+    assert put.status_code == 200
+    assert (await call("GET", f"/v1/users/{narrow}/strava/athlete/activities")).status_code == 403
+    assert (await call("GET", f"/v1/users/{dead}/strava/athlete")).status_code == 409
+    assert (await call("GET", f"/v1/users/{synced}/strava/oauth/token")).status_code == 404
+    event = {"object_type": "activity", "object_id": activity["id"], "aspect_type": "update", "owner_id": athlete}
+    event |= {"subscription_id": 1, "event_time": int(clock()), "updates": {"title": "renamed"}}
+    for sent in (event, event | {"aspect_type": "create", "updates": {}}):
+        assert (await call("POST", "/v1/webhooks/strava", json=sent)).status_code == 200
+    deauthorization = event | {"object_type": "athlete", "object_id": narrow_athlete, "owner_id": narrow_athlete}
+    deauthorization |= {"updates": {"authorized": "false"}}
+    assert (await call("POST", "/v1/webhooks/strava", json=deauthorization)).status_code == 200
+    assert (await call("GET", "/v1/stats")).status_code == 200  # writes this replica's gateway counts
+    return [synced, narrow]
 
 
 @pytest.mark.parametrize("source", list(SOURCES))

@@ -47,6 +47,7 @@ from tokensvc.providers.strava import StravaClient
 from tokensvc.service.audit import Audit
 from tokensvc.service.dashboard import DashboardService
 from tokensvc.service.gateway import Gateway
+from tokensvc.service.gateway_stats import GatewayTally
 from tokensvc.service.grant_revocation import GrantRevoker
 from tokensvc.service.housekeeping import Housekeeping
 from tokensvc.service.journal import Journal
@@ -90,6 +91,7 @@ class Resources:
     # /readyz's own one-connection pool: readiness answers at once however busy the main pool is
     probe: AsyncEngine
     usage: UsageRecorder | None = None  # who asks for tokens, flushed in batches
+    gateway_tally: GatewayTally | None = None  # the gateway's outcomes, flushed in batches
 
     def start_background(self, *, sweeper: bool = True) -> None:
         """Start every replica's background loops; `open_resources` stops them on the way out."""
@@ -102,6 +104,8 @@ class Resources:
         self.revoker.start()  # when TOKENSVC_REVOKE_POLL_INTERVAL_SECONDS > 0
         if self.usage is not None:
             self.usage.start()
+        if self.gateway_tally is not None:
+            self.gateway_tally.start()
         self.stats.gauges.start()
         if self.clock_sync is not None:
             self.clock_sync.start()
@@ -241,9 +245,11 @@ async def open_resources(
     )
     notifier = notification_deliverer(settings, engine, clock=clock)
     housekeeping = Housekeeping(engine, clock=clock, retention_days=settings.audit_retention_days)
+    gateway_tally = GatewayTally(engine, clock=clock, flush_interval_seconds=settings.gauge_interval_seconds)
     stats = StatsService(
         engine,
         budget=budget,
+        tally=gateway_tally,
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
         gauge_interval_seconds=settings.gauge_interval_seconds,
@@ -279,6 +285,7 @@ async def open_resources(
             clock_sync=clock_sync,
             probe=probe,
             usage=usage,
+            gateway_tally=gateway_tally,
         )
     finally:
         # Refreshes in flight finish (or give their claim back) while every loop stops, all at once; then the
@@ -300,6 +307,8 @@ async def open_resources(
         # What is left of the noted uses, written once the refreshes have drained, within what is left of the deadline.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(usage.stop(), timeout=max(0.5, shutdown.remaining()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gateway_tally.stop(), timeout=max(0.5, shutdown.remaining()))
         await rows.aclose()
         await strava.aclose()
         await engine.dispose()
@@ -347,6 +356,7 @@ def create_app(
                 strava=res.strava,
                 budget=res.budget,
                 authorize_url=lambda user_id, scopes: res.links.authorize_url(user_id, scopes=scopes)[0],
+                tally=res.stats.tally,
             )
             app.state.gateway_max_body_bytes = settings.gateway_max_body_bytes
             res.start_background(sweeper=run_sweeper)

@@ -90,8 +90,9 @@ NOTIFICATIONS_TOTAL = Counter(
 
 GATEWAY_CALLS_TOTAL = Counter(
     "tokensvc_gateway_calls_total",
-    "Strava API gateway calls, by outcome (ok: Strava answered 2xx or 304; reauth, scope, rate_limited, "
-    "strava_error, client_error: another 4xx from Strava, unavailable, refused: the service's own 4xx)",
+    "Strava API gateway calls of this process, by outcome (ok: Strava answered 2xx or 304; reauth, scope, "
+    "rate_limited, strava_error: Strava failed or the call could not be made, client_error: another 4xx, the "
+    "caller's request); the same outcomes as /v1/stats `gateway`",
     ["outcome"],
 )
 
@@ -108,4 +109,31 @@ ATHLETES_CONNECTED = Gauge(
 ATHLETE_CAPACITY = Gauge(
     "tokensvc_strava_athlete_capacity",
     "TOKENSVC_STRAVA_ATHLETE_CAPACITY, the connected athletes the Strava app may have; absent when unset",
+)
+GATEWAY_CALLS_LAST_24H = Gauge(
+    "tokensvc_gateway_calls_last_24h",
+    "Strava API gateway calls in the last 24 hours by every replica (DB-wide, as flushed), by outcome (the labels "
+    "of tokensvc_gateway_calls_total)",
+    ["outcome"],
+)
+GATEWAY_SUCCESS_RATIO = Gauge(
+    "tokensvc_gateway_success_ratio",
+    "Sync success rate: the share of the last 24 hours' gateway calls (DB-wide) that Strava answered 2xx or 304; "
+    "1 when there were none",
+)
+STRAVA_WINDOW_USED = Gauge(
+    "tokensvc_strava_window_used",
+    "Rate-counted Strava calls spent in the current window (15min, daily, read_15min, read_daily), DB-wide",
+    ["window"],
+)
+STRAVA_WINDOW_LIMIT = Gauge(
+    "tokensvc_strava_window_limit",
+    "The app's Strava limit of the window (15min, daily, read_15min, read_daily): the configured one or Strava's, "
+    "the smaller",
+    ["window"],
+)
+STRAVA_WINDOW_RESET = Gauge(
+    "tokensvc_strava_window_reset_timestamp_seconds",
+    "Epoch seconds at which the current window (15min, daily, read_15min, read_daily) resets",
+    ["window"],
 )

@@ -107,6 +107,9 @@ class StravaRateBudget(SQLModel, table=True):
     read_day_used: int = Field(default=0)
     read_paused_until: int = Field(default=0, sa_type=sa.BigInteger)
     token_paused_until: int = Field(default=0, sa_type=sa.BigInteger)
+    # v1.1: the service's own rate-counted calls in the same windows (its reserve, service/rate_budget.py).
+    service_window_used: int = Field(default=0)
+    service_day_used: int = Field(default=0)
 
 
 strava_rate_budget: sa.Table = StravaRateBudget.__table__  # type: ignore[attr-defined]
@@ -318,6 +321,23 @@ class RefreshCount(SQLModel, table=True):
 
 
 refresh_counts: sa.Table = RefreshCount.__table__  # type: ignore[attr-defined]
+
+
+class GatewayCount(SQLModel, table=True):
+    """Strava API gateway calls per hour and outcome (`ok`, `reauth`, `scope`, `rate_limited`, `strava_error`,
+    `client_error`, `unavailable`, `refused`), every replica's: what `/v1/stats` and the dashboard read for the sync
+    success rate. Each replica adds its tally in batches (service/gateway_stats.py) to one of a few `slot` rows
+    chosen at random, like `refresh_counts`; readers sum them."""
+
+    __tablename__ = "gateway_counts"
+
+    hour: int = Field(primary_key=True, sa_type=sa.BigInteger)  # epoch seconds at the start of the hour (UTC)
+    outcome: str = Field(primary_key=True, max_length=32)
+    slot: int = Field(primary_key=True)
+    count: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+gateway_counts: sa.Table = GatewayCount.__table__  # type: ignore[attr-defined]
 
 
 class SignInFailure(SQLModel, table=True):

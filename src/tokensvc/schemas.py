@@ -524,6 +524,43 @@ class AthleteCounts(BaseModel):
     )
 
 
+class StravaWindow(BaseModel):
+    used: int = Field(description="Rate-counted calls spent in the window (ours, or Strava's count when larger)")
+    limit: int = Field(description="The window's limit: the configured one, or Strava's when smaller")
+    resets_at: datetime = Field(description="When the window resets (:00/:15/:30/:45, or midnight UTC)")
+
+
+class StravaWindows(BaseModel):
+    """v1.1: the app's shared Strava windows (every replica's calls): overall and read, 15 minutes and daily."""
+
+    overall_15min: StravaWindow
+    overall_daily: StravaWindow
+    read_15min: StravaWindow
+    read_daily: StravaWindow
+    paused_until: datetime | None = Field(
+        description="Until when Strava calls of some kind are held after Strava's 429; null when none are"
+    )
+
+
+class GatewayCounts(BaseModel):
+    calls: int = Field(description="Gateway calls, whatever became of them")
+    ok: int = Field(description="Strava answered 2xx or 304")
+    reauth: int = Field(description="Refused: the user must reconnect (`reauth_required`, `tokens_missing`)")
+    scope: int = Field(description="Refused: a scope the user has not granted (`insufficient_scope`)")
+    rate_limited: int = Field(description="Refused: the app's window was spent, or Strava answered 429")
+    strava_error: int = Field(description="Strava failed (5xx, timeout, unreachable) or the call could not be made")
+    client_error: int = Field(description="Any other 4xx: the caller's request (e.g. Strava's 404)")
+    success_rate: float | None = Field(
+        ge=0, le=1, description="The sync success rate: `ok` / `calls`; null when there were no calls"
+    )
+
+
+class GatewayWindows(BaseModel):
+    """v1.1: Strava API gateway calls by outcome (every replica's, at most a few seconds late)."""
+
+    last_24h: GatewayCounts
+
+
 class Stats(BaseModel):
     """DB-wide counts: every replica answers the same."""
 
@@ -540,12 +577,33 @@ class Stats(BaseModel):
             },
             "refresh": {"last_24h": {"success": 4980, "failure": 3, "reauth_required": 2}},
             "athletes": {"connected": 1238, "capacity": 9999, "warning": False},
+            "strava_windows": {
+                "overall_15min": {"used": 31, "limit": 200, "resets_at": "2026-12-01T16:45:00Z"},
+                "overall_daily": {"used": 812, "limit": 2000, "resets_at": "2026-12-02T00:00:00Z"},
+                "read_15min": {"used": 27, "limit": 100, "resets_at": "2026-12-01T16:45:00Z"},
+                "read_daily": {"used": 640, "limit": 1000, "resets_at": "2026-12-02T00:00:00Z"},
+                "paused_until": None,
+            },
+            "gateway": {
+                "last_24h": {
+                    "calls": 700,
+                    "ok": 680,
+                    "reauth": 2,
+                    "scope": 3,
+                    "rate_limited": 10,
+                    "strava_error": 1,
+                    "client_error": 4,
+                    "success_rate": 0.9714,
+                }
+            },
         }
     )
 
     users: UserCounts
     refresh: RefreshWindows
     athletes: AthleteCounts
+    strava_windows: StravaWindows
+    gateway: GatewayWindows
 
 
 _BIGINT = 2**63 - 1

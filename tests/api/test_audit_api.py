@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import httpx
 import pytest
 
@@ -118,11 +120,35 @@ class TestUserEvents:
 
 
 class TestStats:
-    async def test_an_empty_service_counts_zero(self, client: httpx.AsyncClient) -> None:
-        """The contract's shape, all zeros."""
+    async def test_an_empty_service_counts_zero(self, client: httpx.AsyncClient, clock: FakeClock) -> None:
+        """The contract's shape, all zeros; the windows at their default limits, resetting at the next quarter
+        hour and midnight; no gateway call, so no success rate."""
         response = await client.get("/v1/stats")
         assert response.status_code == 200
-        assert response.json() == {
+        body = response.json()
+        now = int(clock())
+        quarter = datetime.fromtimestamp(now - now % 900 + 900, UTC).isoformat().replace("+00:00", "Z")
+        midnight = datetime.fromtimestamp(now - now % 86_400 + 86_400, UTC).isoformat().replace("+00:00", "Z")
+        assert body.pop("strava_windows") == {
+            "overall_15min": {"used": 0, "limit": 200, "resets_at": quarter},
+            "overall_daily": {"used": 0, "limit": 2000, "resets_at": midnight},
+            "read_15min": {"used": 0, "limit": 100, "resets_at": quarter},
+            "read_daily": {"used": 0, "limit": 1000, "resets_at": midnight},
+            "paused_until": None,
+        }
+        assert body.pop("gateway") == {
+            "last_24h": {
+                "calls": 0,
+                "ok": 0,
+                "reauth": 0,
+                "scope": 0,
+                "rate_limited": 0,
+                "strava_error": 0,
+                "client_error": 0,
+                "success_rate": None,
+            }
+        }
+        assert body == {
             "users": {
                 "total": 0,
                 "valid": 0,
@@ -154,7 +180,8 @@ class TestStats:
         sandbox.revoke(dead.athlete_id)
         assert (await client.post(f"/v1/users/{dead.user_id}/refresh")).status_code == 409
 
-        assert (await client.get("/v1/stats")).json() == {
+        body = (await client.get("/v1/stats")).json()
+        assert {key: body[key] for key in ("users", "refresh")} == {
             # v1.1: the four that can be refreshed were all asked about (imported) within TOKENSVC_SWEEP_ACTIVE_DAYS
             "users": {
                 "total": 5,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tokensvc.api.dashboard_page import chart, render_dashboard, render_login
 from tokensvc.service.dashboard import DashboardView, HourBar, ReconnectRow
+from tokensvc.service.gateway_stats import OUTCOMES, GatewayTotals
 from tokensvc.service.rate_budget import BudgetState
 from tokensvc.store.stats import Failure, OutcomeCounts
 
@@ -57,6 +59,24 @@ class TestEscaping:
         page = render_login(error="<b>no</b>")
         assert "<b>no</b>" not in page
         assert "&lt;b&gt;no&lt;/b&gt;" in page
+
+
+class TestGateway:
+    def test_the_gateway_section_shows_the_success_rate_and_every_outcome(self) -> None:
+        """The sync success rate as a percentage of the calls, each outcome's count, and the windows' resets."""
+        counts = dict.fromkeys(OUTCOMES, 0) | {"ok": 45, "rate_limited": 3, "client_error": 2}
+        page = render_dashboard(dataclasses.replace(view(), gateway=GatewayTotals(counts)))
+        assert 'data-testid="gateway-success-rate">90.0%<' in page
+        assert 'data-testid="gateway-calls">50<' in page
+        for outcome, count in counts.items():
+            assert f'data-testid="gateway-{outcome}">{count}<' in page
+        assert 'data-testid="budget-15min-reset">resets 2027-01-15 08:30:00 UTC<' in page
+        assert 'data-testid="budget-daily-reset">resets 2027-01-16 00:00:00 UTC<' in page
+
+    def test_no_calls_is_no_rate(self) -> None:
+        page = render_dashboard(view())
+        assert 'data-testid="gateway-success-rate">n/a<' in page
+        assert 'data-testid="gateway-calls">0<' in page
 
 
 class TestPage:

@@ -21,6 +21,7 @@ from tokensvc.providers.strava import seconds_to_next_window
 from tokensvc.sandbox import SandboxState
 from tokensvc.sandbox.activities import NewActivity
 from tokensvc.sandbox.faults import FaultSpec
+from tokensvc.service.gateway import JITTER_MAX_SECONDS, JITTER_MIN_SECONDS, jittered_retry_after
 from tokensvc.service.oauth import ConnectLinks
 
 WRITE_SCOPES = "read,activity:read_all,activity:write"
@@ -193,12 +194,30 @@ class TestBudget:
         assert [r.status_code for r in passed] == [200, 200, 200]
         assert refused.status_code == 429, refused.text
         assert refused.json()["code"] == "strava_rate_limited"
-        # Until the window resets, plus a jitter of at most a tenth (30 s at most) so callers spread out.
+        # Until the window resets, plus a jitter (a tenth, 5 to 30 s) so callers spread out.
         reset = seconds_to_next_window(clock())
-        assert reset <= int(refused.headers["retry-after"]) <= reset + min(30, max(1, reset // 10))
+        assert reset <= int(refused.headers["retry-after"]) <= reset + min(30, max(5, reset // 10))
         assert refused.json()["retry_after"] == int(refused.headers["retry-after"])
         assert len(recording.api_calls()) == 3
         assert api_calls(sandbox) == 3
+
+    async def test_refused_callers_are_told_different_moments_never_before_the_reset(
+        self, database_url: str, clock: FakeClock, sandbox: SandboxState, recording: Recording
+    ) -> None:
+        """30 callers refused in the same second, 10 s before the reset: every Retry-After is at or after the
+        reset and within its spread (at least 5 s), and they do not all name the same second."""
+        settings = make_settings(database_url, strava_read_rate_limit="1,1000")
+        clock.now = clock.now - clock.now % 900 + 890
+        async with service(settings, clock, recording) as http:
+            seeded = await connect(http, sandbox, clock)
+            priority = {"Tokensvc-Priority": "interactive"}
+            assert (await http.get(gateway(seeded, "athlete"), headers=priority)).status_code == 200
+            refused = [await http.get(gateway(seeded, "athlete"), headers=priority) for _ in range(30)]
+        assert {r.status_code for r in refused} == {429}
+        waits = [int(r.headers["retry-after"]) for r in refused]
+        assert all(10 <= wait <= 10 + JITTER_MIN_SECONDS for wait in waits), waits
+        assert len(set(waits)) > 1, waits
+        assert len(recording.api_calls()) == 1
 
     async def test_backfill_stops_at_half_the_window_while_interactive_passes(
         self, database_url: str, clock: FakeClock, sandbox: SandboxState, recording: Recording
@@ -333,6 +352,18 @@ class TestStravaFailing:
         assert response.status_code == 503, response.text
         assert response.json()["code"] == "provider_unavailable"
         assert int(response.headers["retry-after"]) >= 1
+
+
+class TestRetryAfterJitter:
+    @pytest.mark.parametrize("seconds", [0, 1, 10, 60, 300, 899, 86_399])
+    def test_never_before_the_reset_and_spread_over_a_tenth_of_5_to_30_seconds(self, seconds: int) -> None:
+        """Drawn 400 times: never below the wait (at least 1 s), never beyond its spread, and more than one value."""
+        base = max(1, seconds)
+        spread = min(JITTER_MAX_SECONDS, max(JITTER_MIN_SECONDS, base // 10))
+        draws = [jittered_retry_after(seconds) for _ in range(400)]
+        assert min(draws) >= base
+        assert max(draws) <= base + spread
+        assert len(set(draws)) > spread // 2
 
 
 class TestMetrics:

@@ -53,6 +53,15 @@ class TestSharedReadWindow:
         refused = [a for a in answers if a.status_code == 429]
         assert all(a.json()["code"] == "strava_rate_limited" for a in refused)
         assert all(int(a.headers["retry-after"]) >= 1 for a in refused)
+        assert len({a.headers["retry-after"] for a in refused}) > 1  # jittered: not all back at the same second
+        # Every replica reports the same DB-wide counts once each has written its tally (its own /v1/stats does).
+        for replica in fleet:
+            assert (await http.get(f"{replica.url}/v1/stats")).status_code == 200
+        reports = [(await http.get(f"{replica.url}/v1/stats")).json() for replica in fleet]
+        assert reports[0]["gateway"] == reports[1]["gateway"] == reports[2]["gateway"]
+        counted = reports[0]["gateway"]["last_24h"]
+        assert (counted["calls"], counted["ok"], counted["rate_limited"]) == (300, statuses.count(200), len(refused))
+        assert reports[0]["strava_windows"]["read_15min"] == reports[2]["strava_windows"]["read_15min"]
 
 
 class TestRecoveryAcrossReplicas:

@@ -165,8 +165,8 @@ class TestRateBudget:
     async def test_token_calls_take_no_unit_so_a_sweep_is_not_stopped_by_the_budget(
         self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """Strava does not count /oauth/token: more due users than the sweep's share of the 15-minute window (160
-        of 200) are all refreshed by one sweep, and the shared count stays at 0."""
+        """Strava does not count /oauth/token: more due users than the background share of the 15-minute window
+        (100 of 200) are all refreshed by one sweep, and the shared count stays at 0."""
         first = replicas[0]
         await seed_many(first, sandbox, clock, 170, expires_in=-100)
         report = await first.sweeper.sweep_once()
@@ -198,9 +198,9 @@ class TestRateBudget:
         assert (await resources.service.status(user.user_id)).status is Status.MISSING
 
     async def test_reads_are_charged_to_the_read_window_as_well(self, resources: Resources, clock: FakeClock) -> None:
-        """The read window (100 per 15 min; the background share 80) runs out before the overall one (200)."""
+        """The read window (100 per 15 min; the background share 50) runs out before the overall one (200)."""
         budget = resources.budget
-        for _ in range(80):
+        for _ in range(50):
             await budget.acquire("sweep", read=True)
         with pytest.raises(ProviderRateLimited) as spent:
             await budget.acquire("sweep", read=True)
@@ -208,7 +208,7 @@ class TestRateBudget:
         await budget.acquire("sweep")  # an overall-only call still has room
         await budget.acquire("on_demand", read=True)  # and an on-demand read the rest of the read window
         state = await budget.state()
-        assert (state.used_15min, state.read_used_15min, state.read_used_daily) == (82, 81, 81)
+        assert (state.used_15min, state.read_used_15min, state.read_used_daily) == (52, 51, 51)
         clock.advance(spent.value.retry_after)
         await budget.acquire("sweep", read=True)  # a new window
         assert (await budget.state()).read_used_15min == 1

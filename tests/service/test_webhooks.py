@@ -16,7 +16,7 @@ from tests.conftest import FakeClock, import_body, make_settings, seed_user
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
 from tokensvc.crypto import generate_notify_secret
-from tokensvc.errors import AthleteInUse, ReauthRequired
+from tokensvc.errors import AthleteInUse, ProviderRateLimited, ReauthRequired
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.schemas import StravaEvent
 from tokensvc.service.tokens import MSG_ELSEWHERE
@@ -314,17 +314,20 @@ class TestStravaUnavailable:
     async def test_checks_draw_on_the_background_share_so_callers_keep_theirs(
         self, database_url: str, sandbox: SandboxState, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
     ) -> None:
-        """A flood of (unsigned) events may spend the sweep's 80 % of the window, never the rest: with that share
-        spent, the check waits for the next window while a caller's refresh still gets its Strava call."""
+        """A flood of (unsigned) events may spend the background (backfill) share, 50 % of the window, never the
+        rest (the service's reserve is already spent by those same calls): with that share spent, the check waits
+        for the next window while a caller's refresh still gets its Strava call, and an interactive call its unit."""
         settings = make_settings(
             database_url,
             strava_webhook_verify_token=SecretStr(VERIFY_TOKEN),
             webhook_poll_interval_seconds=0,
-            strava_rate_limit="5,100",  # the background share: 4 calls per 15 minutes
+            strava_rate_limit="8,100",  # the background share: 4 calls per 15 minutes
         )
         async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:
             user = await seed_user(res, sandbox, clock, expires_in=20_000)
             for _ in range(4):
+                await res.budget.acquire("sweep")
+            with pytest.raises(ProviderRateLimited):
                 await res.budget.acquire("sweep")
             await res.webhooks.receive(deauthorization(user.athlete_id))
             await res.webhooks.process_once()
@@ -334,6 +337,7 @@ class TestStravaUnavailable:
             result = await res.service.refresh(user.user_id, force=True)
             assert result.refreshed
             assert sandbox.calls["refresh"] == 1
+            await res.budget.acquire("interactive")
 
 
 class TestRaceWithRefresh:

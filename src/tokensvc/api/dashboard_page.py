@@ -109,9 +109,13 @@ def render_dashboard(view: DashboardView, *, refresh_seconds: int = 30) -> str:
     """The dashboard page. Every value from the database goes through autoescape."""
     budget = view.budget
     pauses = {"rate-counted": budget.paused_until, "read": budget.read_paused_until, "token": budget.token_paused_until}
+    now = int(view.as_of.timestamp())
     return _env.get_template("dashboard.html").render(
         view=view,
         chart=chart(view.hours),
+        resets_15min=_epoch(now - now % 900 + 900),
+        resets_daily=_epoch(now - now % 86_400 + 86_400),
+        success_rate="n/a" if view.gateway.success_rate is None else f"{view.gateway.success_rate:.1%}",
         paused_until=_epoch(max(pauses.values())),
         paused_kinds=", ".join(f"{kind} calls" for kind, until in pauses.items() if until),
         refresh_seconds=refresh_seconds,

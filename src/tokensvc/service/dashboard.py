@@ -5,7 +5,7 @@ Everything here is aggregates and ids from `store/stats.py` and the rate budget;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -13,11 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tokensvc import __version__
 from tokensvc.clock import Clock
 from tokensvc.schemas import AthleteCounts
+from tokensvc.service.gateway_stats import GatewayTotals
 from tokensvc.service.rate_budget import BudgetState, RateBudget
 from tokensvc.service.signing import SignedTokens
 from tokensvc.service.stats import athlete_counts, connected_athletes
 from tokensvc.status import Status
-from tokensvc.store import stats
+from tokensvc.store import gateway_counts, stats
 from tokensvc.store import usage as usage_store
 from tokensvc.store.stats import Failure, OutcomeCounts
 
@@ -109,6 +110,9 @@ class DashboardView:
             return None
         return self.athletes.connected * 100 // self.athletes.capacity
 
+    # v1.1: the gateway's calls in the same 24 hours, by outcome (as /v1/stats `gateway`), every replica's as flushed
+    gateway: GatewayTotals = field(default_factory=lambda: GatewayTotals.of({}))
+
 
 def bucket_outcome(outcome: str) -> str:
     """The chart's three series, as /v1/stats counts them: a rejection means reauth; anything else not a success
@@ -152,6 +156,7 @@ class DashboardService:
             reconnect = await stats.needs_reauth_users(conn, limit=RECONNECT_LIMIT)
             failures = await stats.recent_failures(conn, limit=FAILURE_LIMIT)
             pending = await stats.notifications_pending(conn)
+            gateway = GatewayTotals.of(await gateway_counts.totals(conn, since_hour=since_hour))
             active = None
             if self._active_days:
                 active = await usage_store.count_active(conn, active_since=int(now) - self._active_days * 86_400)
@@ -173,6 +178,7 @@ class DashboardService:
             active=active,
             idle=None if active is None else max(0, sum(users.values()) - users["needs_reauth"] - active),
             athletes=athlete_counts(connected_athletes(by_status), self._athlete_capacity),
+            gateway=gateway,
         )
 
 

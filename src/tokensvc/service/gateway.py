@@ -37,6 +37,7 @@ from tokensvc.providers.strava import (
     ProviderTransientError,
     StravaClient,
 )
+from tokensvc.service.gateway_stats import GatewayTally
 from tokensvc.service.rate_budget import Priority, RateBudget
 from tokensvc.service.tokens import TokenService
 
@@ -127,7 +128,9 @@ class Gateway:
         strava: StravaClient,
         budget: RateBudget,
         authorize_url: ScopedAuthorizeUrl,
+        tally: GatewayTally,
     ) -> None:
+        self._tally = tally
         self._tokens = tokens
         self._strava = strava
         self._budget = budget
@@ -136,19 +139,18 @@ class Gateway:
     async def call(self, call: GatewayCall) -> ApiAnswer:
         """Strava's answer to `call` (stream it, then it closes itself). Raises NotFound, TokensMissing,
         ReauthRequired, InsufficientScope, StravaRateLimited, ProviderUnavailable (and subclasses), TokenUnreadable."""
-        outcome = "refused"
+        outcome = "strava_error"  # an unexpected failure: the call could not be made
         try:
             check_path(call.path)
             answer = await self._call(call)
         except TokenServiceError as exc:
-            outcome = _OUTCOMES.get(exc.code, "refused" if exc.status < 500 else "unavailable")
-            if isinstance(exc, NeedsReconnect):
-                outcome = "reauth"
+            outcome = _refusal_outcome(exc)
             raise
         else:
             outcome = _outcome_of(answer.status_code)
         finally:
             metrics.GATEWAY_CALLS_TOTAL.labels(outcome=outcome).inc()
+            self._tally.note(outcome)
         return answer
 
     async def _call(self, call: GatewayCall) -> ApiAnswer:
@@ -202,21 +204,34 @@ class Gateway:
             return None
 
 
+JITTER_MIN_SECONDS, JITTER_MAX_SECONDS = 5, 30
+
+
+def jittered_retry_after(seconds: int) -> int:
+    """`Retry-After` for a refused call: never before `seconds` (when the window resets, or Strava's pause ends),
+    plus a random spread of a tenth of it, at least 5 s and at most 30 s, so refused callers do not all come back
+    at the reset."""
+    base = max(1, seconds)
+    return base + random.randint(0, min(JITTER_MAX_SECONDS, max(JITTER_MIN_SECONDS, base // 10)))
+
+
 def _rate_limited(detail: str, seconds: int) -> StravaRateLimited:
-    """Jittered (up to a tenth more, at most 30 s) so refused callers do not all come back at the reset."""
-    jitter = random.randint(0, min(30, max(1, seconds // 10)))
-    return StravaRateLimited(detail, retry_after=max(1, seconds) + jitter)
+    return StravaRateLimited(detail, retry_after=jittered_retry_after(seconds))
 
 
 def _outcome_of(status: int) -> str:
+    """The outcome of an answer Strava gave (gateway_stats.py lists them)."""
     if 200 <= status < 300 or status == 304:
         return "ok"
-    return "strava_error" if status >= 500 else "client_error"
+    return "strava_error" if status >= 500 or status < 400 else "client_error"
 
 
-_OUTCOMES = {
-    "insufficient_scope": "scope",
-    "strava_rate_limited": "rate_limited",
-    "provider_unavailable": "unavailable",
-    "provider_rate_limited": "unavailable",
-}
+def _refusal_outcome(exc: TokenServiceError) -> str:
+    """The outcome of a call the service refused or could not make."""
+    if isinstance(exc, NeedsReconnect):
+        return "reauth"
+    if isinstance(exc, InsufficientScope):
+        return "scope"
+    if isinstance(exc, StravaRateLimited):
+        return "rate_limited"
+    return "strava_error" if exc.status >= 500 else "client_error"

@@ -252,7 +252,7 @@ class GrantRevoker:
         try:
             return await call()
         except _RetryLater:
-            await self._budget.refund()
+            await self._budget.refund(PRIORITY)
             raise
         except ProviderTransientError as exc:
             if exc.rate_limited:

@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tokensvc.background import PeriodicJob
 from tokensvc.clock import Clock
 from tokensvc.db import Autocommit
+from tokensvc.store import gateway_counts, journal, oauth_states, outbox, webhook_events
 from tokensvc.store import housekeeping as store
-from tokensvc.store import journal, oauth_states, outbox, webhook_events
 
 log = structlog.get_logger(__name__)
 
@@ -103,7 +103,7 @@ class Housekeeping:
         deadline = time.monotonic() + self.pass_seconds
         purges: list[tuple[str, Purge]] = [
             ("events_purged", lambda c: journal.purge_events(c, before=before, limit=limit)),
-            ("counts_purged", lambda c: journal.purge_counts(c, before_hour=before_hour)),
+            ("counts_purged", lambda c: _purge_rollups(c, before_hour=before_hour)),
             ("states_purged", lambda c: oauth_states.purge_expired(c, now=int(now), limit=limit)),
             ("notifications_purged", lambda c: outbox.purge_delivered(c, before=before, limit=limit)),
             ("webhook_events_purged", lambda c: webhook_events.purge_processed(c, before=before, limit=limit)),
@@ -147,3 +147,10 @@ class Housekeeping:
 
     async def stop(self) -> None:
         await self.job.stop()
+
+
+async def _purge_rollups(conn: AsyncConnection, *, before_hour: int) -> int:
+    """The hourly rollups (refresh attempts, gateway calls) of hours before `before_hour`: a few dozen rows a day."""
+    return await journal.purge_counts(conn, before_hour=before_hour) + await gateway_counts.purge(
+        conn, before_hour=before_hour
+    )

@@ -3,8 +3,14 @@
 - `/oauth/token` (refresh, exchange) is not rate-counted by Strava and takes no unit; such calls are bounded per
   process by `TOKENSVC_STRAVA_TOKEN_CONCURRENCY` instead (the provider's semaphore).
 - Every other call (deauthorize, the athlete check) takes a unit of the overall 15-minute and daily windows, and a
-  GET a unit of the read windows as well. They reset at :00/:15/:30/:45 and at midnight UTC. Background work (the
-  sweeper, webhook checks) may use only `sweep_share` of each window, so on-demand requests always find room.
+  GET a unit of the read windows as well. They reset at :00/:15/:30/:45 and at midnight UTC. Gateway calls may spend
+  their priority's share of each window (interactive 100 %, sync 80 %, backfill 50 %). The service's own background
+  calls (deauthorization checks, revokes) spend from the backfill share (`sweep_share`, 50 %), and on-demand ones
+  (a DELETE's revoke) from the whole window.
+- The service's own calls (`on_demand`, `sweep`) also have a reserve: while the service has made fewer than
+  `reserve_share` (5 %, at least one call) of a window's limit in that window, its calls pass beyond their share, up
+  to the whole window. So the app's sync (80 %) and backfill (50 %) calls can never starve them; only interactive
+  calls, which may spend the whole window, can. The service's own calls are counted in the shared row.
 - Every Strava answer's `X-RateLimit-*` / `X-ReadRateLimit-*` correct the shared state: usage in a window is the
   larger of ours and Strava's, a limit the smaller of the configured one and Strava's.
 - A 429 pauses that kind of call (token, overall or read) on every replica until the window resets (or
@@ -13,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,12 +31,13 @@ from tokensvc.db import Autocommit
 from tokensvc.errors import ProviderRateLimited
 from tokensvc.providers.strava import RateLimitUsage, seconds_to_next_window
 from tokensvc.store import rate_budget as store
-from tokensvc.store.rate_budget import Limits, PauseKind
+from tokensvc.store.rate_budget import Limits, PauseKind, Reserve
 
 log = structlog.get_logger(__name__)
 
 # `on_demand` and `sweep` are the service's own calls; the gateway's callers pick one of the other three.
 Priority = Literal["on_demand", "sweep", "interactive", "sync", "backfill"]
+SERVICE_PRIORITIES: frozenset[Priority] = frozenset({"on_demand", "sweep"})
 # The share of each window a priority may spend (v1.1 gateway: interactive 100 %, sync 80 %, backfill 50 %).
 GATEWAY_SHARES: dict[Priority, float] = {"interactive": 1.0, "sync": 0.8, "backfill": 0.5}
 WINDOW = 900
@@ -62,7 +70,8 @@ class RateBudget:
         clock: Clock,
         read_limit_15min: int = 100,
         read_limit_daily: int = 1000,
-        sweep_share: float = 0.8,
+        sweep_share: float = 0.5,
+        reserve_share: float = 0.05,
     ) -> None:
         # Single statements: autocommit, so the hot row is never held across anything else.
         self._engine = Autocommit(engine)
@@ -70,6 +79,7 @@ class RateBudget:
         self.read_limit_15min, self.read_limit_daily = read_limit_15min, read_limit_daily
         self._clock = clock
         self._sweep_share = sweep_share
+        self._reserve_share = reserve_share
         # Local hints, so a paused replica does not even ask the database.
         self._paused_until: dict[PauseKind, int] = {}
         self._spent_until: dict[tuple[Priority, bool], int] = {}  # likewise for a window found spent, until it resets
@@ -84,8 +94,23 @@ class RateBudget:
 
     def _limits(self, priority: Priority, read: bool) -> Limits:
         share = 1.0 if priority == "on_demand" else GATEWAY_SHARES.get(priority, self._sweep_share)
-        reads = (int(self.read_limit_15min * share), int(self.read_limit_daily * share)) if read else None
-        return Limits(int(self.limit_15min * share), int(self.limit_daily * share), reads)
+        limits = self._shared(share, read, at_least=0)
+        if priority not in SERVICE_PRIORITIES:
+            return limits
+        reserve = Reserve(whole=self._shared(1.0, read, at_least=0), calls=self.reserve(read))
+        return Limits(limits.limit_15min, limits.limit_daily, limits.read, reserve)
+
+    def reserve(self, read: bool = False) -> Limits:
+        """The service's own reserve in each window: `reserve_share` of its limit, at least one call."""
+        return self._shared(self._reserve_share, read, at_least=1, ceil=True)
+
+    def _shared(self, share: float, read: bool, *, at_least: int, ceil: bool = False) -> Limits:
+        def part(limit: int) -> int:
+            value = limit * share
+            return max(at_least, math.ceil(value) if ceil else int(value))
+
+        reads = (part(self.read_limit_15min), part(self.read_limit_daily)) if read else None
+        return Limits(part(self.limit_15min), part(self.limit_daily), reads)
 
     async def acquire(self, priority: Priority, *, read: bool = False) -> None:
         """Take one rate-counted call (a read too, for a GET) from the budget. Raises ProviderRateLimited (with
@@ -115,22 +140,20 @@ class RateBudget:
             if until > now:
                 self._paused_until[kind] = until
                 return self._limited(until - now, _PAUSED.format(kind=kind))
-        same_day = row.day_start == day_start
-        day_spent = same_day and row.day_used >= limits.limit_daily
-        if limits.read is not None:
-            day_spent = day_spent or (same_day and row.read_day_used >= limits.read[1])
         what = f"{priority} {'read ' if read else ''}calls"
-        if day_spent:
+        if row.day_start == day_start and _day_spent(row, limits):
             self._spent_until[priority, read] = day_start + DAY
             return self._limited(day_start + DAY - now, f"the daily Strava budget for {what} is spent")
         self._spent_until[priority, read] = window_start + WINDOW
         return self._limited(seconds_to_next_window(now), f"the 15-minute Strava budget for {what} is spent")
 
-    async def refund(self, *, read: bool = False) -> None:
-        """Give back a unit taken for a call that turned out not to be needed."""
+    async def refund(self, priority: Priority = "on_demand", *, read: bool = False) -> None:
+        """Give back a unit taken (at `priority`) for a call that turned out not to be needed."""
         _now, window_start, day_start = self._windows()
+        service = priority in SERVICE_PRIORITIES
+        self._spent_until.clear()  # a window found spent here has room again
         async with self._engine.connect() as conn:
-            await store.give_back(conn, window_start=window_start, day_start=day_start, read=read)
+            await store.give_back(conn, window_start=window_start, day_start=day_start, read=read, service=service)
 
     async def token_calls_allowed(self) -> None:
         """Before a `/oauth/token` call: no unit is taken (Strava does not count them), but a 429 that paused token
@@ -213,3 +236,20 @@ class RateBudget:
     @staticmethod
     def _limited(seconds: int, detail: str) -> ProviderRateLimited:
         return ProviderRateLimited(detail, retry_after=max(1, seconds))
+
+
+def _day_spent(row: store.BudgetRow, limits: Limits) -> bool:
+    """Whether the day (not only the 15-minute window) refuses a call with `limits`: its share is spent and, for
+    the service's own calls, so is the day's reserve or the whole day."""
+    used = [(row.day_used, limits.limit_daily)]
+    if limits.read is not None:
+        used.append((row.read_day_used, limits.read[1]))
+    reserve = limits.reserve
+    if reserve is None:
+        return any(count >= limit for count, limit in used)
+    wholes = [reserve.whole.limit_daily, *([reserve.whole.read[1]] if reserve.whole.read else [])]
+    reserves = [reserve.calls.limit_daily, *([reserve.calls.read[1]] if reserve.calls.read else [])]
+    return any(
+        count >= limit and (row.service_day_used >= own or count >= whole)
+        for (count, limit), whole, own in zip(used, wholes, reserves, strict=True)
+    )

@@ -11,6 +11,7 @@ touches the database. Every replica reports the same values, at most one interva
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -18,9 +19,21 @@ from tokensvc import metrics
 from tokensvc.background import PeriodicJob
 from tokensvc.clock import Clock
 from tokensvc.db import Autocommit
-from tokensvc.schemas import AthleteCounts, RefreshCounts, RefreshWindows, Stats, UserCounts
-from tokensvc.service.rate_budget import RateBudget
+from tokensvc.schemas import (
+    AthleteCounts,
+    GatewayCounts,
+    GatewayWindows,
+    RefreshCounts,
+    RefreshWindows,
+    Stats,
+    StravaWindow,
+    StravaWindows,
+    UserCounts,
+)
+from tokensvc.service.gateway_stats import OUTCOMES, GatewayTally, GatewayTotals
+from tokensvc.service.rate_budget import WINDOW, BudgetState, RateBudget
 from tokensvc.status import Status
+from tokensvc.store import gateway_counts
 from tokensvc.store import stats as store
 from tokensvc.store import tombstones as tombstone_store
 from tokensvc.store import usage as usage_store
@@ -56,6 +69,7 @@ class StatsService:
         engine: AsyncEngine,
         *,
         budget: RateBudget,
+        tally: GatewayTally,
         clock: Clock,
         buffer_seconds: int,
         gauge_interval_seconds: float = 10.0,
@@ -65,18 +79,23 @@ class StatsService:
         self._engine = Autocommit(engine)
         self._athlete_capacity = athlete_capacity
         self._budget = budget
+        self.tally = tally  # the gateway's outcomes, written before each /v1/stats read
         self._clock = clock
         self._buffer_seconds = buffer_seconds
         self._active_days = active_days
         self.gauges = PeriodicJob("metrics-gauges", self.update_gauges, interval_seconds=gauge_interval_seconds)
 
     async def stats(self) -> Stats:
-        """Users by status now, and refresh attempts at Strava in the last 24 hours (from the hourly rollup)."""
+        """Users by status now, refresh attempts at Strava and gateway calls in the last 24 hours (from the hourly
+        rollups; this replica's pending gateway counts are written first), and the Strava windows now."""
+        await self.tally.flush()
         now = self._clock()
         async with self._engine.connect() as conn:
             users = await store.users_by_status(conn, now=int(now), buffer_seconds=self._buffer_seconds)
             outcomes = await store.refresh_outcomes(conn, since_hour=first_hour_of_day(now))
             active, idle = await self._activity(conn, users, now=int(now))
+            gateway = GatewayTotals.of(await gateway_counts.totals(conn, since_hour=first_hour_of_day(now)))
+        budget = await self._budget.state()
         return Stats(
             users=UserCounts(
                 total=sum(users.values()),
@@ -93,6 +112,8 @@ class StatsService:
                 )
             ),
             athletes=athlete_counts(connected_athletes(users), self._athlete_capacity),
+            strava_windows=strava_windows(budget, now=now),
+            gateway=GatewayWindows(last_24h=gateway_counts_of(gateway)),
         )
 
     async def update_gauges(self) -> None:
@@ -108,7 +129,13 @@ class StatsService:
             if self._active_days:
                 since = now - self._active_days * DAY
                 expired_active = await usage_store.count_active(conn, active_since=since, expired_by=now)
+            gateway = GatewayTotals.of(await gateway_counts.totals(conn, since_hour=first_hour_of_day(now)))
         budget = await self._budget.state()
+        _set_window_gauges(strava_windows(budget, now=now))
+        for outcome in OUTCOMES:
+            metrics.GATEWAY_CALLS_LAST_24H.labels(outcome=outcome).set(gateway.counts[outcome])
+        rate = gateway.success_rate
+        metrics.GATEWAY_SUCCESS_RATIO.set(1.0 if rate is None else rate)
         metrics.USERS_BY_ACTIVITY.labels(activity="active").set(active)
         metrics.USERS_BY_ACTIVITY.labels(activity="idle").set(idle)
         metrics.ACTIVE_USERS_EXPIRED.set(expired_active)
@@ -137,3 +164,40 @@ class StatsService:
             return live, 0
         active = await usage_store.count_active(conn, active_since=now - self._active_days * DAY)
         return active, max(0, live - active)
+
+
+def strava_windows(budget: BudgetState, *, now: float) -> StravaWindows:
+    """The shared windows as `/v1/stats` and the dashboard show them: used, limit and when each resets."""
+    window_end, day_end = int(now) - int(now) % WINDOW + WINDOW, int(now) - int(now) % DAY + DAY
+
+    def window(used: int, limit: int, end: int) -> StravaWindow:
+        return StravaWindow(used=used, limit=limit, resets_at=datetime.fromtimestamp(end, UTC))
+
+    paused = max(budget.paused_until, budget.read_paused_until, budget.token_paused_until)
+    return StravaWindows(
+        overall_15min=window(budget.used_15min, budget.limit_15min, window_end),
+        overall_daily=window(budget.used_daily, budget.limit_daily, day_end),
+        read_15min=window(budget.read_used_15min, budget.read_limit_15min, window_end),
+        read_daily=window(budget.read_used_daily, budget.read_limit_daily, day_end),
+        paused_until=datetime.fromtimestamp(paused, UTC) if paused else None,
+    )
+
+
+def gateway_counts_of(totals: GatewayTotals) -> GatewayCounts:
+    return GatewayCounts(calls=totals.calls, success_rate=totals.success_rate, **totals.counts)
+
+
+_WINDOW_LABELS = {
+    "15min": "overall_15min",
+    "daily": "overall_daily",
+    "read_15min": "read_15min",
+    "read_daily": "read_daily",
+}
+
+
+def _set_window_gauges(windows: StravaWindows) -> None:
+    for label, name in _WINDOW_LABELS.items():
+        window: StravaWindow = getattr(windows, name)
+        metrics.STRAVA_WINDOW_USED.labels(window=label).set(window.used)
+        metrics.STRAVA_WINDOW_LIMIT.labels(window=label).set(window.limit)
+        metrics.STRAVA_WINDOW_RESET.labels(window=label).set(window.resets_at.timestamp())
