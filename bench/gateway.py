@@ -416,6 +416,22 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime
 
 
+def cluster_ticks(postmaster: int) -> int:
+    """The Postgres cluster's CPU: the postmaster and every backend it forked (pooled, so alive over a run)."""
+    total = cpu_ticks(postmaster)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+Ticks = Callable[[], int]
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -423,7 +439,7 @@ def machine_ticks() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-def run_wrk(side: Side, others: dict[str, int], args: argparse.Namespace, seconds: int, out: Path) -> WrkRun:
+def run_wrk(side: Side, others: dict[str, Ticks], args: argparse.Namespace, seconds: int, out: Path) -> WrkRun:
     """One wrk run against `side`'s `/athlete/activities`, with the CPU (% of one core) of the processes named in
     `others`, of wrk and of the machine over the run."""
     command = [
@@ -438,7 +454,7 @@ def run_wrk(side: Side, others: dict[str, int], args: argparse.Namespace, second
         f"Authorization: {side.headers['Authorization']}",
         f"{side.base}/athlete/activities",
     ]
-    ticks = {name: cpu_ticks(pid) for name, pid in others.items()}
+    ticks = {name: read() for name, read in others.items()}
     busy, total = machine_ticks()
     children = os.times()
     start = time.perf_counter()
@@ -446,7 +462,7 @@ def run_wrk(side: Side, others: dict[str, int], args: argparse.Namespace, second
     wall = time.perf_counter() - start
     after = os.times()
     hz = os.sysconf("SC_CLK_TCK")
-    cpu = {name: (cpu_ticks(pid) - ticks[name]) / hz / wall * 100 for name, pid in others.items()}
+    cpu = {name: (read() - ticks[name]) / hz / wall * 100 for name, read in others.items()}
     cpu["wrk"] = after.children_user + after.children_system - children.children_user - children.children_system
     cpu["wrk"] = cpu["wrk"] / wall * 100
     busy_after, total_after = machine_ticks()
@@ -467,7 +483,12 @@ async def capacity_phase(stack: Stack, sandbox: Process, athlete: dict[str, Any]
     )
     await import_tokens(stack.http, service, athlete)
     gateway, direct = gateway_side(service), direct_side(sandbox, athlete)
-    others = {"tokensvc": service.popen.pid, "sandbox": sandbox.popen.pid}
+    postmaster = int((stack.cluster.data / "postmaster.pid").read_text().split()[0])
+    others: dict[str, Ticks] = {
+        "tokensvc": lambda: cpu_ticks(service.popen.pid),
+        "sandbox": lambda: cpu_ticks(sandbox.popen.pid),
+        "postgres": lambda: cluster_ticks(postmaster),
+    }
     for side in (direct, gateway):
         await asyncio.to_thread(run_wrk, side, others, args, args.warmup, stack.out)
     runs: list[WrkRun] = []
@@ -477,16 +498,24 @@ async def capacity_phase(stack: Stack, sandbox: Process, athlete: dict[str, Any]
     return runs
 
 
+def cpu_ms(run: WrkRun, process: str) -> float:
+    """CPU milliseconds `process` spent per request answered during the run."""
+    return run.cpu[process] / 100 * 1000 / max(run.requests_per_second, 1e-9)
+
+
 def capacity_report(runs: list[WrkRun], args: argparse.Namespace) -> list[str]:
+    processes = ("tokensvc", "sandbox", "postgres", "wrk")
     lines = [
-        f"{'side':<9}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'B/resp':>8}"
-        f"{'tokensvc':>10}{'sandbox':>9}{'wrk':>6}{'machine':>9}  (CPU % of one core)"
+        f"{'side':<9}{'req/s':>7}{'p50 ms':>8}{'p99 ms':>8}{'B/resp':>7}  CPU % of a core: "
+        f"{'tokensvc':>8}{'sandbox':>8}{'pg':>5}{'wrk':>5}{'all':>5}  CPU ms/req: tokensvc sandbox pg"
     ]
     for run in runs:
         lines.append(
-            f"{run.side:<9}{run.requests_per_second:>9.0f}{run.p50_ms:>8.2f}{run.p99_ms:>8.2f}"
-            f"{run.bytes_read / max(1, run.requests):>8.0f}{run.cpu['tokensvc']:>10.0f}{run.cpu['sandbox']:>9.0f}"
-            f"{run.cpu['wrk']:>6.0f}{run.cpu['machine']:>9.0f}"
+            f"{run.side:<9}{run.requests_per_second:>7.0f}{run.p50_ms:>8.2f}{run.p99_ms:>8.2f}"
+            f"{run.bytes_read / max(1, run.requests):>7.0f}{'':>18}"
+            + "".join(f"{run.cpu[p]:>{w}.0f}" for p, w in zip(processes, (8, 8, 5, 5), strict=True))
+            + f"{run.cpu['machine']:>5.0f}{'':>14}{cpu_ms(run, 'tokensvc'):>7.2f}{cpu_ms(run, 'sandbox'):>8.2f}"
+            f"{cpu_ms(run, 'postgres'):>5.2f}"
         )
     rates = {s: [r.requests_per_second for r in runs if r.side == s] for s in ("gateway", "direct")}
     median = {s: statistics.median(v) for s, v in rates.items()}
@@ -498,7 +527,19 @@ def capacity_report(runs: list[WrkRun], args: argparse.Namespace) -> list[str]:
         f"{median['direct']:.0f} = {ratio:.3f}; best {best['gateway']:.0f} / {best['direct']:.0f} = "
         f"{best['gateway'] / best['direct']:.3f} (goal >= {THROUGHPUT_GOAL}: {verdict})"
     )
+    ceilings = {s: cpu_ceiling([r for r in runs if r.side == s]) for s in ("gateway", "direct")}
+    lines.append(
+        f"CPU-bound ceilings (an estimate from the CPU each request cost, for a machine with nothing else running: "
+        f"each process one core at most, {os.cpu_count()} cores in all): gateway {ceilings['gateway']:.0f}/s, "
+        f"direct {ceilings['direct']:.0f}/s, ratio {ceilings['gateway'] / ceilings['direct']:.3f}"
+    )
     return lines
+
+
+def cpu_ceiling(runs: list[WrkRun]) -> float:
+    per_request = {p: statistics.median(cpu_ms(r, p) for r in runs) for p in ("tokensvc", "sandbox", "postgres", "wrk")}
+    one_core = 1000 / max(per_request["tokensvc"], per_request["sandbox"])
+    return min(one_core, 1000 * (os.cpu_count() or 1) / sum(per_request.values()))
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
