@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -642,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out_dir or Path(tempfile.mkdtemp(prefix="tokensvc-gwbench-"))
     out.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(bin_dir)
+    # SIGTERM as an exception, so the processes are stopped and the cluster removed (the `finally`s) as on Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         cluster.start()
         asyncio.run(main_async(args, cluster, out))
