@@ -1,6 +1,6 @@
 """The Strava API gateway (`GET /v1/users/{id}/strava/{path}`) against calling the sandbox directly (issue 13).
 
-    .venv/bin/python bench/gateway.py      # = --calls 72 --connections 16 --seconds 10 --rounds 2
+    .venv/bin/python bench/gateway.py   # = --calls 72 --connections 16 --seconds 10 --rounds 2 --strava-latency-ms 100
 
 Real processes on loopback (tests/e2e/processes.py): a throwaway Postgres cluster (tests/reliability/cluster.py),
 two sandboxes and `tokensvc serve`. Three phases, in this order:
@@ -19,7 +19,8 @@ two sandboxes and `tokensvc serve`. Three phases, in this order:
    `TOKENSVC_STRAVA_RATE_LIMIT` and `TOKENSVC_STRAVA_READ_RATE_LIMIT` at 10,000,000 and sandbox A's limits raised
    through `POST /_control/rate-limit`; wrk at `--connections` for `--seconds`, `--rounds` rounds of (direct,
    gateway) against sandbox A, the order alternating. Reported: requests/s and the ratio gateway / direct (goal
-   >= 0.7), with wrk's p50/p99 and each process's CPU.
+   >= 0.7), with wrk's p50/p99, each process's CPU and CPU per request; then the same rounds again with every list
+   call held `--strava-latency-ms` (100) in the sandbox (a latency fault), since Strava does not answer from memory.
 
 Every answer is checked (status 200, the body's size); wrk's non-2xx and socket errors fail the run. Exit 1 on any
 failed check; the goals themselves are printed, not enforced. Needs wrk (`apt-get install wrk`) and the Postgres
@@ -492,10 +493,24 @@ async def capacity_phase(stack: Stack, sandbox: Process, athlete: dict[str, Any]
     }
     for side in (direct, gateway):
         await asyncio.to_thread(run_wrk, side, others, args, args.warmup, stack.out)
+    runs = {"": await rounds((direct, gateway), others, args, stack.out)}
+    if args.strava_latency_ms:
+        # Strava is not answered from memory: every list call now waits `--strava-latency-ms` in the sandbox first.
+        fault = {"endpoint": "activities", "kind": "latency", "latency_ms": args.strava_latency_ms, "count": RAISED}
+        check(await stack.http.post(f"{sandbox.url}/_control/faults", json=fault), 200, "queue latency")
+        runs[f"the sandbox answering after {args.strava_latency_ms} ms"] = await rounds(
+            (direct, gateway), others, args, stack.out
+        )
+        check(await stack.http.delete(f"{sandbox.url}/_control/faults"), 200, "clear latency")
+    return runs
+
+
+async def rounds(sides: tuple[Side, Side], others: dict[str, Ticks], args: argparse.Namespace, out: Path) -> Any:
+    """`--rounds` rounds of one wrk run a side, the order alternating."""
     runs: list[WrkRun] = []
     for n in range(args.rounds):
-        for side in (direct, gateway) if n % 2 == 0 else (gateway, direct):
-            runs.append(await asyncio.to_thread(run_wrk, side, others, args, args.seconds, stack.out))
+        for side in sides if n % 2 == 0 else sides[::-1]:
+            runs.append(await asyncio.to_thread(run_wrk, side, others, args, args.seconds, out))
     return runs
 
 
@@ -504,7 +519,7 @@ def cpu_ms(run: WrkRun, process: str) -> float:
     return run.cpu[process] / 100 * 1000 / max(run.requests_per_second, 1e-9)
 
 
-def capacity_report(runs: list[WrkRun], args: argparse.Namespace) -> list[str]:
+def capacity_report(runs: list[WrkRun], args: argparse.Namespace, *, ceilings: bool) -> list[str]:
     processes = ("tokensvc", "sandbox", "postgres", "wrk")
     lines = [
         f"{'side':<9}{'req/s':>7}{'p50 ms':>8}{'p99 ms':>8}{'B/resp':>7}  CPU % of a core: "
@@ -528,11 +543,13 @@ def capacity_report(runs: list[WrkRun], args: argparse.Namespace) -> list[str]:
         f"{median['direct']:.0f} = {ratio:.3f}; best {best['gateway']:.0f} / {best['direct']:.0f} = "
         f"{best['gateway'] / best['direct']:.3f} (goal >= {THROUGHPUT_GOAL}: {verdict})"
     )
-    ceilings = {s: cpu_ceiling([r for r in runs if r.side == s]) for s in ("gateway", "direct")}
+    if not ceilings:
+        return lines
+    ceiling = {s: cpu_ceiling([r for r in runs if r.side == s]) for s in ("gateway", "direct")}
     lines.append(
         f"CPU-bound ceilings (an estimate from the CPU each request cost, for a machine with nothing else running: "
-        f"each process one core at most, {os.cpu_count()} cores in all): gateway {ceilings['gateway']:.0f}/s, "
-        f"direct {ceilings['direct']:.0f}/s, ratio {ceilings['gateway'] / ceilings['direct']:.3f}"
+        f"each process one core at most, {os.cpu_count()} cores in all): gateway {ceiling['gateway']:.0f}/s, "
+        f"direct {ceiling['direct']:.0f}/s, ratio {ceiling['gateway'] / ceiling['direct']:.3f}"
     )
     return lines
 
@@ -547,7 +564,13 @@ def cpu_ceiling(runs: list[WrkRun]) -> float:
 
 
 def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    """The load average, and how much of the last 10 s some runnable task waited for a CPU (PSI), when known."""
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    try:
+        pressure = Path("/proc/pressure/cpu").read_text().split()[1].removeprefix("avg10=")
+    except (OSError, IndexError):
+        return load
+    return f"{load}, CPU pressure {pressure} %"
 
 
 def machine_lines() -> list[str]:
@@ -612,7 +635,10 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[str]:
         f"== 3. CAPACITY (NOT defaults: TOKENSVC_STRAVA_RATE_LIMIT and _READ_RATE_LIMIT {RAISED:,}, sandbox A's "
         f"limits likewise): wrk -t{args.threads} -c{args.connections}, {args.seconds} s runs, {args.rounds} rounds",
     )
-    emit(report, *capacity_report(await capacity_phase(stack, sandbox_a, athletes["gateway"], args), args))
+    for label, runs in (await capacity_phase(stack, sandbox_a, athletes["gateway"], args)).items():
+        if label:
+            emit(report, f"-- CAPACITY again, {label} (a Strava-like answer time):")
+        emit(report, *capacity_report(runs, args, ceilings=not label))
     emit(report, f"load at the end {load_average()}")
     return report
 
@@ -634,6 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10, help="capacity: seconds per measured wrk run")
     parser.add_argument("--warmup", type=int, default=2, help="capacity: seconds of warm-up per side")
     parser.add_argument("--rounds", type=int, default=2, help="capacity: rounds of (direct, gateway)")
+    parser.add_argument(
+        "--strava-latency-ms", type=int, default=100, help="capacity: again with this sandbox latency (0: not)"
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help="logs and wrk output (default: a temporary dir)")
     args = parser.parse_args(argv)
     bin_dir = postgres_bin_dir()
