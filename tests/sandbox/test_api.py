@@ -1,4 +1,5 @@
-"""The sandbox's sync API (athlete, activities, one activity, streams) with Strava's scope rules and error bodies."""
+"""The sandbox's sync API (athlete, activities, one activity, streams, uploads) with Strava's scope rules and
+error bodies."""
 
 from __future__ import annotations
 
@@ -283,6 +284,40 @@ class TestStreams:
         sizes = [len(chunk) for chunk in render(stored, selected(None), key_by_type=True)]
         assert sum(sizes) > 20_000_000
         assert max(sizes) < 100_000
+
+
+class TestUploads:
+    async def test_an_upload_is_counted_and_answered_with_stravas_upload_status(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """`POST /uploads` with `activity:write`: 201 with a queued upload's status and every byte received;
+        rate-counted as a write (the overall windows, not the read ones)."""
+        _, token = await athlete_with(client, "read,activity:write")
+        body = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + b"x" * 300_000 + b"\r\n--b--\r\n"
+        headers = bearer(token) | {"Content-Type": "multipart/form-data; boundary=b"}
+        first = await client.post("/api/v3/uploads", content=body, headers=headers)
+        second = await client.post("/api/v3/uploads", content=body, headers=headers)
+        assert first.status_code == 201, first.text
+        assert first.json() | {"id": 0, "id_str": ""} == {
+            "id": 0,
+            "id_str": "",
+            "external_id": None,
+            "error": None,
+            "status": "Your activity is still being processed.",
+            "activity_id": None,
+            "bytes_received": len(body),
+        }
+        assert second.json()["id"] == first.json()["id"] + 1
+        assert str(first.json()["id"]) == first.json()["id_str"]
+        assert second.headers["X-RateLimit-Usage"] == "2,2"
+        assert second.headers["X-ReadRateLimit-Usage"] == "0,0"
+        assert (await client.get("/_control/stats")).json()["calls"]["upload"] == 2
+
+    async def test_an_upload_needs_activity_write(self, client: httpx.AsyncClient) -> None:
+        _, token = await athlete_with(client, "read,activity:read_all")
+        response = await client.post("/api/v3/uploads", content=b"file", headers=bearer(token))
+        assert error_of(response) == MISSING_WRITE
+        assert response.headers["X-RateLimit-Usage"] == "1,1"  # refused calls count too
 
 
 class TestUnknownPaths:

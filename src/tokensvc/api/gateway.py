@@ -50,7 +50,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
+    """Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a hop on every gateway call."""
     gateway: Gateway = request.app.state.gateway
     return gateway
 

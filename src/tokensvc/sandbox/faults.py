@@ -20,11 +20,13 @@ Endpoint = Literal[
     "activity",
     "activity_update",
     "streams",
+    "upload",
     "subscriptions",
 ]
 """What a request is, for counting and matching; `token` is a /oauth/token call with a missing/unknown grant.
 
 `activities` lists the athlete's activities, `activity` reads one, `activity_update` is its PUT, `streams` its streams.
+`upload` is a file upload (`POST /uploads`).
 """
 
 Target = Literal[
@@ -38,14 +40,17 @@ Target = Literal[
     "activity",
     "activity_update",
     "streams",
+    "upload",
     "api",
     "subscriptions",
     "any",
 ]
 """What a fault or hold applies to: `token` covers every /oauth/token call, `api` every rate-counted `/api/v3` resource
-call (athlete, activities, streams), `any` every call but the consent page."""
+call (athlete, activities, streams, uploads), `any` every call but the consent page."""
 
-API_ENDPOINTS: frozenset[Endpoint] = frozenset({"athlete", "activities", "activity", "activity_update", "streams"})
+API_ENDPOINTS: frozenset[Endpoint] = frozenset(
+    {"athlete", "activities", "activity", "activity_update", "streams", "upload"}
+)
 
 FaultKind = Literal["status", "latency", "lost_answer", "malformed"]
 

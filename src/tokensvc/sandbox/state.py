@@ -51,6 +51,7 @@ SCOPES: Final = (
     "activity:read_all",
     "activity:write",
 )
+FIRST_UPLOAD_ID: Final = 20_000_000_000
 CALL_KINDS: Final[tuple[Endpoint, ...]] = (
     "authorize",
     "exchange",
@@ -62,6 +63,7 @@ CALL_KINDS: Final[tuple[Endpoint, ...]] = (
     "activity",
     "activity_update",
     "streams",
+    "upload",
     "subscriptions",
 )
 
@@ -163,6 +165,7 @@ class SandboxState:
         self.violations: list[Violation] = []
         self.grants.clear()
         self.activities = ActivityStore()
+        self.uploads = 0
         self.next_grant_expires_in: int | None = None
         self.next_grant_scope: frozenset[str] | None = None
         self.access_lifetime = ACCESS_TOKEN_LIFETIME
@@ -310,6 +313,23 @@ class SandboxState:
         activity = self.activities.owned(athlete.id, activity_id)
         require_read(athlete.scopes, activity)
         return activity
+
+    def receive_upload(self, access_token: str | None, size: int) -> dict[str, Any]:
+        """`POST /uploads`: needs `activity:write`. The file is only counted (`bytes_received`, the sandbox's own
+        field), never parsed, and no activity is made of it: the answer is Strava's status of a queued upload."""
+        athlete = self.api_athlete(access_token, "upload")
+        require_write(athlete.scopes)
+        self.uploads += 1
+        upload_id = FIRST_UPLOAD_ID + self.uploads
+        return {
+            "id": upload_id,
+            "id_str": str(upload_id),
+            "external_id": None,
+            "error": None,
+            "status": "Your activity is still being processed.",
+            "activity_id": None,
+            "bytes_received": size,
+        }
 
     def update_activity(self, access_token: str | None, activity_id: int, changes: ActivityChanges) -> dict[str, Any]:
         """`PUT /activities/{id}`: needs `activity:write`; pushes an update event when title or type changed."""

@@ -1,4 +1,4 @@
-"""The API that syncs use: the athlete, their activities, one activity (read and update) and its streams.
+"""The API that syncs use: the athlete, their activities, one activity (read and update), its streams, uploads.
 
 Every answer, refusals included, carries the rate-limit headers; GETs count toward the read windows as well.
 """
@@ -74,3 +74,18 @@ async def streams(activity_id: int, request: Request, state: Sandbox) -> Respons
         return StreamingResponse(body, media_type="application/json")
 
     return await serve(state, "streams", rated(state, handle, read=True))
+
+
+@router.post("/uploads", response_model=None)
+async def upload(request: Request, state: Sandbox) -> Response:
+    """Upload an activity file (multipart: `file`, `data_type` …); needs `activity:write`. The body is read as it
+    arrives and only counted, so a body of any size passes without being held; 201 with the upload's status."""
+    token = access_token(request)
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+
+    def handle() -> Response:
+        return JSONResponse(state.receive_upload(token, size), status_code=201)
+
+    return await serve(state, "upload", rated(state, handle, read=False))
