@@ -181,7 +181,7 @@ class TestStats:
         assert (await client.post(f"/v1/users/{dead.user_id}/refresh")).status_code == 409
 
         body = (await client.get("/v1/stats")).json()
-        assert {key: body[key] for key in ("users", "refresh")} == {
+        assert {key: body[key] for key in ("users", "refresh", "athletes")} == {
             # v1.1: the four that can be refreshed were all asked about (imported) within TOKENSVC_SWEEP_ACTIVE_DAYS
             "users": {
                 "total": 5,
