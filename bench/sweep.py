@@ -105,6 +105,7 @@ TARGET_CPU_MS = 3.0  # server CPU per refresh, summed over the replicas (issue 1
 LOADAVG_WARNING = 0.5
 REST_WARNING = 25.0  # percent of a core busy outside the server, the sandbox, Postgres and this script
 SEED_BATCH = 5_000
+SEED_ATTEMPTS = 3
 VERSIONED_PACKAGES = (
     "tokensvc",
     "uvicorn",
@@ -502,7 +503,7 @@ async def seed_athletes(sandbox_url: str, count: int, concurrency: int) -> list[
 
         async def create() -> None:
             async with semaphore:
-                response = await http.post("/_control/athletes", json={"expires_in": DUE_EXPIRES_IN})
+                response = await post_retrying(http, "/_control/athletes", {"expires_in": DUE_EXPIRES_IN})
             if response.status_code != 200:
                 raise BenchError(f"sandbox /_control/athletes: {response.status_code} {response.text[:300]}")
             body = response.json()
@@ -514,6 +515,18 @@ async def seed_athletes(sandbox_url: str, count: int, concurrency: int) -> list[
             for _ in range(count):
                 group.create_task(create())
     return athletes
+
+
+async def post_retrying(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
+    """A seeding POST, sent again after a transport error (on a busy machine uvicorn may close a kept-alive
+    connection as it is reused); a lost answer only leaves one unused sandbox athlete behind."""
+    for attempt in range(SEED_ATTEMPTS):
+        try:
+            return await http.post(path, json=body)
+        except httpx.TransportError:
+            if attempt == SEED_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def sandbox_post(sandbox_url: str, path: str, body: dict[str, Any]) -> Any:
@@ -893,7 +906,7 @@ def print_run(run: SweepRun, args: argparse.Namespace) -> dict[str, float]:
         steps = []
         previous = (0.0, 0.0)
         for at, done in run.timeline:
-            if at - previous[0] >= 0.5:
+            if at - previous[0] >= max(0.5, run.seconds / 30):  # at most about 30 intervals
                 steps.append(f"{at:.0f}s:{(done - previous[1]) / (at - previous[0]):.0f}")
                 previous = (at, done)
         print(f"   refreshes/s over time (end of interval: rate): {' '.join(steps)}")
@@ -983,11 +996,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--due cannot exceed --users")
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", args.db_name):
         parser.error(f"--db-name must be a plain lower-case identifier, got {args.db_name!r}")
-    # The values in force (this tree's defaults where unset): what the ideal and the report name.
-    fields = Settings.model_fields
-    args.sweep_concurrency = args.concurrency or fields["sweep_concurrency"].default
-    args.token_slots = args.token_concurrency or fields["strava_token_concurrency"].default
+    # The values in force (the servers' tree's defaults where unset): what the ideal and the report name. A tree
+    # from before the token-call bound has none: its ideal is still this tree's default's.
+    defaults = server_defaults(args.server_python)
+    args.sweep_concurrency = args.concurrency or defaults.get("sweep_concurrency")
+    args.token_slots = args.token_concurrency or fields_default("strava_token_concurrency")
     return args
+
+
+def server_defaults(python: str) -> dict[str, int]:
+    """The servers' tree's Settings defaults (another tree's may differ from this one's)."""
+    code = "import json; from tokensvc.config import Settings as S; "
+    code += "print(json.dumps({k: f.default for k, f in S.model_fields.items() if isinstance(f.default, int)}))"
+    done = subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, timeout=60, check=False, env=clean_env()
+    )
+    if done.returncode != 0:
+        raise BenchError(f"cannot read the servers' defaults with {python}: {done.stderr[-500:]}")
+    values: dict[str, int] = json.loads(done.stdout)
+    return values
 
 
 @contextmanager
