@@ -1,33 +1,31 @@
-"""Helpers shared by the benchmarks: the machine, processes, Postgres databases and the profiler."""
+"""Helpers shared by the benchmarks: the machine, Postgres databases and the profiler. Processes (the sandbox,
+`tokensvc serve`, their environment and readiness) are the tests' own: tests/e2e/processes.py."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import os
 import platform
 import re
-import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
 
 import asyncpg
-import httpx
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-STOP_GRACE_SECONDS = 15.0
 READY_DEADLINE_SECONDS = 60.0
+
+sys.path.insert(0, str(REPO_DIR))  # the repository root: tests.e2e.processes
+
+from tests.e2e import processes  # noqa: E402
+from tests.e2e.processes import Process  # noqa: E402
 
 
 class BenchError(Exception):
@@ -145,20 +143,6 @@ async def drop_database(admin_url: str, name: str) -> None:
         await conn.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**overrides: str) -> dict[str, str]:
-    """This process's environment without any TOKENSVC_* setting that could leak in, plus `overrides`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env | overrides
-
-
 def find_py_spy() -> str | None:
     beside = Path(sys.executable).parent / "py-spy"
     if beside.exists():
@@ -181,82 +165,12 @@ def terminate_as_exit() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-@dataclass
-class Process:
-    """A child process the benchmark started: its log file, and the URL it serves once ready."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-
-def start_sandbox(out_dir: Path, *, client_id: str) -> Process:
-    """`python -m tokensvc.sandbox --port 0`, ready once it printed `SANDBOX_READY <url>` (bounded wait)."""
-    log = out_dir / "sandbox.log"
-    with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "tokensvc.sandbox", "--port", "0", "--client-id", client_id],
-            stdout=subprocess.PIPE,
-            stderr=sink,
-            env=clean_env(),
-            cwd=out_dir,
-        )
-    process = Process("sandbox", popen, "", log)
-    assert popen.stdout is not None
-    ready, _, _ = select.select([popen.stdout], [], [], READY_DEADLINE_SECONDS)
-    line = popen.stdout.readline().decode().strip() if ready else ""
-    if not line.startswith("SANDBOX_READY "):
-        process.stop()
-        raise BenchError(f"the sandbox did not start ({line!r}):\n{process.log_tail()}")
-    process.url = line.split(" ", 1)[1]
-    return process
-
-
-async def wait_ready(process: Process, *, path: str = "/readyz", http: httpx.AsyncClient | None = None) -> float:
-    """Poll `path` until it answers 200 (connection errors only, within a deadline); the seconds it took."""
+async def wait_ready(process: Process, *, path: str = "/readyz") -> float:
+    """tests/e2e/processes.wait_ready for one process, within READY_DEADLINE_SECONDS; the seconds it took. Raises
+    BenchError with the process's log tail when it exited or did not answer in time."""
     started = time.monotonic()
-    async with contextlib.AsyncExitStack() as stack:
-        client: httpx.AsyncClient = (
-            http if http is not None else await stack.enter_async_context(httpx.AsyncClient(timeout=2))
-        )
-        try:
-            async with asyncio.timeout(READY_DEADLINE_SECONDS):
-                while True:
-                    if not process.alive():
-                        raise BenchError(
-                            f"{process.name} exited with {process.popen.returncode}:\n{process.log_tail()}"
-                        )
-                    try:
-                        if (await client.get(f"{process.url}{path}")).status_code == 200:
-                            return time.monotonic() - started
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
-        except TimeoutError:
-            raise BenchError(f"{process.name} did not answer {path} in time:\n{process.log_tail()}") from None
-    raise AssertionError("unreachable")
+    try:
+        await processes.wait_ready(process, deadline=READY_DEADLINE_SECONDS, path=path)
+    except (RuntimeError, TimeoutError) as exc:
+        raise BenchError(f"{process.name} did not answer {path} ({exc!r}):\n{process.log_tail()}") from None
+    return time.monotonic() - started

@@ -46,17 +46,15 @@ import sqlalchemy as sa
 from benchlib import (
     REPO_DIR,
     BenchError,
-    Process,
-    clean_env,
     cpu_model,
     drop_database,
-    free_port,
     git_revision,
     mem_total_gib,
     recreate_database,
     terminate_as_exit,
     wait_ready,
 )
+from tests.e2e.processes import Process, clean_env, free_port
 
 from tokensvc.crypto import TokenCipher, generate_key
 from tokensvc.db import make_engine, migrate

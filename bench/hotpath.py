@@ -41,13 +41,10 @@ import asyncpg
 import httpx
 from benchlib import (
     BenchError,
-    Process,
     ProfilerError,
-    clean_env,
     cpu_model,
     drop_database,
     find_py_spy,
-    free_port,
     git_revision,
     mem_total_gib,
     package_version,
@@ -58,6 +55,7 @@ from benchlib import (
     terminate_as_exit,
     wait_ready,
 )
+from tests.e2e.processes import Process, clean_env, free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent

@@ -46,17 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from benchlib import (
     BenchError,
-    Process,
-    clean_env,
     cpu_model,
     drop_database,
-    free_port,
     git_revision,
     recreate_database,
-    start_sandbox,
     terminate_as_exit,
     wait_ready,
 )
+from tests.e2e.processes import Process, clean_env, free_port, start_sandbox
 from tests.reliability.cluster import Cluster, postgres_bin_dir
 
 from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Settings
@@ -336,7 +333,7 @@ async def verify_refreshes(fleet: Fleet, answers: list[httpx.Response], title: s
 async def run_fleet(
     database_url: str, out_dir: Path, args: argparse.Namespace, *, replicas: int, title: str
 ) -> list[str]:
-    sandbox = start_sandbox(out_dir, client_id=SANDBOX_CLIENT_ID)
+    sandbox = start_sandbox(out_dir, "--client-id", SANDBOX_CLIENT_ID, cwd=out_dir)
     processes = [sandbox]
     try:
         env = replica_env(database_url, sandbox.url, generate_key(), args.token_concurrency_override)
@@ -348,7 +345,7 @@ async def run_fleet(
         limits = httpx.Limits(max_connections=args.due + 64, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
             for server in servers:
-                await wait_ready(server, http=http)
+                await wait_ready(server)
             fleet = Fleet(sandbox, servers, http)
             await seed(fleet, args.due, args.valid)
             if args.writes or replicas == 1:

@@ -52,20 +52,17 @@ import asyncpg
 import httpx
 from benchlib import (
     BenchError,
-    Process,
-    clean_env,
     cpu_model,
     drop_database,
-    free_port,
     git_revision,
     mem_total_gib,
     package_version,
     quoted_identifier,
     recreate_database,
-    start_sandbox,
     terminate_as_exit,
     wait_ready,
 )
+from tests.e2e.processes import Process, clean_env, free_port, start_sandbox
 
 from tokensvc.crypto import TokenCipher, generate_key
 
@@ -81,7 +78,7 @@ BUFFER_SECONDS = 60  # the smallest refresh buffer the service accepts
 SWEEP_INTERVAL_SECONDS = 5
 STRAVA_TIMEOUT_SECONDS = 3
 LOST_ANSWER_HANG_SECONDS = 5.0  # longer than the service's Strava timeout: the answer never arrives
-POOL_SIZE = 5  # the default: with the default sweep it leaves 1 connection (config.check_connection_budget)
+POOL_SIZE = 5  # the default (config.check_connection_budget: the sweep is not held against the pool)
 MIN_TTLS = (10, 30, 60, 120)
 SETTLE_DEADLINE_SECONDS = 150.0
 REQUEST_TIMEOUT_SECONDS = 30.0
@@ -553,7 +550,7 @@ class Soak:
         self.replicas[index] = replacement
         stale, self.clients[index] = self.clients[index], self.new_client()
         await stale.aclose()
-        await wait_ready(replacement, http=self.clients[index])
+        await wait_ready(replacement)
         window[1] = time.time()
         self.tally.restarts += 1
 
@@ -940,7 +937,7 @@ async def soak_main(args: argparse.Namespace, database_url: str, sandbox: Proces
             for i in range(REPLICAS):
                 replicas.append(start_replica(config, i, free_port()))
             for replica in replicas:
-                ready = await wait_ready(replica, http=http)
+                ready = await wait_ready(replica)
                 print(f"{replica.name} pid {replica.pid} on {replica.url}, ready in {ready:.1f} s")
         users = await seed_users(args, sandbox.url, replicas[0].url)
         print(f"imported {len(users)} sandbox athletes (expiring in {BUFFER_SECONDS + 30}..{args.token_lifetime} s)")
@@ -1048,7 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print_environment(pg_version, args)
                     print("== setup")
                     migrate(database_url, out_dir)
-                    sandbox = start_sandbox(out_dir, client_id=CLIENT_ID)
+                    sandbox = start_sandbox(out_dir, "--client-id", CLIENT_ID, cwd=out_dir)
                     print(f"sandbox pid {sandbox.pid} on {sandbox.url}")
                     passed = asyncio.run(soak_main(args, database_url, sandbox, out_dir))
                 finally:

@@ -526,18 +526,14 @@ class TestServeRefusesToStart:
         assert_refused(result, db)
         assert "TOKENSVC_REFRESH_BUFFER_SECONDS" in result.stderr
 
-    def test_with_a_sweep_that_could_take_the_whole_pool(self, tmp_path: Path) -> None:
-        """TOKENSVC_SWEEP_CONCURRENCY against TOKENSVC_DB_POOL_SIZE: exit 2 with the sentence, no connection tried."""
-        env = cli_env(
-            database_url=UNREACHABLE_PG,
-            encryption_keys=generate_key(),
-            sweep_concurrency="10",
-            db_pool_size="8",
-        )
+    def test_with_a_pool_that_leaves_the_sweep_nothing(self, tmp_path: Path) -> None:
+        """TOKENSVC_DB_POOL_SIZE=1 against the connection kept for on-demand work: exit 2 with the sentence, no
+        connection tried."""
+        env = cli_env(database_url=UNREACHABLE_PG, encryption_keys=generate_key(), db_pool_size="1")
         result = tokensvc(["serve", "--sandbox", "--port", str(free_port())], env=env, cwd=tmp_path)
         assert_refused(result)
-        assert "TOKENSVC_SWEEP_CONCURRENCY=10 runs 13 sweep workers" in result.stderr
-        assert "TOKENSVC_DB_POOL_SIZE to at least 14" in result.stderr
+        assert "TOKENSVC_DB_POOL_SIZE=1 leaves the sweep no connection" in result.stderr
+        assert "TOKENSVC_DB_POOL_SIZE to at least 2" in result.stderr
 
     def test_with_its_port_in_use_it_says_so_before_any_work(self, tmp_path: Path) -> None:
         """Another server on the port: one sentence naming the port and --port, exit 2, and nothing done first (no

@@ -571,32 +571,30 @@ class TestConnectionBudget:
         assert settings(database_url=PG_URL, db_statement_cache=False, token_cache=False).connection_budget == 6
         assert settings(database_url=PG_URL, db_pool_size=20, db_reader_pool_size=4).connection_budget == 26
 
-    def test_the_default_sweep_leaves_a_connection_of_the_pool(self) -> None:
+    def test_the_default_sweep_keeps_every_token_slot_busy_within_the_default_pool(self) -> None:
+        """The sweep's default concurrency is the token slots' (a lower one would leave slots idle while users wait
+        to be swept); its workers outnumber the pool of 5, which is fine: none holds a connection across a call."""
         s = settings(database_url=PG_URL)
-        assert sweep_workers(s.sweep_concurrency) + 1 <= s.db_pool_size
+        assert s.sweep_concurrency == s.strava_token_concurrency == 6
+        assert sweep_workers(s.sweep_concurrency) > s.db_pool_size == 5
         check_connection_budget(s)  # no error
+        assert s.connection_budget == 8
 
-    def test_a_sweep_that_could_take_the_pool_stops_serve_with_a_sentence(self) -> None:
-        """Concurrency 4 runs 6 workers: against a pool of 5 nothing would be left for on-demand refreshes."""
-        with pytest.raises(ConfigError) as caught:
-            prepare(strava_ready(database_url=PG_URL, sweep_concurrency=4), sandbox=False)
-        message = str(caught.value)
-        assert "TOKENSVC_SWEEP_CONCURRENCY=4 runs 6 sweep workers" in message
-        assert "TOKENSVC_DB_POOL_SIZE to at least 7" in message
-        assert "TOKENSVC_SWEEP_CONCURRENCY to at most 3" in message
-
-    def test_a_larger_pool_lets_a_larger_sweep_start(self) -> None:
+    def test_a_large_sweep_is_not_held_against_the_pool(self) -> None:
         prepared = prepare(
-            strava_ready(database_url=PG_URL, encryption_keys=generate_key(), sweep_concurrency=20, db_pool_size=28),
-            sandbox=False,
+            strava_ready(database_url=PG_URL, encryption_keys=generate_key(), sweep_concurrency=50), sandbox=False
         )
-        assert prepared.connection_budget == 31
+        assert prepared.connection_budget == 8
 
-    def test_a_pool_too_small_for_any_sweep_names_only_the_pool(self) -> None:
+    def test_a_pool_with_no_connection_beside_the_reserve_stops_serve_with_a_sentence(self) -> None:
         with pytest.raises(ConfigError) as caught:
-            check_connection_budget(settings(database_url=PG_URL, db_pool_size=2, sweep_concurrency=1))
-        assert "TOKENSVC_DB_POOL_SIZE to at least 3." in str(caught.value)
-        assert "at most" not in str(caught.value)
+            prepare(strava_ready(database_url=PG_URL, db_pool_size=1), sandbox=False)
+        message = str(caught.value)
+        assert "TOKENSVC_DB_POOL_SIZE=1 leaves the sweep no connection" in message
+        assert "TOKENSVC_DB_POOL_SIZE to at least 2." in message
+
+    def test_the_smallest_pool_that_fits_starts(self) -> None:
+        check_connection_budget(settings(database_url=PG_URL, db_pool_size=2, sweep_concurrency=20))
 
     def test_sqlite_has_no_pool_to_budget(self) -> None:
         check_connection_budget(settings(db_pool_size=1, sweep_concurrency=50))

@@ -96,6 +96,28 @@ class TestDueQueryPlan:
         assert "Seq Scan" not in plan, plan
 
 
+@pytest.mark.postgres
+class TestPoolPing:
+    async def test_a_pooled_connection_whose_backend_died_is_replaced_at_checkout(self, pg_url: str) -> None:
+        """The engine's one-round-trip ping (db.py) still tells a dead pooled connection: the checkout after its
+        backend was terminated gets a new one, and the transaction on it succeeds."""
+        engine = make_engine(make_settings(pg_url).database_url, pool_size=1)
+        other = make_engine(make_settings(pg_url).database_url, pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                first = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            async with other.connect() as conn:
+                terminate = sa.text("SELECT pg_terminate_backend(:pid, 5000)")  # waits until it is gone
+                killed = (await conn.execute(terminate, {"pid": first})).scalar()
+            assert killed is True
+            async with engine.begin() as conn:
+                second = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            assert second != first
+        finally:
+            await engine.dispose()
+            await other.dispose()
+
+
 class TestRollupBackfill:
     async def test_upgrading_to_0008_counts_the_last_two_days_of_refresh_rows(self, database_url: str) -> None:
         """Refresh rows of the last two days become hourly counts (so the chart and /v1/stats stay truthful across

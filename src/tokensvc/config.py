@@ -68,10 +68,11 @@ class Settings(BaseSettings):
     decryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     refresh_buffer_seconds: int = 1800
     sweep_interval_seconds: int = Field(default=300, ge=0)
-    # Strava calls a sweep keeps in flight. Its workers (`sweep_workers`: this, a quarter more, and one) each hold
-    # at most one pooled connection; `serve` refuses settings where they could take the engine's pool but for
-    # SWEEP_RESERVED_CONNECTIONS (kept for on-demand refreshes and the other background loops).
-    sweep_concurrency: int = Field(default=3, ge=1, le=200)
+    # Strava calls a sweep keeps in flight: by default as many as the process's token slots
+    # (TOKENSVC_STRAVA_TOKEN_CONCURRENCY), which bound them anyway. Its workers (`sweep_workers`: this, a quarter
+    # more, and one) hold a pooled connection only for their short claim and store transactions, never while
+    # Strava answers, so they may outnumber the pool (check_connection_budget).
+    sweep_concurrency: int = Field(default=6, ge=1, le=200)
     sweep_batch_size: int = Field(default=100, ge=1, le=5000)
     # Must outlive a refresh (Strava timeout + lock wait): a claim this old is taken to be abandoned.
     sweep_lease_seconds: int = Field(default=300, ge=60)
@@ -334,9 +335,10 @@ class ConfigError(Exception):
     """The settings cannot work; the message says what to set."""
 
 
-# Engine connections a sweep may never take: one for on-demand refreshes and the other loops. Since the refresh
-# claim, a sweep worker holds a connection only for its short claim and store transactions, never across the
-# Strava call, so one spare connection keeps on-demand work moving.
+# Engine connections beyond the sweep's one: for on-demand refreshes and the other loops. Since the refresh claim a
+# sweep worker holds a connection only for its short claim and store transactions, never across the Strava call,
+# so sweep workers and on-demand work take turns on the pool in milliseconds; no worker count can drain it for the
+# length of a Strava call (TOKENSVC_DB_POOL_TIMEOUT_SECONDS is seconds).
 SWEEP_RESERVED_CONNECTIONS = 1
 # /readyz's own one-connection pool (app.py), so readiness answers however busy the other pools are.
 READINESS_CONNECTIONS = 1
@@ -349,20 +351,18 @@ def sweep_workers(concurrency: int) -> int:
 
 
 def check_connection_budget(settings: Settings) -> None:
-    """Refuse pool settings a sweep could exhaust (Postgres only). Raises ConfigError with a sentence."""
+    """Refuse an engine pool that leaves a sweep nothing beside SWEEP_RESERVED_CONNECTIONS (Postgres only).
+
+    TOKENSVC_SWEEP_CONCURRENCY is not held against the pool: its workers queue for a connection for one short
+    transaction at a time, never across a Strava call. Raises ConfigError with a sentence."""
     if settings.is_sqlite:
         return
-    workers = sweep_workers(settings.sweep_concurrency)
-    needed = workers + SWEEP_RESERVED_CONNECTIONS
-    if needed <= settings.db_pool_size:
+    needed = 1 + SWEEP_RESERVED_CONNECTIONS
+    if settings.db_pool_size >= needed:
         return
-    room = settings.db_pool_size - SWEEP_RESERVED_CONNECTIONS
-    fitting = [n for n in range(1, settings.sweep_concurrency) if sweep_workers(n) <= room]
-    lower = f", or TOKENSVC_SWEEP_CONCURRENCY to at most {fitting[-1]}" if fitting else ""
     raise ConfigError(
-        f"TOKENSVC_SWEEP_CONCURRENCY={settings.sweep_concurrency} runs {workers} sweep workers, each holding a pooled "
-        f"connection, and TOKENSVC_DB_POOL_SIZE={settings.db_pool_size} would leave fewer than "
-        f"{SWEEP_RESERVED_CONNECTIONS} for on-demand refreshes: set TOKENSVC_DB_POOL_SIZE to at least {needed}{lower}."
+        f"TOKENSVC_DB_POOL_SIZE={settings.db_pool_size} leaves the sweep no connection beside the "
+        f"{SWEEP_RESERVED_CONNECTIONS} kept for on-demand refreshes: set TOKENSVC_DB_POOL_SIZE to at least {needed}."
     )
 
 

@@ -24,6 +24,19 @@ class Process:
     log: Path
     env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
     def stop(self) -> int:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
@@ -51,8 +64,9 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env | overrides
 
 
-def start_sandbox(log_dir: Path, *extra: str) -> Process:
-    """`python -m tokensvc.sandbox --port 0`, ready once it printed SANDBOX_READY."""
+def start_sandbox(log_dir: Path, *extra: str, cwd: Path | None = None) -> Process:
+    """`python -m tokensvc.sandbox --port 0`, ready once it printed SANDBOX_READY (`cwd`: where its state file
+    goes, default this process's)."""
     log = log_dir / "sandbox.log"
     with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
         popen = subprocess.Popen(
@@ -60,6 +74,7 @@ def start_sandbox(log_dir: Path, *extra: str) -> Process:
             stdout=subprocess.PIPE,
             stderr=sink,
             env=clean_env(),
+            cwd=cwd,
         )
     assert popen.stdout is not None
     # Blocking read of one line: the process prints it once it listens (or exits, which ends the read).
@@ -72,15 +87,17 @@ def start_sandbox(log_dir: Path, *extra: str) -> Process:
     return Process("sandbox", popen, line.split(" ", 1)[1], log)
 
 
-def start_service(name: str, log_dir: Path, env: dict[str, str], *args: str, port: int | None = None) -> Process:
-    """`tokensvc serve` on `port` (default a free one) with `env` (TOKENSVC_* settings); call `wait_ready` before
-    use."""
+def start_service(
+    name: str, log_dir: Path, env: dict[str, str], *args: str, port: int | None = None, python: str = sys.executable
+) -> Process:
+    """`tokensvc serve` on `port` (default a free one) with `env` (TOKENSVC_* settings), run by `python` (another
+    tree's interpreter, for a before/after measurement); call `wait_ready` before use."""
     port = port or free_port()
     log = log_dir / f"{name}.log"
     full_env = clean_env(**({"TOKENSVC_SWEEP_INTERVAL_SECONDS": "0"} | env))
     with log.open("wb") as sink:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "tokensvc", "serve", "--port", str(port), *args],
+            [python, "-m", "tokensvc", "serve", "--port", str(port), *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -89,8 +106,8 @@ def start_service(name: str, log_dir: Path, env: dict[str, str], *args: str, por
     return Process(name, popen, f"http://127.0.0.1:{port}", log, full_env)
 
 
-async def wait_ready(*processes: Process, deadline: float = START_DEADLINE) -> None:
-    """Until every process answers /healthz: retries connection errors only, within a deadline."""
+async def wait_ready(*processes: Process, deadline: float = START_DEADLINE, path: str = "/healthz") -> None:
+    """Until every process answers `path` 200: retries connection errors only, within a deadline."""
     async with httpx.AsyncClient(timeout=2) as http:
         for process in processes:
             async with asyncio.timeout(deadline):
@@ -98,7 +115,7 @@ async def wait_ready(*processes: Process, deadline: float = START_DEADLINE) -> N
                     if process.popen.poll() is not None:
                         raise RuntimeError(f"{process.name} exited: {process.log.read_text()[-2000:]}")
                     try:
-                        if (await http.get(f"{process.url}/healthz")).status_code == 200:
+                        if (await http.get(f"{process.url}{path}")).status_code == 200:
                             break
                     except httpx.TransportError:
                         pass

@@ -233,6 +233,29 @@ class TestRateBudget:
         assert all(r.refreshed for r in results)
         assert sandbox.calls["refresh"] == 5
 
+    @pytest.mark.postgres
+    async def test_a_sweep_at_defaults_keeps_every_token_slot_at_strava_holding_no_connection(
+        self, pg_url: str, sandbox: SandboxState, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
+    ) -> None:
+        """Default settings (pool 5, token slots 6): the sweep keeps all 6 calls at Strava at once, more than the
+        pool has connections, and meanwhile every connection of the pool can be taken by other work (Postgres: on
+        SQLite refreshes serialise on the write lock)."""
+        settings = make_settings(pg_url)
+        slots = settings.strava_token_concurrency
+        async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:
+            await seed_many(res, sandbox, clock, 2 * slots, expires_in=-100)
+            sandbox.gate.hold("refresh")
+            sweep = asyncio.create_task(res.sweeper.sweep_once())
+            await asyncio.wait_for(sandbox.gate.wait_held(slots), timeout=10)
+            assert res.strava.token_slots.locked()
+            async with AsyncExitStack() as stack:  # the whole pool, while the sweep's calls wait at Strava
+                for _ in range(settings.db_pool_size):
+                    await stack.enter_async_context(res.engine.connect())
+            sandbox.gate.release()
+            report = await sweep
+        assert report.refreshed == report.checked == 2 * slots
+        assert sandbox.calls["refresh"] == 2 * slots
+
     async def test_a_429_pauses_every_replica_until_the_window_resets(
         self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock
     ) -> None:
