@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--token-concurrency",
         type=int,
         default=None,
-        help="set TOKENSVC_STRAVA_TOKEN_CONCURRENCY (default: the service's, 6): 17 puts all 50 at Strava at once",
+        help="set TOKENSVC_STRAVA_TOKEN_CONCURRENCY (default: the service's, 32)",
     )
     parser.add_argument("--baseline-seconds", type=float, default=5.0, help="probes with nothing in flight first")
     parser.add_argument("--write-target-ms", type=float, default=1000.0, help="SQLite import p99 target (default 1000)")

@@ -24,7 +24,7 @@ What it does (see bench/README.md, "bench/sweep.py: the background sweeper"):
    every replica's RSS and the CPU of the replicas, the sandbox and Postgres;
 6. verifies the outcome (every due user refreshed by that one pass, exactly one Strava call each, no failure, no
    `provider_rate_limited`, no stale refresh token presented to the sandbox, a second pass finds nothing) and
-   prints wall time, refreshes/s against the ideal (replicas x TOKENSVC_STRAVA_TOKEN_CONCURRENCY / latency), peak
+   prints wall time, refreshes/s against the ideal (replicas x the Strava calls a sweep keeps in flight / latency), peak
    RSS per replica (VmHWM) and server CPU per refresh (the replicas' CPU time summed / refreshes);
 7. when the run misses a target (or with `--profile always`), makes the same users due again and profiles a
    second sweep with py-spy (server and sandbox), printing where the time goes.
@@ -868,15 +868,15 @@ def mib(kib: int) -> float:
 def print_run(run: SweepRun, args: argparse.Namespace) -> dict[str, float]:
     due = args.due
     rate = due / run.seconds
-    # What the default token-call bound allows: each replica keeps at most that many calls at Strava.
-    ideal = args.replicas * args.token_slots / (args.latency_ms / 1000)
+    # What the defaults allow: each replica's sweep keeps at most this many calls at Strava.
+    ideal = args.replicas * min(args.sweep_concurrency, args.token_slots) / (args.latency_ms / 1000)
     ratio = rate / ideal
     in_flight = rate * run.strava_call_mean_ms / 1000
     print(f"== {run.label}: POST /v1/refresh-sweep on {args.replicas} replicas at once, {run.seconds:.2f} s")
     print(f"   answers {run.reports}; summed {run.report}")
     print(
-        f"   refreshes/s {rate:,.1f}; ideal {ideal:,.0f}/s ({args.replicas} replicas x token concurrency"
-        f" {args.token_slots} / {args.latency_ms} ms); sweep concurrency {args.sweep_concurrency} per replica"
+        f"   refreshes/s {rate:,.1f}; ideal {ideal:,.0f}/s ({args.replicas} replicas x min(sweep concurrency"
+        f" {args.sweep_concurrency}, token slots {args.token_slots}) / {args.latency_ms} ms)"
     )
     print(f"   ratio achieved / ideal {ratio:.3f} (target >= {TARGET_RATIO})")
     print(
@@ -953,7 +953,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--token-concurrency",
         type=int,
         default=None,
-        help="TOKENSVC_STRAVA_TOKEN_CONCURRENCY (default: unset, the service's 6): bounds the ideal",
+        help="TOKENSVC_STRAVA_TOKEN_CONCURRENCY (default: unset, the service's); bounds the ideal with the sweep's",
     )
     parser.add_argument("--latency-ms", type=int, default=200, help="sandbox latency per refresh (default 200)")
     parser.add_argument("--batch-size", type=int, default=None, help="TOKENSVC_SWEEP_BATCH_SIZE (default: unset)")

@@ -571,11 +571,11 @@ class TestConnectionBudget:
         assert settings(database_url=PG_URL, db_statement_cache=False, token_cache=False).connection_budget == 6
         assert settings(database_url=PG_URL, db_pool_size=20, db_reader_pool_size=4).connection_budget == 26
 
-    def test_the_default_sweep_keeps_every_token_slot_busy_within_the_default_pool(self) -> None:
-        """The sweep's default concurrency is the token slots' (a lower one would leave slots idle while users wait
-        to be swept); its workers outnumber the pool of 5, which is fine: none holds a connection across a call."""
+    def test_the_default_sweep_leaves_token_slots_to_users_and_fits_the_default_pool(self) -> None:
+        """The sweep keeps 6 calls at Strava, of the 32 token slots (the rest stay free for users waiting on a
+        refresh); its workers outnumber the pool of 5, which is fine: none holds a connection across a call."""
         s = settings(database_url=PG_URL)
-        assert s.sweep_concurrency == s.strava_token_concurrency == 6
+        assert (s.sweep_concurrency, s.strava_token_concurrency) == (6, 32)
         assert sweep_workers(s.sweep_concurrency) > s.db_pool_size == 5
         check_connection_budget(s)  # no error
         assert s.connection_budget == 8

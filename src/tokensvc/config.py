@@ -68,8 +68,8 @@ class Settings(BaseSettings):
     decryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     refresh_buffer_seconds: int = 1800
     sweep_interval_seconds: int = Field(default=300, ge=0)
-    # Strava calls a sweep keeps in flight: by default as many as the process's token slots
-    # (TOKENSVC_STRAVA_TOKEN_CONCURRENCY), which bound them anyway. Its workers (`sweep_workers`: this, a quarter
+    # Strava calls a sweep keeps in flight (of the process's TOKENSVC_STRAVA_TOKEN_CONCURRENCY token slots, so that
+    # a sweep leaves most of them to users waiting on a refresh). Its workers (`sweep_workers`: this, a quarter
     # more, and one) hold a pooled connection only for their short claim and store transactions, never while
     # Strava answers, so they may outnumber the pool (check_connection_budget).
     sweep_concurrency: int = Field(default=6, ge=1, le=200)
@@ -93,7 +93,10 @@ class Settings(BaseSettings):
     # How often each replica retries the revocations Strava has not confirmed yet (tombstones); 0: none here.
     revoke_poll_interval_seconds: int = Field(default=60, ge=0, le=86_400)
     # /oauth/token calls (refresh, exchange) are not rate-counted by Strava: this bounds them per process instead.
-    strava_token_concurrency: int = Field(default=6, ge=1, le=200)
+    # Generous, since a caller waits for a slot no longer than its claim allows (13 s at defaults): with Strava
+    # answering in 8 s, 32 let 50 on-demand refreshes on one process finish in two rounds; a sweep takes at most
+    # TOKENSVC_SWEEP_CONCURRENCY of them.
+    strava_token_concurrency: int = Field(default=32, ge=1, le=200)
     session_secret: SecretStr | None = None
     session_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=300, le=90 * 24 * 3600)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

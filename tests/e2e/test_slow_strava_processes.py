@@ -1,5 +1,5 @@
 """A slow Strava (issue 11) over real processes: one `tokensvc serve` process has more refreshes waiting at Strava
-(held by the sandbox) than its database pool has connections, and more than its token slots let through. Nothing
+(held by the sandbox) than its database pool has connections. Nothing
 waits on Strava holding a connection, a transaction or a lock (on SQLite, the write lock): readiness, a valid
 user's token, a status read, Strava's webhook POST and another user's import all answer while the refreshes wait.
 Then every refresh completes with exactly one Strava call. On SQLite and on Postgres, at default settings.
@@ -19,8 +19,8 @@ from tests.e2e.processes import Process, start_service, wait_ready
 
 pytestmark = [pytest.mark.slow]
 
-DUE = 12  # over the default pool of 5 connections and the 6 token slots: 6 wait at Strava, 6 in the process
-AT_STRAVA = 6
+DUE = 12  # over the default pool of 5 connections; all 12 wait at Strava (32 token slots)
+AT_STRAVA = DUE
 PROBE_TIMEOUT = 5.0  # before the claim, an import behind a slow refresh waited for the pool (10 s) or the lock
 
 
@@ -39,8 +39,8 @@ class TestSlowStrava:
     async def test_reads_readiness_webhooks_and_writes_answer_while_refreshes_wait_at_strava(
         self, database_url: str, sandbox_process: Process, http: httpx.AsyncClient, tmp_path: Path
     ) -> None:
-        """12 refreshes are sent while Strava holds every refresh call: 6 wait there, 6 for a token slot. Meanwhile
-        every probe answers 200 within 5 s, and the 6 calls are still held at Strava when they have (so nothing
+        """12 refreshes are sent while Strava holds every refresh call: all 12 wait there. Meanwhile
+        every probe answers 200 within 5 s, and the 12 calls are still held at Strava when they have (so nothing
         above waited for a Strava answer). On release all 12 refresh, one Strava call each."""
         env = service_env(database_url, sandbox_process, TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN="slow-verify-token")
         service = start_service("slow", tmp_path, env)

@@ -234,27 +234,32 @@ class TestRateBudget:
         assert sandbox.calls["refresh"] == 5
 
     @pytest.mark.postgres
-    async def test_a_sweep_at_defaults_keeps_every_token_slot_at_strava_holding_no_connection(
+    async def test_a_sweep_at_defaults_keeps_its_calls_at_strava_holding_no_connection_and_leaves_slots_to_users(
         self, pg_url: str, sandbox: SandboxState, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
     ) -> None:
-        """Default settings (pool 5, token slots 6): the sweep keeps all 6 calls at Strava at once, more than the
-        pool has connections, and meanwhile every connection of the pool can be taken by other work (Postgres: on
-        SQLite refreshes serialise on the write lock)."""
+        """Default settings (pool 5, sweep concurrency 6 of 32 token slots): the sweep keeps its 6 calls at Strava
+        at once, more than the pool has connections; meanwhile every connection of the pool can be taken by other
+        work, and a user's on-demand refresh still reaches Strava beside them (Postgres: on SQLite refreshes
+        serialise on the write lock)."""
         settings = make_settings(pg_url)
-        slots = settings.strava_token_concurrency
+        slots = settings.sweep_concurrency
+        assert slots < settings.strava_token_concurrency
         async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:
             await seed_many(res, sandbox, clock, 2 * slots, expires_in=-100)
             sandbox.gate.hold("refresh")
             sweep = asyncio.create_task(res.sweeper.sweep_once())
             await asyncio.wait_for(sandbox.gate.wait_held(slots), timeout=10)
-            assert res.strava.token_slots.locked()
             async with AsyncExitStack() as stack:  # the whole pool, while the sweep's calls wait at Strava
                 for _ in range(settings.db_pool_size):
                     await stack.enter_async_context(res.engine.connect())
+            user = await seed_user(res, sandbox, clock, expires_in=600)  # expiring soon: a user asks for it
+            asked = asyncio.create_task(res.service.refresh(user.user_id))
+            await asyncio.wait_for(sandbox.gate.wait_held(slots + 1), timeout=10)
             sandbox.gate.release()
             report = await sweep
+            assert (await asked).refreshed
         assert report.refreshed == report.checked == 2 * slots
-        assert sandbox.calls["refresh"] == 2 * slots
+        assert sandbox.calls["refresh"] == 2 * slots + 1
 
     async def test_a_429_pauses_every_replica_until_the_window_resets(
         self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock

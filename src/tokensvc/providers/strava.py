@@ -234,7 +234,7 @@ class StravaClient:
         clock: Callable[[], float] = time.time,
         connect_attempts: int = 3,
         on_usage: Callable[[RateLimitUsage], None] | None = None,
-        token_concurrency: int = 6,
+        token_concurrency: int = 32,
         api_base_url: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
