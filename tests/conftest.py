@@ -4,6 +4,16 @@ Strava sandbox reached over HTTP (in-process ASGI here; real processes in tests/
 Postgres: `TOKENSVC_TEST_POSTGRES_URL` (default the local server) is the admin URL; each test gets its own database
 cloned from a migrated template. Unreachable Postgres skips its tests, unless `TOKENSVC_REQUIRE_POSTGRES=1`
 (CI), where it fails them.
+
+Which databases a test runs on: a test that uses `database_url` (directly or through `settings`, `resources`,
+`client`) runs on SQLite only, as `test_x[sqlite]`. A test whose outcome can depend on the dialect opts in to both
+with `@pytest.mark.dialects("sqlite", "postgres")` (on the test, its class or the module's `pytestmark`), and is
+collected twice, `[sqlite]` and `[postgres]`; `@pytest.mark.dialects("postgres")` runs it on Postgres alone. Opt in
+when the test is about what the database does: claims, locks, concurrent writers or replicas, migrations,
+constraints and upserts (one athlete one user, imports that never go backwards, single-use nonces), ordering and
+cursors, aggregates, anything in store/ that branches on the dialect (`conn.dialect.name`, the asyncpg row reader,
+the token cache), and Postgres-only features (LISTEN/NOTIFY, SKIP LOCKED, advisory locks, pgbouncer). Tests that use
+`pg_url` or `empty_pg_url` directly are Postgres tests anyway; mark them `postgres`.
 """
 
 from __future__ import annotations
@@ -178,9 +188,24 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+DIALECTS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`database_url` is SQLite's unless the test is marked `dialects(...)` (see the module's docstring)."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("dialects")
+    names = marker.args if marker is not None else ("sqlite",)
+    if not names or any(name not in DIALECTS for name in names):
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: dialects() takes some of {DIALECTS}, got {names}")
+    params = [pytest.param(name, marks=pytest.mark.postgres) if name == "postgres" else name for name in names]
+    metafunc.parametrize("database_url", params, indirect=True)
+
+
+@pytest.fixture
 def database_url(request: pytest.FixtureRequest) -> str:
-    """Each test using this runs once on SQLite and once on Postgres."""
+    """A fresh, migrated database of the dialect `pytest_generate_tests` chose for this test (SQLite by default)."""
     return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
 
 

@@ -25,6 +25,8 @@ from tokensvc.config import Settings
 from tokensvc.models import notifications, token_events
 from tokensvc.sandbox import FaultSpec, SandboxState
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:

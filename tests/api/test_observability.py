@@ -66,6 +66,7 @@ class TestMetrics:
             )
             assert delta == 1, (endpoint, status)
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_refresh_outcomes_and_lock_waits_are_recorded(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
@@ -81,6 +82,7 @@ class TestMetrics:
         )
         assert value(after, "tokensvc_lock_wait_seconds_count") - value(before, "tokensvc_lock_wait_seconds_count") == 1
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_db_wide_gauges_follow_the_database_through_the_gauges_job(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:

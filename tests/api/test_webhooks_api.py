@@ -112,6 +112,7 @@ async def athlete(client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeC
 
 
 class TestEvents:
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_a_deauthorization_is_stored_before_the_200(self, client: httpx.AsyncClient, athlete: int) -> None:
         """The 200 comes after the commit: the athlete's pending check is there the moment the answer is, and it
         keeps nothing of the body but the ids and times."""
@@ -126,6 +127,7 @@ class TestEvents:
             payload = (await conn.execute(sa.text("SELECT payload FROM strava_webhook_events"))).scalar_one()
         assert payload == ""
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_repeats_and_replays_are_acknowledged_and_coalesced(
         self, client: httpx.AsyncClient, athlete: int
     ) -> None:

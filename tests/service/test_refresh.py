@@ -23,6 +23,8 @@ from tokensvc.errors import (
 from tokensvc.sandbox import FaultSpec, SandboxState, create_sandbox_app
 from tokensvc.status import Status
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 BUFFER = 1800
 
 

@@ -22,6 +22,8 @@ from tokensvc.status import Status
 from tokensvc.store import claims
 from tokensvc.store import tokens as token_store
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 HELD = 10  # seconds a test waits for the sandbox to park a request (a bound, not a synchronisation)
 
 

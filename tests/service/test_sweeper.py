@@ -19,6 +19,8 @@ from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.service.tokens import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS
 from tokensvc.status import Status
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 DUE_NOW = 900  # with the 1800 s buffer and a jitter of at most 899 s, such a user is due at once
 
 
@@ -255,12 +257,8 @@ class TestRateBudget:
         assert (await b.service.refresh(due[1].user_id)).refreshed is True
 
 
-@pytest.mark.postgres
+@pytest.mark.dialects("postgres")
 class TestReplicasShareTheSweep:
-    @pytest.fixture
-    def database_url(self, pg_url: str) -> str:
-        return pg_url
-
     async def test_three_replicas_sweeping_at_once_refresh_each_due_user_exactly_once(
         self, replicas: list[Resources], sandbox: SandboxState, clock: FakeClock
     ) -> None:

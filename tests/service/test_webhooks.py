@@ -24,6 +24,8 @@ from tokensvc.store import journal as journal_store
 from tokensvc.store import webhook_events
 from tokensvc.store.webhook_events import StoredWebhookEvent
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 VERIFY_TOKEN = "verify-me-please"
 SUBSCRIPTION_ID = 1001
 EVENT_TIME = 1_800_000_000
