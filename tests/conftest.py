@@ -22,7 +22,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
+import tokensvc
 from tokensvc.app import Resources, create_app, open_resources
 from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Settings
 from tokensvc.crypto import generate_key
@@ -47,6 +48,7 @@ REQUIRE_POSTGRES = os.environ.get("TOKENSVC_REQUIRE_POSTGRES") == "1"
 API_KEY = "test-api-key"
 STRAVA_TEST_BASE = "http://strava.test"
 APP_ORIGIN = "http://app.test"  # the application's frontend, another origin than tokensvc's
+TOKENSVC_PACKAGE = Path(tokensvc.__file__).parent
 T0 = 1_800_000_000.0  # a fixed "now" (2027-01-15) so expiry arithmetic reads plainly
 
 
@@ -71,6 +73,12 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def ciphertext_key_id(ciphertext: str) -> str | None:
+    """The key id a stored ciphertext names (`v1.<key id>.<data>`, see crypto.py), or None for any other form."""
+    parts = ciphertext.split(".", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == "v1" else None
 
 
 def run_isolated(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -115,6 +123,23 @@ async def wait_for_lock_waiter(database_url: str, deadline: float = 10.0) -> Non
                 await asyncio.sleep(0.01)
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def tasks_finished(deadline: float = 10.0) -> AsyncIterator[None]:
+    """On the way out of the block, wait (bounded) until every task of tokensvc's code started inside it has
+    finished: the background refresh an access-token call leaves running, for one. Loops that ran before the block
+    are not waited for, nor asyncio's own helper tasks (a loop's timed wake)."""
+    before = asyncio.all_tasks()
+    yield
+    async with asyncio.timeout(deadline):
+        while started := {task for task in asyncio.all_tasks() - before if _runs_tokensvc_code(task)}:
+            await asyncio.wait(started)
+
+
+def _runs_tokensvc_code(task: asyncio.Task[Any]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and Path(code.co_filename).is_relative_to(TOKENSVC_PACKAGE)
 
 
 @pytest.fixture(scope="session")

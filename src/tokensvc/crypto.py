@@ -104,12 +104,6 @@ class TokenCipher:
         except InvalidTag as exc:
             raise DecryptionError("ciphertext failed authentication (tampered, or moved from another row)") from exc
 
-    @staticmethod
-    def key_id_of(token: str) -> str | None:
-        """The key id a ciphertext names, or None when it is not in the v1 form."""
-        parts = token.split(".", 2)
-        return parts[1] if len(parts) == 3 and parts[0] == _VERSION else None
-
 
 def _aad(user_id: str, field: Field) -> bytes:
     return f"{user_id}\x00{field}".encode()

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user
+from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user, tasks_finished
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
 from tokensvc.errors import (
@@ -297,9 +297,10 @@ class TestAccessToken:
         """expiring_soon with remaining >= min_ttl: the stored token now, and one background refresh for all."""
         user = await seed_user(resources, sandbox, clock, expires_in=1000)
         sandbox.add_fault(FaultSpec(endpoint="refresh", kind="latency", latency_ms=50))
-        tokens = await asyncio.gather(*(resources.service.access_token(user.user_id, min_ttl=300) for _ in range(20)))
-        assert {t.access_token for t in tokens} == {user.access_token}
-        await resources.service.drain()
+        async with tasks_finished():
+            calls = (resources.service.access_token(user.user_id, min_ttl=300) for _ in range(20))
+            tokens = await asyncio.gather(*calls)
+            assert {t.access_token for t in tokens} == {user.access_token}
         assert refresh_calls(sandbox) == 1
         assert (await resources.service.status(user.user_id)).status is Status.VALID
 
