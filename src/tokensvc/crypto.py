@@ -75,10 +75,6 @@ class TokenCipher:
         self._keys = {key_id(raw): AESGCM(raw) for raw in raws}
         self.current_key_id = key_id(raws[0])
 
-    @property
-    def key_ids(self) -> list[str]:
-        return list(self._keys)
-
     def encrypt(self, plaintext: str, *, user_id: str, field: Field) -> str:
         nonce = os.urandom(12)
         sealed = self._keys[self.current_key_id].encrypt(nonce, plaintext.encode(), _aad(user_id, field))
