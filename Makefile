@@ -12,7 +12,7 @@ UV := build/tools/uv-$(UV_VERSION)/bin/uv
 COMPILE := $(UV) pip compile --universal --python-version 3.11 --generate-hashes --custom-compile-command 'make lock'
 STALE_LOCK := echo "tokensvc: the lock files do not satisfy pyproject.toml: run \`make lock\`" >&2; exit 1
 
-.PHONY: install install-runtime run test lint format lock example
+.PHONY: install install-runtime run test coverage lint format lock example
 
 $(VENV)/pyvenv.cfg: requirements-pip.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ run: install-runtime
 ## The whole suite: SQLite and Postgres (127.0.0.1:5432, or TOKENSVC_TEST_POSTGRES_URL), several processes
 test: install
 	$(BIN)/pytest
+
+## The suite under coverage.py, the processes it starts included (pyproject.toml [tool.coverage.run]): line coverage
+coverage: install
+	$(BIN)/coverage erase
+	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report
 
 lint: install
 	$(BIN)/ruff check src tests bench alembic examples

@@ -4,6 +4,16 @@ Strava sandbox reached over HTTP (in-process ASGI here; real processes in tests/
 Postgres: `TOKENSVC_TEST_POSTGRES_URL` (default the local server) is the admin URL; each test gets its own database
 cloned from a migrated template. Unreachable Postgres skips its tests, unless `TOKENSVC_REQUIRE_POSTGRES=1`
 (CI), where it fails them.
+
+Which databases a test runs on: a test that uses `database_url` (directly or through `settings`, `resources`,
+`client`) runs on SQLite only, as `test_x[sqlite]`. A test whose outcome can depend on the dialect opts in to both
+with `@pytest.mark.dialects("sqlite", "postgres")` (on the test, its class or the module's `pytestmark`), and is
+collected twice, `[sqlite]` and `[postgres]`; `@pytest.mark.dialects("postgres")` runs it on Postgres alone. Opt in
+when the test is about what the database does: claims, locks, concurrent writers or replicas, migrations,
+constraints and upserts (one athlete one user, imports that never go backwards, single-use nonces), ordering and
+cursors, aggregates, anything in store/ that branches on the dialect (`conn.dialect.name`, the asyncpg row reader,
+the token cache), and Postgres-only features (LISTEN/NOTIFY, SKIP LOCKED, advisory locks, pgbouncer). Tests that use
+`pg_url` or `empty_pg_url` directly are Postgres tests anyway; mark them `postgres`.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +35,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
+import tokensvc
 from tokensvc.app import Resources, create_app, open_resources
 from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Settings
 from tokensvc.crypto import generate_key
@@ -37,6 +48,7 @@ REQUIRE_POSTGRES = os.environ.get("TOKENSVC_REQUIRE_POSTGRES") == "1"
 API_KEY = "test-api-key"
 STRAVA_TEST_BASE = "http://strava.test"
 APP_ORIGIN = "http://app.test"  # the application's frontend, another origin than tokensvc's
+TOKENSVC_PACKAGE = Path(tokensvc.__file__).parent
 T0 = 1_800_000_000.0  # a fixed "now" (2027-01-15) so expiry arithmetic reads plainly
 
 
@@ -61,6 +73,12 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def ciphertext_key_id(ciphertext: str) -> str | None:
+    """The key id a stored ciphertext names (`v1.<key id>.<data>`, see crypto.py), or None for any other form."""
+    parts = ciphertext.split(".", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == "v1" else None
 
 
 def run_isolated(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -105,6 +123,23 @@ async def wait_for_lock_waiter(database_url: str, deadline: float = 10.0) -> Non
                 await asyncio.sleep(0.01)
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def tasks_finished(deadline: float = 10.0) -> AsyncIterator[None]:
+    """On the way out of the block, wait (bounded) until every task of tokensvc's code started inside it has
+    finished: the background refresh an access-token call leaves running, for one. Loops that ran before the block
+    are not waited for, nor asyncio's own helper tasks (a loop's timed wake)."""
+    before = asyncio.all_tasks()
+    yield
+    async with asyncio.timeout(deadline):
+        while started := {task for task in asyncio.all_tasks() - before if _runs_tokensvc_code(task)}:
+            await asyncio.wait(started)
+
+
+def _runs_tokensvc_code(task: asyncio.Task[Any]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and Path(code.co_filename).is_relative_to(TOKENSVC_PACKAGE)
 
 
 @pytest.fixture(scope="session")
@@ -178,9 +213,24 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+DIALECTS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`database_url` is SQLite's unless the test is marked `dialects(...)` (see the module's docstring)."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("dialects")
+    names = marker.args if marker is not None else ("sqlite",)
+    if not names or any(name not in DIALECTS for name in names):
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: dialects() takes some of {DIALECTS}, got {names}")
+    params = [pytest.param(name, marks=pytest.mark.postgres) if name == "postgres" else name for name in names]
+    metafunc.parametrize("database_url", params, indirect=True)
+
+
+@pytest.fixture
 def database_url(request: pytest.FixtureRequest) -> str:
-    """Each test using this runs once on SQLite and once on Postgres."""
+    """A fresh, migrated database of the dialect `pytest_generate_tests` chose for this test (SQLite by default)."""
     return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
 
 

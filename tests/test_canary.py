@@ -26,6 +26,8 @@ from tokensvc.models import gateway_counts, notifications, revocation_tombstones
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.sandbox.activities import NewActivity
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:

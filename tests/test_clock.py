@@ -6,11 +6,14 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
 from tests.conftest import FakeClock, make_settings
 from tokensvc.app import open_resources
 from tokensvc.clock import DatabaseClock
 from tokensvc.db import make_engine
+
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
 
 SKEW = 1000.0  # a replica whose own clock is 1000 s behind the database's
 

@@ -15,6 +15,8 @@ from tests.conftest import make_settings
 from tokensvc.db import _upgrade, alembic_config, alembic_dir, downgrade, make_engine, migrate
 from tokensvc.models import refresh_counts, token_events, token_usage, user_tokens
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 
 async def table_names(url: str) -> set[str]:
     engine = make_engine(url)

@@ -124,6 +124,64 @@ async def open_resources(
 
     The clock is the database's (`DatabaseClock`, measured here and re-measured by a background job) unless one
     is given (tests pass a fake one)."""
+    shutdown = shutdown if shutdown is not None else Shutdown(settings.shutdown_timeout_seconds)
+    engine, probe = _engines(settings)
+    clock = clock if clock is not None else DatabaseClock()
+    clock_sync = await _start_clock(clock, engine)
+    res = _build_resources(settings, engine, probe, clock, clock_sync, strava_transport)
+    try:
+        yield res
+    finally:
+        await _close(res, shutdown)
+
+
+def _build_resources(
+    settings: Settings,
+    engine: AsyncEngine,
+    probe: AsyncEngine,
+    clock: Clock,
+    clock_sync: PeriodicJob | None,
+    strava_transport: httpx.AsyncBaseTransport | None,
+) -> Resources:
+    """Every service of a replica, in the order they need each other (nothing runs yet: `start_background`)."""
+    budget = _rate_budget(settings, engine, clock)
+    strava = _strava_client(settings, budget, clock, strava_transport)
+    secret = _session_secret(settings)
+    links = _connect_links(settings, strava, secret, clock)
+    rows = _row_reader(settings, engine, clock)
+    cipher = TokenCipher(settings.all_encryption_keys)
+    revoker = _revoker(settings, engine, cipher, strava, budget, clock)
+    service = _token_service(settings, engine, budget, rows, cipher, strava, links, revoker, clock)
+    usage = UsageRecorder(engine, clock=clock, buffer_seconds=settings.refresh_buffer_seconds)
+    service.usage = usage
+    gateway_tally = GatewayTally(engine, clock=clock, flush_interval_seconds=settings.gauge_interval_seconds)
+    return Resources(
+        engine=engine,
+        strava=strava,
+        service=service,
+        budget=budget,
+        sweeper=_sweeper(settings, engine, service, clock),
+        links=links,
+        oauth=OAuthService(links=links, tokens=service, strava=strava, engine=engine, clock=clock),
+        sessions=Sessions(secret, ttl_seconds=settings.session_ttl_seconds, clock=clock),
+        webhooks=_strava_webhooks(settings, engine, service, strava, budget, clock),
+        notifier=notification_deliverer(settings, engine, clock=clock),
+        housekeeping=Housekeeping(engine, clock=clock, retention_days=settings.audit_retention_days),
+        revoker=revoker,
+        audit=Audit(engine),
+        stats=_stats(settings, engine, budget, gateway_tally, clock),
+        dashboard=_dashboard(settings, engine, budget, clock),
+        rows=rows,
+        clock=clock,
+        clock_sync=clock_sync,
+        probe=probe,
+        usage=usage,
+        gateway_tally=gateway_tally,
+    )
+
+
+def _engines(settings: Settings) -> tuple[AsyncEngine, AsyncEngine]:
+    """The main engine, and /readyz's own one-connection engine."""
     engine = make_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
@@ -134,12 +192,13 @@ async def open_resources(
     probe = make_engine(
         settings.database_url, pool_size=1, lock_timeout_seconds=1.0, statement_cache=settings.db_statement_cache
     )
-    shutdown = shutdown if shutdown is not None else Shutdown(settings.shutdown_timeout_seconds)
-    clock = clock if clock is not None else DatabaseClock()
-    clock_sync = await _start_clock(clock, engine)
+    return engine, probe
+
+
+def _rate_budget(settings: Settings, engine: AsyncEngine, clock: Clock) -> RateBudget:
     limit_15min, limit_daily = settings.rate_limits
     read_15min, read_daily = settings.read_rate_limits
-    budget = RateBudget(
+    return RateBudget(
         engine,
         limit_15min=limit_15min,
         limit_daily=limit_daily,
@@ -147,21 +206,32 @@ async def open_resources(
         read_limit_daily=read_daily,
         clock=clock,
     )
-    strava = StravaClient(
+
+
+def _strava_client(
+    settings: Settings, budget: RateBudget, clock: Clock, transport: httpx.AsyncBaseTransport | None
+) -> StravaClient:
+    return StravaClient(
         base_url=settings.strava_base_url,
         client_id=settings.strava_client_id or "",
         client_secret=settings.strava_client_secret.get_secret_value() if settings.strava_client_secret else "",
         timeout=settings.strava_timeout_seconds,
         token_timeout=settings.strava_token_timeout_seconds,
-        transport=strava_transport,
+        transport=transport,
         clock=clock,
         on_usage=budget.note_usage,
         token_concurrency=settings.strava_token_concurrency,
         api_base_url=settings.api_base_url,
     )
-    # `prepare` guarantees a secret for `serve`; commands that serve no browser may sign with a throwaway one.
-    secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
-    links = ConnectLinks(
+
+
+def _session_secret(settings: Settings) -> str:
+    """`prepare` guarantees a secret for `serve`; commands that serve no browser may sign with a throwaway one."""
+    return settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
+
+
+def _connect_links(settings: Settings, strava: StravaClient, secret: str, clock: Clock) -> ConnectLinks:
+    return ConnectLinks(
         strava=strava,
         secret=secret,
         redirect_uri=f"{settings.public_url}/v1/oauth/strava/callback",
@@ -169,25 +239,40 @@ async def open_resources(
         allowlist=settings.redirect_allowlist,
         clock=clock,
     )
-    # The connection budget (config.py): the engine's pool, this reader's pool, the token cache's listener.
+
+
+def _row_reader(settings: Settings, engine: AsyncEngine, clock: Clock) -> RowReader:
+    """The hot path's reader; on Postgres with TOKENSVC_TOKEN_CACHE, behind the token cache (started here).
+    The connection budget (config.py): the engine's pool, this reader's pool, the token cache's listener."""
     rows: RowReader = open_reader(
         engine,
         size=settings.db_reader_pool_size,
         statement_cache=settings.db_statement_cache,
         acquire_timeout_seconds=settings.db_pool_timeout_seconds,
     )
-    if settings.token_cache and engine.dialect.name == "postgresql":
-        buffer = settings.refresh_buffer_seconds
-        rows = CachedReader(
-            rows,
-            dsn=engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
-            max_entries=settings.token_cache_max_entries,
-            # only `valid` rows: anything due for a refresh, or flagged, is read from the database every time
-            keep=lambda row: row.reauth_reason is None and row.expires_at - clock() > buffer,
-        )
-        rows.start()
-    cipher = TokenCipher(settings.all_encryption_keys)
-    revoker = GrantRevoker(
+    if not (settings.token_cache and engine.dialect.name == "postgresql"):
+        return rows
+    buffer = settings.refresh_buffer_seconds
+    cache = CachedReader(
+        rows,
+        dsn=engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+        max_entries=settings.token_cache_max_entries,
+        # only `valid` rows: anything due for a refresh, or flagged, is read from the database every time
+        keep=lambda row: row.reauth_reason is None and row.expires_at - clock() > buffer,
+    )
+    cache.start()
+    return cache
+
+
+def _revoker(
+    settings: Settings,
+    engine: AsyncEngine,
+    cipher: TokenCipher,
+    strava: StravaClient,
+    budget: RateBudget,
+    clock: Clock,
+) -> GrantRevoker:
+    return GrantRevoker(
         engine=engine,
         cipher=cipher,
         strava=strava,
@@ -196,12 +281,25 @@ async def open_resources(
         endpoint=settings.strava_revoke_endpoint,
         interval_seconds=settings.revoke_poll_interval_seconds,
     )
+
+
+def _token_service(
+    settings: Settings,
+    engine: AsyncEngine,
+    budget: RateBudget,
+    rows: RowReader,
+    cipher: TokenCipher,
+    strava: StravaClient,
+    links: ConnectLinks,
+    revoker: GrantRevoker,
+    clock: Clock,
+) -> TokenService:
     journal = Journal(
         clock=clock,
         notify=settings.notify_url is not None,
         connect_url=f"{settings.public_url}/v1/oauth/strava/authorize" if settings.public_url else None,
     )
-    service = TokenService(
+    return TokenService(
         engine=engine,
         budget=budget,
         rows=rows,
@@ -216,9 +314,10 @@ async def open_resources(
         journal=journal,
         revoker=revoker,
     )
-    oauth = OAuthService(links=links, tokens=service, strava=strava, engine=engine, clock=clock)
-    sessions = Sessions(secret, ttl_seconds=settings.session_ttl_seconds, clock=clock)
-    sweeper = Sweeper(
+
+
+def _sweeper(settings: Settings, engine: AsyncEngine, service: TokenService, clock: Clock) -> Sweeper:
+    return Sweeper(
         engine=engine,
         tokens=service,
         clock=clock,
@@ -229,91 +328,85 @@ async def open_resources(
         active_days=settings.sweep_active_days,
         keepalive_days=settings.sweep_idle_keepalive_days,
     )
-    usage = UsageRecorder(engine, clock=clock, buffer_seconds=settings.refresh_buffer_seconds)
-    service.usage = usage
+
+
+def _strava_webhooks(
+    settings: Settings,
+    engine: AsyncEngine,
+    service: TokenService,
+    strava: StravaClient,
+    budget: RateBudget,
+    clock: Clock,
+) -> StravaWebhooks:
     verify_token = settings.strava_webhook_verify_token
-    strava_webhooks = StravaWebhooks(
+    path_secret = settings.strava_webhook_path_secret
+    return StravaWebhooks(
         engine=engine,
         tokens=service,
         strava=strava,
         budget=budget,
         verify_token=verify_token.get_secret_value() if verify_token else None,
         clock=clock,
-        path_secret=path_secret.get_secret_value() if (path_secret := settings.strava_webhook_path_secret) else None,
+        path_secret=path_secret.get_secret_value() if path_secret else None,
         forward_per_athlete_hour=settings.webhook_forward_per_athlete_hour,
         poll_interval_seconds=settings.webhook_poll_interval_seconds,
     )
-    notifier = notification_deliverer(settings, engine, clock=clock)
-    housekeeping = Housekeeping(engine, clock=clock, retention_days=settings.audit_retention_days)
-    gateway_tally = GatewayTally(engine, clock=clock, flush_interval_seconds=settings.gauge_interval_seconds)
-    stats = StatsService(
+
+
+def _stats(
+    settings: Settings, engine: AsyncEngine, budget: RateBudget, tally: GatewayTally, clock: Clock
+) -> StatsService:
+    return StatsService(
         engine,
         budget=budget,
-        tally=gateway_tally,
+        tally=tally,
         clock=clock,
         buffer_seconds=settings.refresh_buffer_seconds,
         gauge_interval_seconds=settings.gauge_interval_seconds,
         active_days=settings.sweep_active_days,
         athlete_capacity=settings.strava_athlete_capacity,
     )
+
+
+def _dashboard(settings: Settings, engine: AsyncEngine, budget: RateBudget, clock: Clock) -> DashboardService:
+    return DashboardService(
+        engine=engine,
+        budget=budget,
+        clock=clock,
+        buffer_seconds=settings.refresh_buffer_seconds,
+        active_days=settings.sweep_active_days,
+        athlete_capacity=settings.strava_athlete_capacity,
+    )
+
+
+async def _close(res: Resources, shutdown: Shutdown) -> None:
+    """Refreshes in flight finish (or give their claim back) while every loop stops, all at once; then the usage
+    noted so far is written, and the client and the engines close. Each step gets what is left of the one deadline."""
+    left = shutdown.remaining()
+    periodic = (res.clock_sync, res.stats.gauges, res.housekeeping.job)
+    loops = [job.stop(deadline_seconds=left) for job in periodic if job]
+    stops = [
+        *loops,
+        res.revoker.stop(deadline_seconds=left),
+        res.webhooks.stop(),
+        res.sweeper.stop(),
+        *([res.notifier.stop()] if res.notifier else []),
+    ]
+    service_closed = res.service.aclose(max(0.5, left - CLOSE_RESERVE_SECONDS))
+    drained = asyncio.gather(service_closed, *stops, return_exceptions=True)
     try:
-        yield Resources(
-            engine=engine,
-            strava=strava,
-            service=service,
-            budget=budget,
-            sweeper=sweeper,
-            links=links,
-            oauth=oauth,
-            sessions=sessions,
-            webhooks=strava_webhooks,
-            notifier=notifier,
-            housekeeping=housekeeping,
-            revoker=revoker,
-            audit=Audit(engine),
-            stats=stats,
-            dashboard=DashboardService(
-                engine=engine,
-                budget=budget,
-                clock=clock,
-                buffer_seconds=settings.refresh_buffer_seconds,
-                active_days=settings.sweep_active_days,
-                athlete_capacity=settings.strava_athlete_capacity,
-            ),
-            rows=rows,
-            clock=clock,
-            clock_sync=clock_sync,
-            probe=probe,
-            usage=usage,
-            gateway_tally=gateway_tally,
-        )
-    finally:
-        # Refreshes in flight finish (or give their claim back) while every loop stops, all at once; then the
-        # client and the engines close. Each step gets what is left of the one deadline.
-        left = shutdown.remaining()
-        loops = [job.stop(deadline_seconds=left) for job in (clock_sync, stats.gauges, housekeeping.job) if job]
-        stops = [
-            *loops,
-            revoker.stop(deadline_seconds=left),
-            strava_webhooks.stop(),
-            sweeper.stop(),
-            *([notifier.stop()] if notifier else []),
-        ]
-        drain = asyncio.gather(service.aclose(max(0.5, left - CLOSE_RESERVE_SECONDS)), *stops, return_exceptions=True)
-        try:
-            await asyncio.wait_for(drain, timeout=max(1.0, left - CLOSE_RESERVE_SECONDS / 2))
-        except TimeoutError:
-            log.warning("service.shutdown_deadline_passed", deadline_seconds=shutdown.timeout_seconds)
-        # What is left of the noted uses, written once the refreshes have drained, within what is left of the deadline.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(usage.stop(), timeout=max(0.5, shutdown.remaining()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(gateway_tally.stop(), timeout=max(0.5, shutdown.remaining()))
-        await rows.aclose()
-        await strava.aclose()
-        await engine.dispose()
-        await probe.dispose()
-        log.info("service.drained", seconds_left=round(shutdown.remaining(), 1))
+        await asyncio.wait_for(drained, timeout=max(1.0, left - CLOSE_RESERVE_SECONDS / 2))
+    except TimeoutError:
+        log.warning("service.shutdown_deadline_passed", deadline_seconds=shutdown.timeout_seconds)
+    for flushed in (res.usage, res.gateway_tally):  # what is left of the noted uses and gateway outcomes
+        if flushed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flushed.stop(), timeout=max(0.5, shutdown.remaining()))
+    await res.rows.aclose()
+    await res.strava.aclose()
+    await res.engine.dispose()
+    await res.probe.dispose()
+    log.info("service.drained", seconds_left=round(shutdown.remaining(), 1))
 
 
 # What the shutdown keeps back from the drain for closing the client and the engines.
@@ -339,26 +432,7 @@ def create_app(
         async with open_resources(
             settings, clock=app_clock, strava_transport=strava_transport, shutdown=app.state.shutdown
         ) as res:
-            app.state.engine = res.engine
-            app.state.probe_engine = res.probe
-            app.state.token_service = res.service
-            app.state.connect_links = res.links
-            app.state.oauth_service = res.oauth
-            app.state.sessions = res.sessions
-            app.state.revocations = SessionRevocations(res.engine, clock=res.clock)
-            app.state.sweeper = res.sweeper
-            app.state.dashboard = res.dashboard
-            app.state.audit = res.audit
-            app.state.stats = res.stats
-            app.state.webhooks = res.webhooks
-            app.state.gateway = Gateway(
-                tokens=res.service,
-                strava=res.strava,
-                budget=res.budget,
-                authorize_url=lambda user_id, scopes: res.links.authorize_url(user_id, scopes=scopes)[0],
-                tally=res.stats.tally,
-            )
-            app.state.gateway_max_body_bytes = settings.gateway_max_body_bytes
+            _publish(app, res, settings)
             res.start_background(sweeper=run_sweeper)
             # What start-up allocated lives as long as the process: keep it out of every garbage collection.
             gc.collect()
@@ -380,11 +454,47 @@ def create_app(
         swagger_ui_oauth2_redirect_url=None,
         dependencies=[Depends(single_query_values)],
     )
+    _configure(app, settings)
+    _install_routes(app, settings, clock=app_clock)
+    if sandbox:
+        _mount_sandbox(app, settings)
+    _install_middleware(app, settings, fast_path=fast_path)
+    return app
+
+
+def _publish(app: FastAPI, res: Resources, settings: Settings) -> None:
+    """What the routers find on `app.state` once the lifespan has opened the resources."""
+    app.state.engine = res.engine
+    app.state.probe_engine = res.probe
+    app.state.token_service = res.service
+    app.state.connect_links = res.links
+    app.state.oauth_service = res.oauth
+    app.state.sessions = res.sessions
+    app.state.revocations = SessionRevocations(res.engine, clock=res.clock)
+    app.state.sweeper = res.sweeper
+    app.state.dashboard = res.dashboard
+    app.state.audit = res.audit
+    app.state.stats = res.stats
+    app.state.webhooks = res.webhooks
+    app.state.gateway = Gateway(
+        tokens=res.service,
+        strava=res.strava,
+        budget=res.budget,
+        authorize_url=lambda user_id, scopes: res.links.authorize_url(user_id, scopes=scopes)[0],
+        tally=res.stats.tally,
+    )
+    app.state.gateway_max_body_bytes = settings.gateway_max_body_bytes
+
+
+def _configure(app: FastAPI, settings: Settings) -> None:
+    """What the app knows before the lifespan runs: its settings, its shutdown, the API keys and origins."""
     app.state.settings = settings
     app.state.shutdown = Shutdown(settings.shutdown_timeout_seconds)  # begun by SIGTERM (cli.serve) or the lifespan
     app.state.api_keys = ApiKeys([k.get_secret_value() for k in settings.api_keys])
-    cors_origins = [origin.rstrip("/") for origin in settings.cors_origins]
-    app.state.allowed_origins = frozenset([_origin_of(settings.public_url or ""), *cors_origins])
+    app.state.allowed_origins = frozenset([_origin_of(settings.public_url or ""), *_cors_origins(settings)])
+
+
+def _install_routes(app: FastAPI, settings: Settings, *, clock: Clock) -> None:
     problems.install(app)
     openapi.install(app)
     docs.install(app)
@@ -395,28 +505,34 @@ def create_app(
     app.include_router(oauth.browser_router)
     app.include_router(browser.router)
     app.include_router(audit.router)
-    dashboard_api.install(app, settings, clock=app_clock)
+    dashboard_api.install(app, settings, clock=clock)
     app.include_router(webhooks.router)
     app.include_router(gateway.router)
-    if sandbox:
-        from tokensvc.sandbox import create_sandbox_app
 
-        app.mount(
-            "/sandbox/strava",
-            create_sandbox_app(
-                client_id=settings.strava_client_id or "",
-                client_secret=settings.strava_client_secret.get_secret_value() if settings.strava_client_secret else "",
-                state_file=sandbox_state_path(settings),  # Strava remembers its grants across our restarts
-            ),
-        )
-    app.add_middleware(BrowserCORS, origins=cors_origins)
+
+def _mount_sandbox(app: FastAPI, settings: Settings) -> None:
+    """`serve --sandbox`: the Strava emulator under /sandbox/strava, on the service's own port."""
+    from tokensvc.sandbox import create_sandbox_app
+
+    app.mount(
+        "/sandbox/strava",
+        create_sandbox_app(
+            client_id=settings.strava_client_id or "",
+            client_secret=settings.strava_client_secret.get_secret_value() if settings.strava_client_secret else "",
+            state_file=sandbox_state_path(settings),  # Strava remembers its grants across our restarts
+        ),
+    )
+
+
+def _install_middleware(app: FastAPI, settings: Settings, *, fast_path: bool) -> None:
+    """Innermost first: each one added wraps those before it."""
+    app.add_middleware(BrowserCORS, origins=_cors_origins(settings))
     app.add_middleware(BodySizeLimit)  # 64 KiB and no lone surrogates, read once
     app.add_middleware(RequestId)  # inside the fast path, so the hot call pays nothing for it
     app.add_middleware(SecurityHeaders)  # every answer but the fast path's, which adds them itself
     if fast_path:
         app.add_middleware(AccessTokenFastPath, owner=app)  # the hot call skips everything else
     app.add_middleware(InFlightLimit, limit=settings.max_requests_in_flight)  # outermost: refusing costs nothing
-    return app
 
 
 def notification_deliverer(
@@ -454,6 +570,10 @@ async def _start_clock(clock: Clock, engine: AsyncEngine) -> PeriodicJob | None:
     return PeriodicJob(
         "clock-sync", lambda: clock.sync(engine), interval_seconds=SYNC_INTERVAL_SECONDS, run_at_start=False
     )
+
+
+def _cors_origins(settings: Settings) -> list[str]:
+    return [origin.rstrip("/") for origin in settings.cors_origins]
 
 
 def _origin_of(url: str) -> str:

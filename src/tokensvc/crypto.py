@@ -75,10 +75,6 @@ class TokenCipher:
         self._keys = {key_id(raw): AESGCM(raw) for raw in raws}
         self.current_key_id = key_id(raws[0])
 
-    @property
-    def key_ids(self) -> list[str]:
-        return list(self._keys)
-
     def encrypt(self, plaintext: str, *, user_id: str, field: Field) -> str:
         nonce = os.urandom(12)
         sealed = self._keys[self.current_key_id].encrypt(nonce, plaintext.encode(), _aad(user_id, field))
@@ -103,12 +99,6 @@ class TokenCipher:
             return aead.decrypt(blob[:12], blob[12:], _aad(user_id, field)).decode()
         except InvalidTag as exc:
             raise DecryptionError("ciphertext failed authentication (tampered, or moved from another row)") from exc
-
-    @staticmethod
-    def key_id_of(token: str) -> str | None:
-        """The key id a ciphertext names, or None when it is not in the v1 form."""
-        parts = token.split(".", 2)
-        return parts[1] if len(parts) == 3 and parts[0] == _VERSION else None
 
 
 def _aad(user_id: str, field: Field) -> bytes:

@@ -23,6 +23,7 @@ class TestUserEvents:
         assert response.status_code == 200
         assert response.json() == {"items": [], "next_cursor": None}
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_history_lists_import_failures_and_changes_of_state_newest_first(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
@@ -50,6 +51,7 @@ class TestUserEvents:
         assert items[0]["occurred_at"].endswith("Z") or items[0]["occurred_at"].endswith("+00:00")
         assert all(i["duration_ms"] is not None and i["duration_ms"] >= 0 for i in items if i["kind"] == "refresh")
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_a_success_that_ends_a_run_of_failures_is_listed_with_how_many(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
@@ -64,6 +66,7 @@ class TestUserEvents:
         assert summary[0] == ("refresh", "succeeded", 200, "after 2 failures")
         assert [s[1] for s in summary[1:]] == ["transient", "transient", None]
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_pages_follow_the_cursor_without_gaps_or_repeats(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
@@ -162,6 +165,7 @@ class TestStats:
             "athletes": {"connected": 0, "capacity": None, "warning": False},
         }
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_counts_users_by_status_and_refreshes_of_the_last_day(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:

@@ -215,6 +215,7 @@ def client_at(app: FastAPI, address: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(address, 40000)), base_url=BASE)
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestSignInThrottle:
     async def test_after_five_failures_a_client_waits_longer_each_time(self, app: FastAPI, clock: FakeClock) -> None:
         """Five wrong tries cost nothing; then 429 too_many_requests with a growing Retry-After, the right password

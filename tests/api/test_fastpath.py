@@ -62,6 +62,7 @@ def same(a: httpx.Response, b: httpx.Response) -> None:
         assert a.headers.get(header) == b.headers.get(header), header
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestSameAnswers:
     async def test_valid_missing_and_reauth_users_get_the_same_answers_both_ways(
         self,

@@ -128,6 +128,7 @@ class TestPassThrough:
         assert response.json()["message"] == "Record Not Found"
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestRejectedToken:
     async def test_concurrent_calls_share_exactly_one_refresh(
         self, database_url: str, clock: FakeClock, sandbox: SandboxState, recording: Recording
@@ -180,6 +181,7 @@ class TestMissingScope:
         assert sandbox.stats()["refresh_by_athlete"].get(str(seeded.athlete_id), 0) == 0
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestBudget:
     async def test_a_spent_read_window_is_429_and_reaches_no_strava(
         self, database_url: str, clock: FakeClock, sandbox: SandboxState, recording: Recording

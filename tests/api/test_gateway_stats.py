@@ -17,6 +17,8 @@ from tokensvc.service.dashboard import DashboardService
 from tokensvc.service.gateway_stats import OUTCOMES
 from tokensvc.service.stats import StatsService
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 HOUR = 3600
 INTERACTIVE = {"Tokensvc-Priority": "interactive"}
 

@@ -140,6 +140,7 @@ class TestCallback:
         assert_problem(await complete(client, "u-7", location), 400, "invalid_state")
         assert sandbox.calls["exchange"] == 1
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_a_connect_id_completed_for_another_user_is_a_mismatch_and_spent(
         self, client: httpx.AsyncClient, strava: httpx.AsyncClient, sandbox: SandboxState
     ) -> None:
@@ -242,6 +243,7 @@ class TestCallback:
         assert response.status_code == 400
         assert "declined" in response.text
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_a_replayed_callback_is_invalid_state_and_makes_no_exchange(
         self, client: httpx.AsyncClient, strava: httpx.AsyncClient, sandbox: SandboxState
     ) -> None:
@@ -315,6 +317,7 @@ class TestCallback:
         assert_problem(response, 503, "provider_unavailable")
         assert response.headers["retry-after"]
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_reconnecting_a_user_in_needs_reauth_makes_them_valid(
         self, client: httpx.AsyncClient, strava: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
@@ -338,6 +341,7 @@ class TestCallback:
         assert (status["status"], status["reauth_reason"], status["athlete_id"]) == ("valid", None, user.athlete_id)
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestOneAthleteOneUser:
     async def test_confirming_an_athlete_another_user_holds_is_409_unless_replace(
         self, client: httpx.AsyncClient, strava: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock

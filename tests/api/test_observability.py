@@ -11,13 +11,12 @@ from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.test_tokens_api import put_user
-from tests.conftest import API_KEY, FakeClock
+from tests.conftest import API_KEY, FakeClock, tasks_finished
 from tests.logcapture import captured_logs
 from tokensvc.app import create_app
 from tokensvc.config import Settings
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.service.stats import StatsService
-from tokensvc.service.tokens import TokenService
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -66,6 +65,7 @@ class TestMetrics:
             )
             assert delta == 1, (endpoint, status)
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_refresh_outcomes_and_lock_waits_are_recorded(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
@@ -81,6 +81,7 @@ class TestMetrics:
         )
         assert value(after, "tokensvc_lock_wait_seconds_count") - value(before, "tokensvc_lock_wait_seconds_count") == 1
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_db_wide_gauges_follow_the_database_through_the_gauges_job(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
@@ -253,12 +254,11 @@ class TestRequestIds:
         """The refresh an access-token call starts in the background outlives the request: its lines carry
         `parent_request_id`, never the request's `request_id`."""
         user = await put_user(client, sandbox, clock, expires_in=1200)  # due, but long enough for min_ttl=300
-        service: TokenService = client.app.state.token_service  # type: ignore[attr-defined]
         with captured_logs() as logs:
             # "+300" is valid but not plain digits: the fast path leaves it to the FastAPI route, inside the
             # request-id middleware (fast-path hits carry no request id at all).
-            response = await client.get(f"/v1/users/{user.user_id}/access-token", params={"min_ttl": "+300"})
-            await asyncio.wait_for(service.drain(), timeout=10)
+            async with tasks_finished():
+                response = await client.get(f"/v1/users/{user.user_id}/access-token", params={"min_ttl": "+300"})
         assert response.status_code == 200
         request_id = response.headers["x-request-id"]
         succeeded = logs.events("token.refresh.succeeded")

@@ -4,11 +4,14 @@ every replica (the watermark is in the database). Before issue 14 both kept work
 from __future__ import annotations
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 from pydantic import SecretStr
 
 from tests.conftest import FakeClock, make_settings
 from tokensvc.app import create_app
+
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
 
 BASE = "http://tokensvc.test"
 PASSWORD = "correct horse battery staple"

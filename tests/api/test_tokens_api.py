@@ -78,6 +78,7 @@ class TestAuthentication:
 
 
 class TestImportAndStatus:
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_put_then_status_round_trip(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
     ) -> None:
@@ -107,6 +108,7 @@ class TestImportAndStatus:
             None,
         )
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_scopes_may_be_sent_comma_separated_and_omitted_fields_are_kept(
         self, client: httpx.AsyncClient
     ) -> None:
@@ -239,6 +241,7 @@ class TestRefreshEndpoint:
         assert int(response.headers["retry-after"]) > 0
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestAccessTokenEndpoint:
     async def test_a_valid_token_comes_back_with_no_store(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
@@ -303,6 +306,7 @@ class TestDeleteEndpoint:
         assert sandbox.snapshot(user.athlete_id)["revoked"] is False
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestListing:
     async def test_list_filters_by_status_oldest_expiry_first_with_a_cursor(
         self, client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock
@@ -375,6 +379,7 @@ class TestDatabaseDown:
                 assert (await http.get("/healthz")).status_code == 200
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestOneAthleteOneUser:
     """v1.1: storing an athlete another user holds is 409 `athlete_in_use` unless the caller moves it."""
 
@@ -415,6 +420,7 @@ class TestOneAthleteOneUser:
         assert (sandbox.calls["deauthorize"], sandbox.calls["revoke"]) == (0, 0)
 
 
+@pytest.mark.dialects("sqlite", "postgres")
 class TestImportsNeverGoBackwards:
     """v1.1: an import older than the stored pair is 409 stale_import unless replace=true; implausible expiry 422."""
 

@@ -13,9 +13,10 @@ import sqlalchemy as sa
 from asgi_lifespan import LifespanManager
 from pydantic import SecretStr
 
-from tests.conftest import API_KEY, FakeClock, Seeded, import_body, make_settings, seed_athlete
+from tests.conftest import API_KEY, STRAVA_TEST_BASE, FakeClock, Seeded, import_body, make_settings, seed_athlete
 from tokensvc.app import create_app
-from tokensvc.config import Settings
+from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Settings
+from tokensvc.providers.strava import StravaClient
 from tokensvc.sandbox import SandboxState
 from tokensvc.store import webhook_events
 
@@ -112,6 +113,7 @@ async def athlete(client: httpx.AsyncClient, sandbox: SandboxState, clock: FakeC
 
 
 class TestEvents:
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_a_deauthorization_is_stored_before_the_200(self, client: httpx.AsyncClient, athlete: int) -> None:
         """The 200 comes after the commit: the athlete's pending check is there the moment the answer is, and it
         keeps nothing of the body but the ids and times."""
@@ -126,6 +128,7 @@ class TestEvents:
             payload = (await conn.execute(sa.text("SELECT payload FROM strava_webhook_events"))).scalar_one()
         assert payload == ""
 
+    @pytest.mark.dialects("sqlite", "postgres")
     async def test_repeats_and_replays_are_acknowledged_and_coalesced(
         self, client: httpx.AsyncClient, athlete: int
     ) -> None:
@@ -249,16 +252,31 @@ class TestThroughTheSandbox:
                 http.app = app  # type: ignore[attr-defined]
                 yield http
 
+    @pytest.fixture
+    async def strava(self, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport) -> AsyncIterator[StravaClient]:
+        """A Strava client with the application's credentials, as the service has, for the app's own calls."""
+        client = StravaClient(
+            base_url=STRAVA_TEST_BASE,
+            client_id=SANDBOX_CLIENT_ID,
+            client_secret=SANDBOX_CLIENT_SECRET,
+            transport=strava_transport,
+            clock=clock,
+        )
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
     async def test_a_revocation_pushed_by_strava_ends_in_deauthorized(
         self,
         live: httpx.AsyncClient,
+        strava: StravaClient,
         sandbox: SandboxState,
         clock: FakeClock,
         strava_transport: httpx.AsyncBaseTransport,
     ) -> None:
         """Subscribe (Strava checks our challenge), the athlete revokes, Strava pushes, the processor wakes,
         confirms and applies: the user is needs_reauth (deauthorized) and access-token answers 409."""
-        strava = live.app.state.token_service._strava  # type: ignore[attr-defined]
         subscription_id = await strava.create_subscription("http://tokensvc.test/v1/webhooks/strava", VERIFY_TOKEN)
         assert [s.id for s in await strava.list_subscriptions()] == [subscription_id]
         user: Seeded = seed_athlete(sandbox, clock, expires_in=20_000)
@@ -281,12 +299,11 @@ class TestThroughTheSandbox:
         assert response.json()["reauth_reason"] == "deauthorized"
 
     async def test_a_subscription_with_the_wrong_verify_token_is_refused_by_strava(
-        self, live: httpx.AsyncClient
+        self, live: httpx.AsyncClient, strava: StravaClient
     ) -> None:
         """Strava's challenge reaches us with a token that is not ours: 403, so Strava refuses to subscribe."""
         from tokensvc.providers.strava import ProviderRequestError
 
-        strava = live.app.state.token_service._strava  # type: ignore[attr-defined]
         with pytest.raises(ProviderRequestError, match="callback"):
             await strava.create_subscription("http://tokensvc.test/v1/webhooks/strava", "not-ours")
         assert await strava.list_subscriptions() == []

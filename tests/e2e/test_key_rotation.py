@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import asyncpg_dsn
+from tests.conftest import asyncpg_dsn, ciphertext_key_id
 from tests.e2e.conftest import seed_user, service_env
 from tests.e2e.processes import Process, run_cli, start_service, wait_ready
 from tokensvc.crypto import TokenCipher, generate_key
@@ -41,9 +41,7 @@ async def key_ids_in_use(database_url: str) -> Counter[str]:
         rows = await conn.fetch("SELECT access_token_enc, refresh_token_enc FROM user_tokens")
     finally:
         await conn.close()
-    return Counter(
-        TokenCipher.key_id_of(ciphertext) or "?" for row in rows for ciphertext in row.values() if ciphertext
-    )
+    return Counter(ciphertext_key_id(ciphertext) or "?" for row in rows for ciphertext in row.values() if ciphertext)
 
 
 async def restart(process: Process, tmp_path: Path, name: str, **env: str) -> Process:

@@ -17,7 +17,7 @@ import pytest
 from tests.e2e.conftest import sandbox_stats, seed_user, service_env
 from tests.e2e.processes import Process, start_service, wait_ready
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.dialects("sqlite", "postgres")]
 
 DUE = 12  # over the default pool of 5 connections; all 12 wait at Strava (32 token slots)
 AT_STRAVA = DUE

@@ -24,7 +24,7 @@ from tests.e2e.processes import Process, clean_env, free_port, run_cli, start_se
 from tokensvc.crypto import generate_notify_secret
 from tokensvc.db import make_engine
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.dialects("sqlite", "postgres")]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "examples" / "sync_worker.py"

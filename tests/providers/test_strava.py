@@ -110,8 +110,23 @@ def deauth_route(strava_api: respx.MockRouter) -> respx.Route:
 
 
 @pytest.fixture
-async def strava(strava_api: respx.MockRouter, clock: FakeClock) -> AsyncIterator[StravaClient]:
-    client = StravaClient(base_url=BASE, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, timeout=2.0, clock=clock)
+def usages() -> list[RateLimitUsage]:
+    """Every rate-limit reading the `strava` client reported (its `on_usage`, which feeds the shared budget)."""
+    return []
+
+
+@pytest.fixture
+async def strava(
+    strava_api: respx.MockRouter, clock: FakeClock, usages: list[RateLimitUsage]
+) -> AsyncIterator[StravaClient]:
+    client = StravaClient(
+        base_url=BASE,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        timeout=2.0,
+        clock=clock,
+        on_usage=usages.append,
+    )
     try:
         yield client
     finally:
@@ -746,9 +761,9 @@ class TestLostAnswersAreNotRetried:
 
 
 class TestRateLimitHeaders:
-    async def test_no_usage_is_known_before_any_call(self, strava: StravaClient) -> None:
+    async def test_no_usage_is_known_before_any_call(self, strava: StravaClient, usages: list[RateLimitUsage]) -> None:
         """A fresh client reports no rate-limit usage."""
-        assert strava.last_rate_limit is None
+        assert usages == []
 
     @pytest.mark.parametrize(
         ("limit_name", "usage_name"),
@@ -759,19 +774,24 @@ class TestRateLimitHeaders:
         ],
     )
     async def test_the_headers_are_read_in_any_case(
-        self, strava: StravaClient, deauth_route: respx.Route, limit_name: str, usage_name: str
+        self,
+        strava: StravaClient,
+        deauth_route: respx.Route,
+        usages: list[RateLimitUsage],
+        limit_name: str,
+        usage_name: str,
     ) -> None:
-        """`X-RateLimit-Limit`/`-Usage` ("15min,daily") become `last_rate_limit`, whatever the header case."""
+        """`X-RateLimit-Limit`/`-Usage` ("15min,daily") become the reported usage, whatever the header case."""
         deauth_route.respond(200, json={"access_token": ACCESS}, headers={limit_name: "200,2000", usage_name: "12,340"})
 
         await strava.deauthorize(ACCESS)
 
-        assert strava.last_rate_limit == RateLimitUsage(
-            limit_15min=200, limit_daily=2000, usage_15min=12, usage_daily=340
-        )
+        assert usages == [RateLimitUsage(limit_15min=200, limit_daily=2000, usage_15min=12, usage_daily=340)]
 
-    async def test_the_headers_of_a_429_are_recorded_too(self, strava: StravaClient, deauth_route: respx.Route) -> None:
-        """A rejected call still reports usage: the headers of a 429 update `last_rate_limit`."""
+    async def test_the_headers_of_a_429_are_recorded_too(
+        self, strava: StravaClient, deauth_route: respx.Route, usages: list[RateLimitUsage]
+    ) -> None:
+        """A rejected call still reports usage: the headers of a 429 are reported too."""
         deauth_route.respond(
             429,
             json=TestRateLimited.RATE_LIMITED,
@@ -781,7 +801,7 @@ class TestRateLimitHeaders:
         with pytest.raises(ProviderTransientError):
             await strava.deauthorize(ACCESS)
 
-        assert strava.last_rate_limit == RateLimitUsage(200, 2000, 201, 900)
+        assert usages == [RateLimitUsage(200, 2000, 201, 900)]
 
     @pytest.mark.parametrize(
         "headers",
@@ -797,9 +817,10 @@ class TestRateLimitHeaders:
         ],
     )
     async def test_malformed_headers_are_ignored_and_keep_the_last_good_reading(
-        self, strava: StravaClient, deauth_route: respx.Route, headers: dict[str, str]
+        self, strava: StravaClient, deauth_route: respx.Route, usages: list[RateLimitUsage], headers: dict[str, str]
     ) -> None:
-        """A response with missing or malformed rate headers neither raises nor overwrites the previous reading."""
+        """A response with missing or malformed rate headers neither raises nor reports a reading: the previous one
+        stands."""
         good = {"X-RateLimit-Limit": "200,2000", "X-RateLimit-Usage": "5,50"}
         deauth_route.mock(
             side_effect=[
@@ -811,7 +832,7 @@ class TestRateLimitHeaders:
         await strava.deauthorize(ACCESS)
         await strava.deauthorize(ACCESS)
 
-        assert strava.last_rate_limit == RateLimitUsage(200, 2000, 5, 50)
+        assert usages == [RateLimitUsage(200, 2000, 5, 50)]
         assert deauth_route.call_count == 2
 
     @pytest.mark.parametrize(

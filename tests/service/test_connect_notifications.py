@@ -28,6 +28,8 @@ from tokensvc.service.journal import connect_news
 from tokensvc.service.notify import NotificationDeliverer
 from tokensvc.service.oauth import CallbackBrowser
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 DASHBOARD = APP_ORIGIN + "/dashboard"
 CONNECTED = "token.connected"
 

@@ -15,6 +15,8 @@ from tokensvc.service.dashboard import AdminSessions, DashboardService, Dashboar
 from tokensvc.service.sessions import Sessions
 from tokensvc.service.tokens import TokenService
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 HOUR = 3600
 
 

@@ -18,6 +18,8 @@ from tokensvc.crypto import generate_notify_secret
 from tokensvc.sandbox import SandboxState
 from tokensvc.schemas import StravaEvent
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 SUBSCRIPTION_ID = 1001
 EVENT_TIME = 1_800_000_000
 CAP = 5

@@ -26,6 +26,8 @@ from tokensvc.service.grant_revocation import BACKOFF_CAP_SECONDS, LEASE_SECONDS
 from tokensvc.service.keys import KeyRotator
 from tokensvc.store import tombstones
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 INVALID_TOKEN = '{"message": "Bad Request", "errors": [{"resource": "Token", "field": "token", "code": "invalid"}]}'
 
 

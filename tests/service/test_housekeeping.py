@@ -19,6 +19,8 @@ from tokensvc.service.journal import Journal
 from tokensvc.store import journal, oauth_states, outbox, webhook_events
 from tokensvc.store.housekeeping import HOUSEKEEPING_LOCK_KEY
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 DAY = 86_400
 
 

@@ -18,6 +18,8 @@ from tokensvc.models import revocation_tombstones, user_tokens
 from tokensvc.service.keys import BatchDone, KeyRotator
 from tokensvc.store import keys as store
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 NEW, OLD, LOST = generate_key(), generate_key(), generate_key()
 EXPIRES_AT = 4_000_000_000
 NOW = datetime(2027, 1, 1, tzinfo=UTC)

@@ -29,6 +29,8 @@ from tokensvc.service.journal import Journal
 from tokensvc.service.notify import NotificationDeliverer
 from tokensvc.store.stats import notifications_pending
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 SECRET = generate_notify_secret()
 RECEIVER_URL = "http://receiver.test/hooks/tokensvc"
 CONNECT_URL = "http://tokensvc.test/v1/oauth/strava/authorize"

@@ -12,6 +12,8 @@ from tokensvc.config import Settings
 from tokensvc.errors import ProviderRateLimited
 from tokensvc.service.rate_budget import Priority, RateBudget
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 # 100 calls per 15 minutes, 1,000 a day: sync may spend 80, backfill and the service's background calls 50,
 # and the service keeps a reserve of 5 (5 %).
 LIMITS = {"strava_rate_limit": "100,1000", "strava_read_rate_limit": "100,1000"}

@@ -10,9 +10,10 @@ import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user
+from tests.conftest import FakeClock, Seeded, import_body, make_settings, seed_user, tasks_finished
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
+from tokensvc.crypto import TokenCipher
 from tokensvc.errors import (
     ProviderMisconfigured,
     ProviderRateLimited,
@@ -23,6 +24,8 @@ from tokensvc.errors import (
 from tokensvc.sandbox import FaultSpec, SandboxState, create_sandbox_app
 from tokensvc.status import Status
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 BUFFER = 1800
 
 
@@ -30,12 +33,13 @@ def refresh_calls(sandbox: SandboxState) -> int:
     return int(sandbox.calls["refresh"])
 
 
-async def stored_refresh_token(res: Resources, user_id: str) -> str:
+async def stored_refresh_token(res: Resources, settings: Settings, user_id: str) -> str:
+    """The refresh token the database holds for the user, decrypted with the service's keys."""
     async with res.engine.connect() as conn:
         ciphertext = (
             await conn.execute(sa.text("SELECT refresh_token_enc FROM user_tokens WHERE user_id = :u"), {"u": user_id})
         ).scalar_one()
-    return res.service._cipher.decrypt(ciphertext, user_id=user_id, field="refresh")
+    return TokenCipher(settings.all_encryption_keys).decrypt(ciphertext, user_id=user_id, field="refresh")
 
 
 class TestWhenToRefresh:
@@ -52,7 +56,7 @@ class TestWhenToRefresh:
 
     @pytest.mark.parametrize("expires_in", [BUFFER, 1, 0, -3600])
     async def test_an_expiring_or_expired_token_is_refreshed_and_the_rotation_stored(
-        self, resources: Resources, sandbox: SandboxState, clock: FakeClock, expires_in: int
+        self, resources: Resources, settings: Settings, sandbox: SandboxState, clock: FakeClock, expires_in: int
     ) -> None:
         """Inside the buffer or past expiry: one Strava call, and the newest refresh token is what is stored."""
         user = await seed_user(resources, sandbox, clock, expires_in=expires_in)
@@ -62,18 +66,21 @@ class TestWhenToRefresh:
         assert result.token_status.last_refreshed_at is not None
         assert refresh_calls(sandbox) == 1
         newest = sandbox.snapshot(user.athlete_id)
-        assert await stored_refresh_token(resources, user.user_id) == newest["refresh_token"]
+        assert await stored_refresh_token(resources, settings, user.user_id) == newest["refresh_token"]
         assert newest["refresh_token"] != user.refresh_token
 
     async def test_force_refreshes_a_valid_token(
-        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+        self, resources: Resources, settings: Settings, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         """`force` calls Strava even for a valid token (the one-hour rule then returns the same access token)."""
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
         result = await resources.service.refresh(user.user_id, force=True)
         assert result.refreshed is True
         assert result.token_status.expires_at == user.expires_at
-        assert await stored_refresh_token(resources, user.user_id) == sandbox.snapshot(user.athlete_id)["refresh_token"]
+        assert (
+            await stored_refresh_token(resources, settings, user.user_id)
+            == sandbox.snapshot(user.athlete_id)["refresh_token"]
+        )
 
     async def test_a_user_without_tokens_is_told_to_connect(self, resources: Resources, sandbox: SandboxState) -> None:
         """No row: TokensMissing, which carries needs_reauth, and no Strava call."""
@@ -189,7 +196,7 @@ class TestSeededRotationRace:
             sandbox.gate.release()
             result = await refresh
             status = await ours.service.status(user.user_id)
-            stored = await stored_refresh_token(ours, user.user_id)
+            stored = await stored_refresh_token(ours, settings, user.user_id)
         assert result.refreshed is False
         assert result.message == "Tokens were refreshed by another request"
         assert status.status is Status.VALID
@@ -256,13 +263,13 @@ class TestStravaVariants:
             yield res, app.state.sandbox
 
     async def test_a_response_without_a_new_refresh_token_keeps_the_old_one(
-        self, non_rotating: tuple[Resources, SandboxState], clock: FakeClock
+        self, non_rotating: tuple[Resources, SandboxState], settings: Settings, clock: FakeClock
     ) -> None:
         """Strava may omit or repeat the refresh token: the stored one stays usable."""
         res, sandbox = non_rotating
         user = await seed_user(res, sandbox, clock, expires_in=-10)
         assert (await res.service.refresh(user.user_id)).refreshed is True
-        assert await stored_refresh_token(res, user.user_id) == user.refresh_token
+        assert await stored_refresh_token(res, settings, user.user_id) == user.refresh_token
         clock.advance(30_000)
         assert (await res.service.refresh(user.user_id)).refreshed is True
 
@@ -295,9 +302,10 @@ class TestAccessToken:
         """expiring_soon with remaining >= min_ttl: the stored token now, and one background refresh for all."""
         user = await seed_user(resources, sandbox, clock, expires_in=1000)
         sandbox.add_fault(FaultSpec(endpoint="refresh", kind="latency", latency_ms=50))
-        tokens = await asyncio.gather(*(resources.service.access_token(user.user_id, min_ttl=300) for _ in range(20)))
-        assert {t.access_token for t in tokens} == {user.access_token}
-        await resources.service.drain()
+        async with tasks_finished():
+            calls = (resources.service.access_token(user.user_id, min_ttl=300) for _ in range(20))
+            tokens = await asyncio.gather(*calls)
+            assert {t.access_token for t in tokens} == {user.access_token}
         assert refresh_calls(sandbox) == 1
         assert (await resources.service.status(user.user_id)).status is Status.VALID
 

@@ -4,6 +4,9 @@ claims taken over; the newest pair wins over a rejection of the token it replace
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -12,6 +15,7 @@ import sqlalchemy as sa
 from tests.conftest import FakeClock, seed_user
 from tokensvc.app import Resources, open_resources
 from tokensvc.config import Settings
+from tokensvc.crypto import TokenCipher
 from tokensvc.errors import ProviderUnavailable, ReauthRequired
 from tokensvc.models import refresh_claims
 from tokensvc.providers.strava import TokenGrant
@@ -21,6 +25,9 @@ from tokensvc.service.tokens import MSG_ELSEWHERE, MSG_SIBLING
 from tokensvc.status import Status
 from tokensvc.store import claims
 from tokensvc.store import tokens as token_store
+from tokensvc.store.tokens import NewTokens, TokenRow
+
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
 
 HELD = 10  # seconds a test waits for the sandbox to park a request (a bound, not a synchronisation)
 
@@ -33,6 +40,30 @@ async def claim_rows(res: Resources) -> list[tuple[str, str]]:
     async with res.engine.connect() as conn:
         rows = (await conn.execute(sa.select(refresh_claims.c.user_id, refresh_claims.c.owner))).all()
     return [(r.user_id, r.owner) for r in rows]
+
+
+async def stored(res: Resources, user_id: str) -> TokenRow | None:
+    """The user's row as the database holds it now."""
+    async with res.engine.connect() as conn:
+        return await token_store.get(conn, user_id)
+
+
+def at(clock: FakeClock) -> datetime:
+    return datetime.fromtimestamp(int(clock()), UTC)
+
+
+def encrypted(res: Resources, settings: Settings, user_id: str, grant: TokenGrant) -> NewTokens:
+    """The columns a refresh stores for `grant`, encrypted with the service's keys."""
+    cipher = TokenCipher(settings.all_encryption_keys)
+    return NewTokens(
+        access_token_enc=cipher.encrypt(grant.access_token, user_id=user_id, field="access"),
+        refresh_token_enc=cipher.encrypt(grant.refresh_token, user_id=user_id, field="refresh")
+        if grant.refresh_token
+        else None,
+        key_id=cipher.current_key_id,
+        expires_at=grant.expires_at,
+        sweep_at=res.service.sweep_at(user_id, grant.expires_at),
+    )
 
 
 async def plant_claim(res: Resources, user_id: str, *, owner: str, until: float, write_until: float) -> None:
@@ -63,13 +94,13 @@ class TestNothingIsHeldWhileStravaAnswers:
         refresh = asyncio.create_task(resources.service.refresh(slow.user_id))
         await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=HELD)
         assert [user for user, _owner in await claim_rows(resources)] == [slow.user_id]
-        version_while_claimed = (await resources.service._read_fresh(slow.user_id)).version  # type: ignore[union-attr]
+        version_while_claimed = (await stored(resources, slow.user_id)).version  # type: ignore[union-attr]
         other = await asyncio.wait_for(seed_user(resources, sandbox, clock, expires_in=3600), timeout=2)
         assert (await resources.service.status(other.user_id)).status is Status.VALID
         sandbox.gate.release()
         result = await refresh
         assert result.refreshed is True
-        row = await resources.service._read_fresh(slow.user_id)
+        row = await stored(resources, slow.user_id)
         assert row is not None
         assert row.version == version_while_claimed + 1
         assert await claim_rows(resources) == []
@@ -140,49 +171,53 @@ class TestTheNewestPairWins:
         status = await resources.service.status(user.user_id)
         assert (status.status, status.needs_reauth) == (Status.EXPIRED, False)
         # the taker-over keeps the claim until then: nobody presents the dead token again meanwhile
-        assert [owner for _user, owner in await claim_rows(resources)] == [resources.service._owner]
+        owners = [owner for _user, owner in await claim_rows(resources)]
+        assert len(owners) == 1
+        assert owners[0].startswith(f"{socket.gethostname()[:40]}:{os.getpid()}:")  # this process's service
         clock.advance(31)
         with pytest.raises(ReauthRequired):  # and the dead token is not presented again
             await resources.service.refresh(user.user_id)
         assert calls(sandbox) == 1
 
     async def test_a_late_pair_clears_a_flag_set_over_the_token_it_replaced(
-        self, resources: Resources, sandbox: SandboxState, clock: FakeClock
+        self, resources: Resources, settings: Settings, sandbox: SandboxState, clock: FakeClock
     ) -> None:
         """The owner's write arrives after a taker-over flagged the user over the same refresh token: the pair is
         stored and the flag cleared. A deauthorization (tokens discarded) is not overwritten."""
         user = await seed_user(resources, sandbox, clock, expires_in=-10)
         service = resources.service
-        read = await service._read_fresh(user.user_id)
+        read = await stored(resources, user.user_id)
         assert read is not None
         rotated = sandbox.rotate_athlete(user.athlete_id)
-        tokens = service._encrypt_grant(
+        tokens = encrypted(
+            resources,
+            settings,
             user.user_id,
             _grant(rotated["access_token"], rotated["refresh_token"], rotated["expires_at"]),
         )
         async with resources.engine.begin() as conn:
             await token_store.mark_needs_reauth(
-                conn, user.user_id, reason="refresh_token_invalid", now=service._now_dt(), expected_version=read.version
+                conn, user.user_id, reason="refresh_token_invalid", now=at(clock), expected_version=read.version
             )
             written = await token_store.write_refresh(
                 conn,
                 user.user_id,
                 tokens,
                 expected_version=read.version,
-                now=service._now_dt(),
+                now=at(clock),
                 read_refresh_enc=read.refresh_token_enc,
             )
             assert written is not None
             assert written.reauth_reason is None
             await token_store.mark_needs_reauth(
-                conn, user.user_id, reason="deauthorized", now=service._now_dt(), discard_tokens=True
+                conn, user.user_id, reason="deauthorized", now=at(clock), discard_tokens=True
             )
             again = await token_store.write_refresh(
                 conn,
                 user.user_id,
                 tokens,
                 expected_version=read.version,
-                now=service._now_dt(),
+                now=at(clock),
                 read_refresh_enc=read.refresh_token_enc,
             )
         assert again is None
@@ -194,7 +229,7 @@ class TestTheNewestPairWins:
     ) -> None:
         """A claim race lost to a sibling's write: the caller decides again on the new row, no Strava call."""
         user = await seed_user(resources, sandbox, clock, expires_in=-10)
-        stale = await resources.service._read_fresh(user.user_id)
+        stale = await stored(resources, user.user_id)
         assert stale is not None
         fresh = sandbox.rotate_athlete(user.athlete_id)
         await resources.service.import_tokens(

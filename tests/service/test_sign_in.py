@@ -13,6 +13,8 @@ from tokensvc.db import make_engine
 from tokensvc.errors import TooManyRequests
 from tokensvc.service.sign_in import FREE_FAILURES, MAX_WAIT_SECONDS, SignInThrottle, client_key, wait_after
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:

@@ -14,6 +14,8 @@ from tokensvc.config import Settings
 from tokensvc.sandbox import SandboxState
 from tokensvc.service.sweeper import SweepReport
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 HOUR, DAY = 3600, 86_400
 
 

@@ -25,6 +25,8 @@ from tokensvc.store import claims, webhook_events
 from tokensvc.store import journal as journal_store
 from tokensvc.store.webhook_events import StoredWebhookEvent
 
+pytestmark = pytest.mark.dialects("sqlite", "postgres")
+
 VERIFY_TOKEN = "verify-me-please"
 SUBSCRIPTION_ID = 1001
 EVENT_TIME = 1_800_000_000

@@ -245,7 +245,6 @@ class StravaClient:
         self._connect_attempts = connect_attempts
         # Token calls wait longer for an answer: nothing holds a database connection while they run.
         self._token_timeout = httpx.Timeout(token_timeout, connect=min(token_timeout, 5.0)) if token_timeout else None
-        self.last_rate_limit: RateLimitUsage | None = None
         self._on_usage = on_usage  # told Strava's own count whenever a response carries it
         # Strava does not rate-count /oauth/token: this bound per process is what keeps a big sweep from flooding it.
         self.token_slots = asyncio.Semaphore(token_concurrency)
@@ -470,10 +469,8 @@ class StravaClient:
 
     def _note_usage(self, response: httpx.Response) -> None:
         usage = RateLimitUsage.from_headers(response.headers)
-        if usage is not None:
-            self.last_rate_limit = usage
-            if self._on_usage is not None:
-                self._on_usage(usage)
+        if usage is not None and self._on_usage is not None:
+            self._on_usage(usage)
 
     def _app_credentials(self) -> dict[str, str]:
         return {"client_id": self._client_id, "client_secret": self._client_secret}

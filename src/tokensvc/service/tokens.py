@@ -421,11 +421,6 @@ class TokenService:
         what it held for the user at once (other replicas hear of it through the database)."""
         self._rows.forget(user_id)
 
-    async def drain(self) -> None:
-        """Wait until no background refresh is running (tests, and shutdown)."""
-        while self._background:
-            await asyncio.wait(set(self._background))
-
     def begin_close(self) -> None:
         """From now on no new refresh starts here (callers get a 503 and try another replica)."""
         self._closing = True
