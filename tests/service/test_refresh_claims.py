@@ -108,13 +108,15 @@ class TestNothingIsHeldWhileStravaAnswers:
 
 
 class TestAClaimHeldElsewhere:
-    async def test_a_caller_whose_stored_token_still_serves_does_not_wait(
+    async def test_a_background_refresh_whose_stored_token_still_serves_does_not_wait(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """A live claim of another replica and a token still usable: the stored token, no Strava call."""
+        """A live claim of another replica and a token still usable: a background refresh (or the sweep) leaves
+        the user to that replica, and access-token serves the stored token; no Strava call. (A caller who asked
+        for a refresh waits for the owner's: the two-waiters test below.)"""
         user = await seed_user(resources, sandbox, clock, expires_in=600)
         await plant_claim(resources, user.user_id, owner="other", until=clock() + 30, write_until=clock() + 60)
-        result = await resources.service.refresh(user.user_id)
+        result = await resources.service.refresh(user.user_id, trigger="background")
         assert (result.refreshed, result.message) == (False, MSG_ELSEWHERE)
         token = await resources.service.access_token(user.user_id, min_ttl=60)
         assert token.access_token == user.access_token
@@ -140,6 +142,32 @@ class TestAClaimHeldElsewhere:
             got = [await owner, *[await w for w in waiters]]
         assert len({t.access_token for t in got}) == 1
         assert got[0].access_token != user.access_token
+        assert calls(sandbox) == 1
+
+    async def test_an_asked_for_refresh_waits_for_the_owners_and_shares_its_result(
+        self, settings: Settings, sandbox: SandboxState, clock: FakeClock, strava_transport: httpx.AsyncBaseTransport
+    ) -> None:
+        """The contract's refresh rules: concurrent callers wait for the one refresh and share its result. Replica
+        A refreshes an expiring-soon user (at Strava, held); `POST /refresh` on replica B waits on A's claim, though
+        the stored token is still usable, and answers with A's new pair: one Strava call."""
+        async with (
+            open_resources(settings, clock=clock, strava_transport=strava_transport) as a,
+            open_resources(settings, clock=clock, strava_transport=strava_transport) as b,
+        ):
+            user = await seed_user(a, sandbox, clock, expires_in=600)
+            sandbox.gate.hold("refresh")
+            owner = asyncio.create_task(a.service.refresh(user.user_id))
+            await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=HELD)
+            asked = asyncio.create_task(b.service.refresh(user.user_id))
+            done, _pending = await asyncio.wait([asked], timeout=0.3)
+            assert not done  # it waits on the claim rather than answer with the stored token
+            sandbox.gate.release()
+            first, second = await owner, await asked
+        assert first.refreshed is True
+        assert (second.refreshed, second.message) == (False, MSG_SIBLING)
+        new_expiry = first.token_status.expires_at
+        assert new_expiry is not None and new_expiry > user.expires_at
+        assert second.token_status.expires_at == new_expiry
         assert calls(sandbox) == 1
 
     async def test_a_lapsed_claim_is_taken_over(

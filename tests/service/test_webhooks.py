@@ -19,7 +19,6 @@ from tokensvc.crypto import generate_notify_secret
 from tokensvc.errors import AthleteInUse, ProviderRateLimited, ReauthRequired
 from tokensvc.sandbox import FaultSpec, SandboxState
 from tokensvc.schemas import StravaEvent
-from tokensvc.service.tokens import MSG_ELSEWHERE
 from tokensvc.status import Status
 from tokensvc.store import claims, webhook_events
 from tokensvc.store import journal as journal_store
@@ -391,9 +390,9 @@ class TestRaceWithRefresh:
         strava_transport: httpx.AsyncBaseTransport,
     ) -> None:
         """Our check is at Strava (held) when another replica is asked for a forced refresh: the check holds the
-        user's refresh claim (the refresh's own path, no lock), so that replica serves the stored token, which is
-        still good, without calling Strava. The athlete revokes; the check's answer is about the row as it still
-        is, and applies at once: one check, no refresh call."""
+        user's refresh claim (the refresh's own path, no lock), so the forced refresh waits for it, without calling
+        Strava. The athlete revokes; the check's answer is about the row as it still is, and applies at once; the
+        waiting caller shares that result (reauth required): one check, no refresh call."""
         user = await seed_user(resources, sandbox, clock, expires_in=20_000)
         async with open_resources(settings, clock=clock, strava_transport=strava_transport) as other:
             sandbox.gate.hold("athlete")
@@ -404,11 +403,14 @@ class TestRaceWithRefresh:
 
             processing = asyncio.create_task(deliver_and_process())
             await asyncio.wait_for(sandbox.gate.wait_held(1), timeout=10)
-            forced = await other.service.refresh(user.user_id, force=True)
-            assert (forced.refreshed, forced.message) == (False, MSG_ELSEWHERE)
+            forced = asyncio.create_task(other.service.refresh(user.user_id, force=True))
+            done, _pending = await asyncio.wait([forced], timeout=0.3)
+            assert not done  # it waits on the check's claim rather than answer or call Strava
             sandbox.revoke(user.athlete_id)
             sandbox.gate.release()
             await asyncio.wait_for(processing, timeout=30)
+            with pytest.raises(ReauthRequired):
+                await asyncio.wait_for(forced, timeout=30)
         await assert_deauthorized(resources, user.user_id)
         assert (sandbox.calls["athlete"], sandbox.calls["refresh"]) == (1, 0)
         assert sandbox.stats()["ledger_violations"] == []

@@ -579,9 +579,12 @@ class TokenService:
             if current is None or current.version != row.version:
                 known, force, message = current, False, MSG_SIBLING  # someone stored a pair since we read
                 continue
-            # A token Strava refused is no use however long it seems to last: wait for the owner's new pair.
+            # The sweep and background refreshes leave a user another replica is refreshing to it. A caller who
+            # asked for a refresh waits for that one and shares its result (the contract's refresh rules), and so
+            # does one holding a token Strava refused, however long it seems to last.
             refused = rejected_version is not None and force
-            if not refused and row.expires_at - self._clock() >= max(min_ttl, 1):
+            automatic = trigger in AUTOMATIC_TRIGGERS
+            if automatic and not refused and row.expires_at - self._clock() >= max(min_ttl, 1):
                 return Outcome(row, refreshed=False, message=MSG_ELSEWHERE)
             log.info("token.refresh.waiting_for_claim", user_id=user_id, version=row.version)
             if not await self._wait_for_claim(user_id, row.version, give_up):
