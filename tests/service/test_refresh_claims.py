@@ -166,7 +166,8 @@ class TestAClaimHeldElsewhere:
         assert first.refreshed is True
         assert (second.refreshed, second.message) == (False, MSG_SIBLING)
         new_expiry = first.token_status.expires_at
-        assert new_expiry is not None and new_expiry > user.expires_at
+        assert new_expiry is not None
+        assert new_expiry > user.expires_at
         assert second.token_status.expires_at == new_expiry
         assert calls(sandbox) == 1
 
