@@ -110,15 +110,19 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
-async def wait_for_lock_waiter(database_url: str, deadline: float = 10.0) -> None:
-    """A bounded condition wait (Postgres offers no event for it): until a backend of this database waits on a
-    lock. Used to order a seeded race without guessing at sleeps."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+async def wait_for_lock_waiter(database_url: str, deadline: float = 10.0, *, application_name: str = "%") -> None:
+    """A bounded condition wait (Postgres offers no event for it): until a backend of this database (whose
+    application_name is LIKE `application_name`) waits on a lock. Used to order a seeded race without guessing at
+    sleeps."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        " AND application_name LIKE $1"
+    )
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         async with asyncio.timeout(deadline):
             while True:
-                if await conn.fetchval(query):
+                if await conn.fetchval(query, application_name):
                     return
                 await asyncio.sleep(0.01)
     finally:

@@ -147,3 +147,51 @@ class TestStop:
         await periodic.stop()
         await periodic.stop()
         assert not periodic.running
+
+
+class TestRunAtStop:
+    async def test_stop_runs_the_job_once_more_after_the_run_in_flight(self) -> None:
+        """`run_at_stop` (a buffer's final flush): the run in flight finishes, then exactly one more run, and
+        nothing is scheduled after it."""
+        job = Recorder()
+        job.block = asyncio.Event()
+        periodic = PeriodicJob("flush", job, interval_seconds=3600, run_at_stop=True)
+        periodic.start()
+        await job.until_runs(1)
+        stopping = asyncio.create_task(periodic.stop(deadline_seconds=DEADLINE))
+        await asyncio.sleep(0)
+        assert job.runs == 1
+        job.block.set()
+        await asyncio.wait_for(stopping, DEADLINE)
+        assert (job.runs, job.finished) == (2, 2)
+        assert not periodic.running
+
+    async def test_stop_runs_it_even_when_never_started(self) -> None:
+        """What was noted before the schedule ever began still gets its final run."""
+        job = Recorder()
+        periodic = PeriodicJob("flush", job, interval_seconds=3600, run_at_start=False, run_at_stop=True)
+        await periodic.stop()
+        assert (job.runs, job.finished) == (1, 1)
+
+    async def test_without_it_stop_runs_nothing_more(self) -> None:
+        """The default: stop only ends the schedule."""
+        job = Recorder()
+        periodic = PeriodicJob("test", job, interval_seconds=3600)
+        periodic.start()
+        await job.until_runs(1)
+        await periodic.stop()
+        await periodic.stop()
+        assert job.runs == 1
+
+    async def test_a_failing_final_run_is_logged_and_stop_returns(self) -> None:
+        """The final run raises: `background.job_failed` names the job, and the shutdown goes on."""
+        job = Recorder()
+        job.failures_left = 1
+        periodic = PeriodicJob("flush", job, interval_seconds=3600, run_at_start=False, run_at_stop=True)
+        periodic.start()
+        with captured_logs() as logs:
+            await asyncio.wait_for(periodic.stop(), DEADLINE)
+        assert (job.runs, job.finished) == (1, 0)
+        assert [(line["job"], line["error"]) for line in logs.events("background.job_failed")] == [
+            ("flush", "RuntimeError")
+        ]

@@ -103,9 +103,9 @@ class Resources:
         self.housekeeping.start()
         self.revoker.start()  # when TOKENSVC_REVOKE_POLL_INTERVAL_SECONDS > 0
         if self.usage is not None:
-            self.usage.start()
+            self.usage.job.start()
         if self.gateway_tally is not None:
-            self.gateway_tally.start()
+            self.gateway_tally.job.start()
         self.stats.gauges.start()
         if self.clock_sync is not None:
             self.clock_sync.start()
@@ -401,7 +401,7 @@ async def _close(res: Resources, shutdown: Shutdown) -> None:
     for flushed in (res.usage, res.gateway_tally):  # what is left of the noted uses and gateway outcomes
         if flushed is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(flushed.stop(), timeout=max(0.5, shutdown.remaining()))
+                await asyncio.wait_for(flushed.job.stop(), timeout=max(0.5, shutdown.remaining()))
     await res.rows.aclose()
     await res.strava.aclose()
     await res.engine.dispose()

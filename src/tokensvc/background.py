@@ -5,7 +5,9 @@ A job is an async function with no arguments. It runs once at `start` (unless to
 `interval_seconds` (each wait drawn from ±`jitter` of it, so replicas started together drift apart), and at once
 after `wake()` (a wake during a run is kept: the job runs again right after). A run that raises is logged as
 `background.job_failed` and the schedule goes on. `stop` lets a run in flight finish within its deadline, then
-cancels it.
+cancels it; with `run_at_stop` it then runs the job once more (a buffer's final flush: whatever was noted since
+the last run is written), a failure logged the same way. That last run has no deadline of its own: the caller
+bounds `stop` when it must.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class PeriodicJob:
         interval_seconds: float,
         jitter: float = 0.1,
         run_at_start: bool = True,
+        run_at_stop: bool = False,
     ) -> None:
         if interval_seconds <= 0:
             raise ValueError(f"{name}: interval_seconds must be positive, got {interval_seconds}")
@@ -41,6 +44,7 @@ class PeriodicJob:
         self.interval_seconds = interval_seconds
         self._jitter = jitter
         self._run_at_start = run_at_start
+        self._run_at_stop = run_at_stop
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -64,19 +68,27 @@ class PeriodicJob:
         self._wake.set()
 
     async def stop(self, *, deadline_seconds: float = 10.0) -> None:
-        """Schedule nothing more; let a run in flight finish within `deadline_seconds`, else cancel it."""
+        """Schedule nothing more; let a run in flight finish within `deadline_seconds`, else cancel it; then, with
+        `run_at_stop`, run once more (also when the job was never started: what was noted still gets written)."""
         self._stopping.set()
         self._wake.set()
         task, self._task = self._task, None
-        if task is None:
-            return
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=deadline_seconds)
+            except TimeoutError:
+                log.warning("background.job_cancelled", job=self.name, deadline_seconds=deadline_seconds)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._run_at_stop:
+            await self._run_logged()
+
+    async def _run_logged(self) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=deadline_seconds)
-        except TimeoutError:
-            log.warning("background.job_cancelled", job=self.name, deadline_seconds=deadline_seconds)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._run()
+        except Exception as exc:  # a failed run (database away, …) must not end the schedule, nor the shutdown
+            log.warning("background.job_failed", job=self.name, error=type(exc).__name__, detail=str(exc)[:200])
 
     async def _loop(self) -> None:
         delay = 0.0 if self._run_at_start else self.next_delay()
@@ -87,8 +99,5 @@ class PeriodicJob:
             if self._stopping.is_set():
                 return
             self._wake.clear()
-            try:
-                await self._run()
-            except Exception as exc:  # a failed run (database away, …) must not end the schedule
-                log.warning("background.job_failed", job=self.name, error=type(exc).__name__, detail=str(exc)[:200])
+            await self._run_logged()
             delay = self.next_delay()

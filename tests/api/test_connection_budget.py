@@ -3,21 +3,23 @@ is answered 503 `database_unavailable` with Retry-After, never 500, never an unb
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from tests.api.test_tokens_api import assert_problem
-from tests.conftest import API_KEY, FakeClock, make_settings, seed_athlete
+from tests.conftest import API_KEY, FakeClock, asyncpg_dsn, make_settings, seed_athlete, wait_for_lock_waiter
 from tokensvc.app import create_app
 from tokensvc.sandbox.state import SandboxState
-from tokensvc.store.reader import AsyncpgReader
 
 pytestmark = pytest.mark.postgres
 
+READER_APPLICATION = "tokensvc-reader"  # the reader pool's connections, as pg_stat_activity names them
 TIMEOUT = 2.0  # short, and long enough for the start-up's background jobs sharing the one connection
 
 
@@ -66,14 +68,25 @@ async def test_a_full_engine_pool_is_503_with_retry_after(
 
 @pytest.mark.parametrize("path", ["/v1/users/{user_id}/access-token", "/v1/users/{user_id}/token-status"])
 async def test_a_full_reader_pool_is_503_with_retry_after(
-    app: FastAPI, http: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock, path: str
+    pg_url: str, http: httpx.AsyncClient, sandbox: SandboxState, clock: FakeClock, path: str
 ) -> None:
+    """The hot path's only connection is held by a first read stuck behind a table lock (seen waiting in
+    pg_stat_activity under the reader's application_name): the next read waits the pool timeout and is a 503;
+    once the lock goes, the first read answers and so does a new one."""
     user_id = await imported_user(http, sandbox, clock)
-    reader = app.state.token_service._rows
-    assert isinstance(reader, AsyncpgReader)
-    pool = await reader._ready_pool()
-    async with pool.acquire():  # the hot path's only connection, held
-        response = await http.get(path.format(user_id=user_id))
+    url = path.format(user_id=user_id)
+    locker = await asyncpg.connect(asyncpg_dsn(pg_url))
+    try:
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute("LOCK TABLE user_tokens IN ACCESS EXCLUSIVE MODE")
+        first = asyncio.create_task(http.get(url))
+        await wait_for_lock_waiter(pg_url, application_name=READER_APPLICATION)
+        response = await asyncio.wait_for(http.get(url), TIMEOUT * 5)  # a pool wait, not the lock's
+        await lock.rollback()
+        assert (await asyncio.wait_for(first, TIMEOUT * 5)).status_code == 200
+    finally:
+        await locker.close()
     assert_problem(response, 503, "database_unavailable")
     assert int(response.headers["retry-after"]) > 0
-    assert (await http.get(path.format(user_id=user_id))).status_code == 200
+    assert (await http.get(url)).status_code == 200

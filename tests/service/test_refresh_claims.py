@@ -256,7 +256,10 @@ class TestTheNewestPairWins:
     async def test_a_newer_pair_stored_while_we_waited_is_used(
         self, resources: Resources, sandbox: SandboxState, clock: FakeClock
     ) -> None:
-        """A claim race lost to a sibling's write: the caller decides again on the new row, no Strava call."""
+        """A claim race lost to a sibling's write: the caller decides again on the new row, no Strava call.
+
+        The claim at the stale version goes through `under_claim`, the refresh's own claim step: refused (nothing
+        run under it, no claim row kept) because the row moved on."""
         user = await seed_user(resources, sandbox, clock, expires_in=-10)
         stale = await stored(resources, user.user_id)
         assert stale is not None
@@ -265,8 +268,19 @@ class TestTheNewestPairWins:
             user.user_id,
             _import(user.athlete_id, fresh["access_token"], fresh["refresh_token"], fresh["expires_at"]),
         )
-        claim, current = await resources.service._claim(user.user_id, stale)
-        assert claim is None
+        ran: list[str] = []
+
+        async def call() -> str:
+            ran.append("call")
+            return "called"
+
+        async def store_result(conn: object, result: str) -> str:
+            ran.append("store")
+            return result
+
+        assert await resources.service.under_claim(stale, call, store_result) is None
+        assert ran == []
+        current = await stored(resources, user.user_id)
         assert current is not None
         assert current.version == stale.version + 1
         assert await claim_rows(resources) == []

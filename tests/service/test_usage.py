@@ -122,3 +122,26 @@ class TestIdleAthletes:
             assert sum(r.idle for _, r in touched) == 0
             stats = await res.stats.stats()
             assert (stats.users.active, stats.users.idle) == (1, 0)
+
+    async def test_what_is_noted_is_written_at_shutdown(
+        self, database_url: str, sandbox: SandboxState, clock: FakeClock, strava_transport: object
+    ) -> None:
+        """The uses and gateway outcomes still in memory when the replica closes are written by the close (their
+        jobs' final run), not lost."""
+        from tokensvc.app import open_resources
+        from tokensvc.db import make_engine
+
+        settings = make_settings(database_url)
+        async with open_resources(settings, clock=clock, strava_transport=strava_transport) as res:  # type: ignore[arg-type]
+            user = await seed_user(res, sandbox, clock, expires_in=5 * HOUR)  # the import is a use
+            assert res.gateway_tally is not None
+            res.gateway_tally.note("ok")
+            assert await last_used(res, user.user_id) is None
+        engine = make_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                used = (await conn.execute(sa.text("SELECT count(*) FROM token_usage"))).scalar_one()
+                calls = (await conn.execute(sa.text("SELECT sum(count) FROM gateway_counts"))).scalar_one()
+        finally:
+            await engine.dispose()
+        assert (used, calls) == (1, 1)

@@ -69,7 +69,9 @@ class GatewayTally:
         self._engine = engine
         self._clock = clock
         self._pending: Counter[tuple[int, str]] = Counter()
-        self.job = PeriodicJob("gateway-tally", self.flush, interval_seconds=flush_interval_seconds, run_at_start=False)
+        self.job = PeriodicJob(
+            "gateway-tally", self.flush, interval_seconds=flush_interval_seconds, run_at_start=False, run_at_stop=True
+        )
 
     def note(self, outcome: str) -> None:
         """One gateway call ended in `outcome`. Never blocks, never raises."""
@@ -94,14 +96,3 @@ class GatewayTally:
             log.warning("gateway.tally_flush_failed", error=type(exc).__name__, kept=sum(pending.values()))
             return 0
         return sum(pending.values())
-
-    def start(self) -> None:
-        self.job.start()
-
-    async def stop(self) -> None:
-        """Stop the job and write what is left."""
-        await self.job.stop()
-        try:
-            await self.flush()
-        except Exception as exc:  # shutdown goes on; a few seconds of counts are all that is lost
-            log.warning("gateway.tally_final_flush_failed", error=type(exc).__name__)

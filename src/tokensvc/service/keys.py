@@ -160,43 +160,48 @@ class KeyRotator:
             ("refresh", old.refresh_token_enc),
             ("access", old.access_token_enc),
         )
-        sealed: dict[Field, str | None] = {}
-        for field_name, ciphertext in fields:
-            if ciphertext is None:
-                sealed[field_name] = None
-                continue
-            try:
-                plaintext = self._cipher.decrypt(ciphertext, user_id=old.user_id, field=field_name)
-            except DecryptionError as exc:
-                label = _tombstone_label(old.id, old.user_id)
-                if label not in report.unreadable:
-                    log.error("token.decrypt_failed", tombstone_id=old.id, field=field_name, error=str(exc))
-                report.unreadable[label] = field_name
-                report.unreadable_tombstones.add(old.id)
-                return None
-            sealed[field_name] = self._cipher.encrypt(plaintext, user_id=old.user_id, field=field_name)
+        label = _tombstone_label(old.id, old.user_id)
+        sealed = self._reseal_fields(old.user_id, fields, report, label=label, tombstone_id=old.id)
+        if sealed is None:
+            report.unreadable_tombstones.add(old.id)
+            return None
         return sealed["refresh"] or "", sealed["access"]
 
     def _reseal(self, row: SealedRow, report: RotationReport) -> tuple[str | None, str | None] | None:
         """Both ciphertexts under the current key, or None (and the user reported) when one cannot be read."""
-        sealed: dict[Field, str | None] = {}
         fields: tuple[tuple[Field, str | None], ...] = (
             ("access", row.access_token_enc),
             ("refresh", row.refresh_token_enc),
         )
+        sealed = self._reseal_fields(row.user_id, fields, report, label=row.user_id, user_id=row.user_id)
+        return None if sealed is None else (sealed["access"], sealed["refresh"])
+
+    def _reseal_fields(
+        self,
+        bound_to: str,
+        fields: tuple[tuple[Field, str | None], ...],
+        report: RotationReport,
+        *,
+        label: str,
+        **where: object,
+    ) -> dict[Field, str | None] | None:
+        """Each ciphertext decrypted and encrypted again under the current key, bound to the user id `bound_to` (an
+        absent one stays absent), in the order given; None when one cannot be read: `label` is then reported
+        unreadable (logged once, with `where` saying which row)."""
+        sealed: dict[Field, str | None] = {}
         for field_name, ciphertext in fields:
             if ciphertext is None:
                 sealed[field_name] = None
                 continue
             try:
-                plaintext = self._cipher.decrypt(ciphertext, user_id=row.user_id, field=field_name)
+                plaintext = self._cipher.decrypt(ciphertext, user_id=bound_to, field=field_name)
             except DecryptionError as exc:
-                if row.user_id not in report.unreadable:
-                    log.error("token.decrypt_failed", user_id=row.user_id, field=field_name, error=str(exc))
-                report.unreadable[row.user_id] = field_name
+                if label not in report.unreadable:
+                    log.error("token.decrypt_failed", **where, field=field_name, error=str(exc))
+                report.unreadable[label] = field_name
                 return None
-            sealed[field_name] = self._cipher.encrypt(plaintext, user_id=row.user_id, field=field_name)
-        return sealed["access"], sealed["refresh"]
+            sealed[field_name] = self._cipher.encrypt(plaintext, user_id=bound_to, field=field_name)
+        return sealed
 
     async def _left_over(self, report: RotationReport) -> int:
         """Rows still needing rotation that are not known to be unreadable (that is: rows that were locked)."""

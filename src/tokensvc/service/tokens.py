@@ -366,17 +366,7 @@ class TokenService:
                 return
             tombstone_id = None
             if row.refresh_token_enc is not None and row.reauth_reason is None:
-                tombstone_id = await tombstones.bury(
-                    conn,
-                    user_id=user_id,
-                    athlete_id=row.athlete_id,
-                    refresh_token_enc=row.refresh_token_enc,
-                    access_token_enc=row.access_token_enc,
-                    access_expires_at=row.expires_at,
-                    key_id=row.key_id,
-                    due_at=int(now),
-                    now=self._now_dt(),
-                )
+                tombstone_id = await self._bury(conn, row, refresh_token_enc=row.refresh_token_enc, sealed=row)
             await store.delete(conn, user_id)
             await self.journal.revoked(conn, user_id, athlete_id=row.athlete_id, reason="deleted")
         self.row_changed(user_id)
@@ -402,19 +392,26 @@ class TokenService:
         async with self._engine.begin() as conn:
             if await store.lock_for_refresh(conn, user_id) is not None:
                 return
-            tombstone_id = await tombstones.bury(
-                conn,
-                user_id=user_id,
-                athlete_id=row.athlete_id,
-                refresh_token_enc=tokens.refresh_token_enc,
-                access_token_enc=tokens.access_token_enc,
-                access_expires_at=tokens.expires_at,
-                key_id=tokens.key_id,
-                due_at=int(self._clock()),
-                now=self._now_dt(),
-            )
+            tombstone_id = await self._bury(conn, row, refresh_token_enc=tokens.refresh_token_enc, sealed=tokens)
         log.warning("token.refresh.deleted_meanwhile", user_id=user_id, tombstone_id=tombstone_id)
         await self._revoke_now(user_id, tombstone_id)
+
+    async def _bury(
+        self, conn: AsyncConnection, row: TokenRow, *, refresh_token_enc: str, sealed: TokenRow | NewTokens
+    ) -> int:
+        """Keep the user's grant for revoking, due now, in the caller's transaction: `refresh_token_enc` and the
+        access token of `sealed` (the row's own pair, or the one a refresh just wrote). Returns the tombstone's id."""
+        return await tombstones.bury(
+            conn,
+            user_id=row.user_id,
+            athlete_id=row.athlete_id,
+            refresh_token_enc=refresh_token_enc,
+            access_token_enc=sealed.access_token_enc,
+            access_expires_at=sealed.expires_at,
+            key_id=sealed.key_id,
+            due_at=int(self._clock()),
+            now=self._now_dt(),
+        )
 
     def row_changed(self, user_id: str) -> None:
         """A transaction of this process that changed the user's row has committed: this replica's reader forgets

@@ -42,7 +42,9 @@ class UsageRecorder:
         self.batch_size = batch_size
         self._pending: dict[str, int] = {}
         self._written: dict[str, int] = {}  # when each recently written use was, to coalesce the next ones
-        self.job = PeriodicJob("usage-flush", self.flush, interval_seconds=flush_interval_seconds, run_at_start=False)
+        self.job = PeriodicJob(
+            "usage-flush", self.flush, interval_seconds=flush_interval_seconds, run_at_start=False, run_at_stop=True
+        )
 
     def note(self, user_id: str) -> None:
         """Something asked for this user's token now. Never blocks, never raises."""
@@ -85,14 +87,3 @@ class UsageRecorder:
     def _forget_old(self) -> None:
         horizon = int(self._clock()) - self.coalesce_seconds
         self._written = {user_id: at for user_id, at in self._written.items() if at > horizon}
-
-    def start(self) -> None:
-        self.job.start()
-
-    async def stop(self) -> None:
-        """Stop the job and write what is left."""
-        await self.job.stop()
-        try:
-            await self.flush()
-        except Exception as exc:  # shutdown goes on; losing a few minutes of uses is harmless
-            log.warning("usage.final_flush_failed", error=type(exc).__name__)

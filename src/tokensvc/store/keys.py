@@ -25,17 +25,18 @@ class SealedRow:
     version: int
 
 
-def _under_other_key(column: sa.Column[str | None], prefix: str) -> sa.ColumnElement[bool]:
+def under_other_key(column: sa.Column[str | None], current_key_id: str) -> sa.ColumnElement[bool]:
+    """A ciphertext column (of any table) holding a ciphertext not sealed under `current_key_id`; NULL holds none."""
+    prefix = f"v1.{current_key_id}."
     return sa.and_(column.is_not(None), sa.not_(column.startswith(prefix, autoescape=True)))
 
 
 def needs_rotation(current_key_id: str) -> sa.ColumnElement[bool]:
     """A row holding any ciphertext that is not under `current_key_id`, or whose `key_id` names another key."""
-    prefix = f"v1.{current_key_id}."
     has_ciphertext = sa.or_(t.c.access_token_enc.is_not(None), t.c.refresh_token_enc.is_not(None))
     return sa.or_(
-        _under_other_key(t.c.access_token_enc, prefix),
-        _under_other_key(t.c.refresh_token_enc, prefix),
+        under_other_key(t.c.access_token_enc, current_key_id),
+        under_other_key(t.c.refresh_token_enc, current_key_id),
         sa.and_(has_ciphertext, sa.or_(t.c.key_id.is_(None), t.c.key_id != current_key_id)),
     )
 

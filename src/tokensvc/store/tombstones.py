@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import revocation_tombstones as g
 from tokensvc.models import user_tokens as t
+from tokensvc.store.keys import under_other_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +167,9 @@ class SealedTombstone:
 
 
 def _needs_rotation(current_key_id: str) -> sa.ColumnElement[bool]:
-    prefix = f"v1.{current_key_id}."
     return sa.or_(
-        sa.not_(g.c.refresh_token_enc.startswith(prefix, autoescape=True)),
-        sa.and_(g.c.access_token_enc.is_not(None), sa.not_(g.c.access_token_enc.startswith(prefix, autoescape=True))),
+        under_other_key(g.c.refresh_token_enc, current_key_id),
+        under_other_key(g.c.access_token_enc, current_key_id),
         g.c.key_id.is_(None),
         g.c.key_id != current_key_id,
     )
