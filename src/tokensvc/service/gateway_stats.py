@@ -33,7 +33,6 @@ from tokensvc.store import gateway_counts as store
 log = structlog.get_logger(__name__)
 
 OUTCOMES = ("ok", "reauth", "scope", "rate_limited", "strava_error", "client_error")
-FAILURES = OUTCOMES[1:]
 HOUR = 3600
 SLOTS = 8  # rows each (hour, outcome) is spread over, so replicas flushing together seldom wait on one row
 

@@ -90,6 +90,20 @@ AuthorizeUrlFactory = Callable[[str], str | None]
 CallResult = TypeVar("CallResult")
 StoreResult = TypeVar("StoreResult")
 
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """What a caller asked of a refresh, handed down the single flight to its steps unchanged. With
+    `rejected_version`, `force` holds only while the row is still that version; `strava_slots` is the sweep's bound
+    on its calls in flight."""
+
+    force: bool
+    min_ttl: int
+    trigger: str
+    strava_slots: asyncio.Semaphore | None = None
+    rejected_version: int | None = None
+
+
 MSG_REFRESHED = "Tokens refreshed successfully"
 MSG_STILL_VALID = "Tokens are still valid - no refresh needed"
 MSG_SIBLING = "Tokens were refreshed by another request"
@@ -464,16 +478,8 @@ class TokenService:
         if flight is None or flight.done():
             if self._closing:
                 raise ProviderUnavailable("the service is shutting down; try another replica", retry_after=1)
-            flight = asyncio.create_task(
-                self._refresh_guarded(
-                    user_id,
-                    force=force,
-                    min_ttl=min_ttl,
-                    trigger=trigger,
-                    strava_slots=strava_slots,
-                    rejected_version=rejected_version,
-                )
-            )
+            ask = _Ask(force, min_ttl, trigger, strava_slots, rejected_version)
+            flight = asyncio.create_task(self._refresh_guarded(user_id, ask))
             self._flights[user_id] = flight
             flight.add_done_callback(lambda done: self._forget_flight(user_id, done))
         # shield: a caller that goes away (client disconnect) must not cancel the refresh others are waiting for
@@ -500,30 +506,12 @@ class TokenService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _refresh_guarded(
-        self,
-        user_id: str,
-        *,
-        force: bool,
-        min_ttl: int,
-        trigger: str,
-        strava_slots: asyncio.Semaphore | None = None,
-        rejected_version: int | None = None,
-    ) -> Outcome:
+    async def _refresh_guarded(self, user_id: str, ask: _Ask) -> Outcome:
+        """The refresh's steps, with one metric and one log line for what they came to."""
+        trigger = ask.trigger
         outcome_label = "error"
         try:
-            priority: Priority = "sweep" if trigger in AUTOMATIC_TRIGGERS else "on_demand"
-            # The sweeper claimed the user because it is due: a lock-free look first would only repeat that.
-            outcome = await self._refresh_steps(
-                user_id,
-                force=force,
-                min_ttl=min_ttl,
-                trigger=trigger,
-                priority=priority,
-                look_first=trigger != "sweep",
-                strava_slots=strava_slots,
-                rejected_version=rejected_version,
-            )
+            outcome = await self._refresh_steps(user_id, ask)
         except TokenServiceError as exc:
             outcome_label = _OUTCOME_BY_CODE.get(exc.code, exc.code)
             # One line per failed decision saying why (the specific event, if any, was logged where it happened).
@@ -544,24 +532,16 @@ class TokenService:
         finally:
             metrics.REFRESH_TOTAL.labels(outcome=outcome_label, trigger=trigger).inc()
 
-    async def _refresh_steps(
-        self,
-        user_id: str,
-        *,
-        force: bool,
-        min_ttl: int,
-        priority: Priority,
-        trigger: str = "api",
-        look_first: bool = True,
-        strava_slots: asyncio.Semaphore | None = None,
-        rejected_version: int | None = None,
-    ) -> Outcome:
+    async def _refresh_steps(self, user_id: str, ask: _Ask) -> Outcome:
         """Decide, claim, call, store. The claim and the store are each one short transaction; the Strava call
         holds no connection. A caller that finds the claim held by a live owner waits for it (at most the wait
         budget), or takes the stored token when it still satisfies `min_ttl`, else 503 with `Retry-After`."""
+        force, min_ttl, trigger, rejected_version = ask.force, ask.min_ttl, ask.trigger, ask.rejected_version
+        priority: Priority = "sweep" if trigger in AUTOMATIC_TRIGGERS else "on_demand"
         give_up = time.monotonic() + self._wait_seconds
         message = MSG_STILL_VALID
-        known = await self._get(user_id) if look_first else await self._read_fresh(user_id)
+        # The sweeper claimed the user because it is due: a lock-free look first would only repeat that.
+        known = await self._read_fresh(user_id) if trigger == "sweep" else await self._get(user_id)
         while True:
             row = self._usable(user_id, known)
             if rejected_version is not None and row.version != rejected_version:
@@ -569,7 +549,7 @@ class TokenService:
             if not self._due(row, force=force, min_ttl=min_ttl):
                 return Outcome(row, refreshed=False, message=message)  # the common case: no claim, no budget
             # The sweep's bound on Strava calls in flight is taken before the claim, so no claim waits for a slot.
-            async with strava_slots or contextlib.nullcontext():
+            async with ask.strava_slots or contextlib.nullcontext():
                 claim, current = await self._claim(user_id, row)
                 if claim is not None:
                     return await self._call_and_store(user_id, row, claim, trigger=trigger, priority=priority)
