@@ -76,6 +76,13 @@ class TestSchedule:
         finally:
             await periodic.stop()
 
+    def test_a_changed_interval_holds_from_the_next_wait(self) -> None:
+        """A run may change the interval (a listener lengthening its reconnect delay): the next wait is the new one
+        (no jitter asked, so exactly that)."""
+        periodic = PeriodicJob("test", Recorder(), interval_seconds=0.1, jitter=0)
+        periodic.interval_seconds = 0.4
+        assert periodic.next_delay() == 0.4
+
     def test_the_interval_is_jittered_within_its_bounds(self) -> None:
         """Each wait is drawn from interval ± jitter, so replicas started together drift apart."""
         periodic = PeriodicJob("test", Recorder(), interval_seconds=100, jitter=0.1)
@@ -138,6 +145,26 @@ class TestStop:
         assert job.finished == 0
         assert not periodic.running
         assert [line["job"] for line in logs.events("background.job_cancelled")] == ["stuck"]
+
+    async def test_a_caller_that_stops_waiting_for_stop_cancels_the_run(self) -> None:
+        """The caller's own deadline (a shutdown's) cancels `stop`: the run in flight is cancelled with it, not
+        left running behind the caller's back."""
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def stuck() -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        periodic = PeriodicJob("stuck", stuck, interval_seconds=3600)
+        periodic.start()
+        await asyncio.wait_for(started.wait(), DEADLINE)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(periodic.stop(deadline_seconds=3600), 0.05)
+        assert cancelled.is_set()
 
     async def test_stop_before_start_and_twice_is_harmless(self) -> None:
         """Stopping a job that never ran, or stopping twice, does nothing."""

@@ -3,11 +3,13 @@ errors logged and survived.
 
 A job is an async function with no arguments. It runs once at `start` (unless told otherwise), then every
 `interval_seconds` (each wait drawn from ±`jitter` of it, so replicas started together drift apart), and at once
-after `wake()` (a wake during a run is kept: the job runs again right after). A run that raises is logged as
-`background.job_failed` and the schedule goes on. `stop` lets a run in flight finish within its deadline, then
-cancels it; with `run_at_stop` it then runs the job once more (a buffer's final flush: whatever was noted since
-the last run is written), a failure logged the same way. That last run has no deadline of its own: the caller
-bounds `stop` when it must.
+after `wake()` (a wake during a run is kept: the job runs again right after). The interval is read before each wait,
+so a run may change it (a listener lengthens its reconnect delay while connecting fails). A run that raises is
+logged as `background.job_failed` and the schedule goes on; a job whose failures deserve a name of their own
+catches them in its run. `stop` lets a run in flight finish within its deadline, then cancels it (so does a caller
+that gives up waiting for `stop`: the run never outlives it); with `run_at_stop` it then runs the job once more (a
+buffer's final flush: whatever was noted since the last run is written), a failure logged the same way. That last
+run has no deadline of its own: the caller bounds `stop` when it must.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 log = structlog.get_logger(__name__)
+
+STOP_DEADLINE_SECONDS = 10.0  # what a run in flight is given at `stop` unless the caller says otherwise
 
 
 class PeriodicJob:
@@ -67,7 +71,7 @@ class PeriodicJob:
         """Run now rather than at the next scheduled time (or right after the run in flight)."""
         self._wake.set()
 
-    async def stop(self, *, deadline_seconds: float = 10.0) -> None:
+    async def stop(self, *, deadline_seconds: float = STOP_DEADLINE_SECONDS) -> None:
         """Schedule nothing more; let a run in flight finish within `deadline_seconds`, else cancel it; then, with
         `run_at_stop`, run once more (also when the job was never started: what was noted still gets written)."""
         self._stopping.set()
@@ -75,12 +79,13 @@ class PeriodicJob:
         task, self._task = self._task, None
         if task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=deadline_seconds)
-            except TimeoutError:
-                log.warning("background.job_cancelled", job=self.name, deadline_seconds=deadline_seconds)
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.wait({task}, timeout=deadline_seconds)
+            finally:  # past the deadline, or the caller stopped waiting: the run ends with the stop
+                if not task.done():
+                    log.warning("background.job_cancelled", job=self.name, deadline_seconds=deadline_seconds)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         if self._run_at_stop:
             await self._run_logged()
 
