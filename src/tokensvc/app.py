@@ -388,9 +388,9 @@ async def _close(res: Resources, shutdown: Shutdown) -> None:
     stops = [
         *loops,
         res.revoker.stop(deadline_seconds=left),
-        res.webhooks.stop(),
-        res.sweeper.stop(),
-        *([res.notifier.stop()] if res.notifier else []),
+        res.webhooks.stop(deadline_seconds=left),
+        res.sweeper.stop(deadline_seconds=left),
+        *([res.notifier.stop(deadline_seconds=left)] if res.notifier else []),
     ]
     service_closed = res.service.aclose(max(0.5, left - CLOSE_RESERVE_SECONDS))
     drained = asyncio.gather(service_closed, *stops, return_exceptions=True)

@@ -15,7 +15,6 @@ which is what bounds the delay after a commit; `wake()` starts a pass at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
+from tokensvc.background import STOP_DEADLINE_SECONDS, PeriodicJob
 from tokensvc.backoff import backoff_seconds
 from tokensvc.clock import Clock
 from tokensvc.metrics import NOTIFICATIONS_TOTAL
@@ -61,7 +61,6 @@ class NotificationDeliverer:
         self.url = url
         self._webhook = Webhook(secret)
         self._clock = clock
-        self.poll_seconds = poll_seconds
         self.concurrency = concurrency
         self.backoff_seconds = backoff_seconds
         self.backoff_max_seconds = backoff_max_seconds
@@ -70,8 +69,7 @@ class NotificationDeliverer:
         self.lease_seconds = math.ceil(2 * timeout_seconds) + 5
         self._http = httpx.AsyncClient(timeout=timeout_seconds, transport=transport, follow_redirects=False)
         self._stopping = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._job = PeriodicJob("notifier", self.deliver_due, interval_seconds=poll_seconds, jitter=0)
 
     async def deliver_due(self) -> DeliveryReport:
         """Claim and deliver every notification due now, `concurrency` at a time; return how the attempts ended.
@@ -145,29 +143,16 @@ class NotificationDeliverer:
 
     def start(self) -> None:
         """Deliver every `poll_seconds` (and on `wake`) until `stop`."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="tokensvc-notifier")
+        self._job.start()
 
     def wake(self) -> None:
         """Start a pass now rather than at the next poll."""
-        self._wake.set()
+        self._job.wake()
 
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()
-            try:
-                await self.deliver_due()
-            except Exception:  # a failed pass (database away) must not end the loop; the next one may succeed
-                log.exception("notification.pass_crashed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
-
-    async def stop(self) -> None:
-        """Claim nothing more, let the attempts in flight record their result, end the loop, close the client.
-        Whatever is still due is delivered after the next start, here or by another replica."""
+    async def stop(self, *, deadline_seconds: float = STOP_DEADLINE_SECONDS) -> None:
+        """Claim nothing more, let the attempts in flight record their result (within `deadline_seconds`), end the
+        loop, close the client. Whatever is still due is delivered after the next start, here or by another
+        replica."""
         self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        await self._job.stop(deadline_seconds=deadline_seconds)
         await self._http.aclose()

@@ -10,7 +10,6 @@ paused rate budget ends the sweep early; shutdown lets in-flight refreshes finis
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tokensvc.background import STOP_DEADLINE_SECONDS, PeriodicJob
 from tokensvc.clock import Clock
 from tokensvc.config import sweep_workers
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, TokenServiceError, TokensMissing
@@ -61,11 +61,12 @@ class Sweeper:
         self.concurrency = concurrency
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
-        self.interval_seconds = interval_seconds
         self.active_days = active_days  # 0: sweep everyone
         self.keepalive_days = keepalive_days
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._job = (
+            PeriodicJob("sweeper", self.sweep_once, interval_seconds=interval_seconds) if interval_seconds > 0 else None
+        )
 
     async def count_due(self) -> int:
         async with self._engine.connect() as conn:
@@ -193,28 +194,16 @@ class Sweeper:
 
     def start(self) -> None:
         """Run sweeps every `interval_seconds` (±10% jitter, so replicas drift apart) until `stop`."""
-        if self.interval_seconds > 0 and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="tokensvc-sweeper")
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.sweep_once()
-            except Exception:  # a sweep's failure must not end the loop; the next one may succeed
-                log.exception("sweep.crashed")
-            interval = self.interval_seconds * random.uniform(0.9, 1.1)
-            try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+        if self._job is not None:
+            self._job.start()
 
     def request_stop(self) -> None:
         """From now on claim nothing and start nothing; in-flight refreshes go on to their commit."""
         self._stopping.set()
 
-    async def stop(self) -> None:
-        """Stop claiming, let in-flight refreshes commit, give back unstarted claims, end the loop."""
+    async def stop(self, *, deadline_seconds: float = STOP_DEADLINE_SECONDS) -> None:
+        """Stop claiming, let in-flight refreshes commit within `deadline_seconds` (else they are cancelled), give
+        back unstarted claims, end the loop."""
         self.request_stop()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        if self._job is not None:
+            await self._job.stop(deadline_seconds=deadline_seconds)

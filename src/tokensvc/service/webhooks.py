@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import random
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc import metrics
+from tokensvc.background import STOP_DEADLINE_SECONDS, PeriodicJob
 from tokensvc.backoff import backoff_seconds
 from tokensvc.clock import Clock
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, RetryLater, TokensMissing, WebhookForbidden
@@ -107,12 +107,14 @@ class StravaWebhooks:
         self.forward_per_athlete_hour = forward_per_athlete_hour
         self.recheck_seconds = recheck_seconds
         self._subscription: tuple[float, int | None] | None = None
-        self.poll_interval_seconds = poll_interval_seconds
         self.lease_seconds = lease_seconds
         self.batch_size = batch_size
-        self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._job = (
+            PeriodicJob("webhooks", self._scheduled_pass, interval_seconds=poll_interval_seconds)
+            if poll_interval_seconds > 0
+            else None
+        )
 
     # -- receiving ----------------------------------------------------------------------------------------------
 
@@ -400,35 +402,25 @@ class StravaWebhooks:
 
     def wake(self) -> None:
         """Process now (a new event arrived in this replica)."""
-        self._wake.set()
+        if self._job is not None:
+            self._job.wake()
 
     def start(self) -> None:
         """Process pending events on every wake and every `poll_interval_seconds` (±10%) until `stop`."""
-        if self.poll_interval_seconds > 0 and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="tokensvc-webhooks")
+        if self._job is not None:
+            self._job.start()
 
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()  # a wake during the pass below makes another pass at once
-            try:
-                await self.process_once()
-            except (DBAPIError, OSError) as exc:
-                log.error("webhook.processor.database_unavailable", error=type(exc).__name__)
-            except Exception:  # a pass's failure must not end the loop; the leases hand its events back later
-                log.exception("webhook.processor.crashed")
-            interval = self.poll_interval_seconds * random.uniform(0.9, 1.1)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+    async def _scheduled_pass(self) -> None:
+        try:
+            await self.process_once()
+        except (DBAPIError, OSError) as exc:  # any other failure is the job's; the leases hand its events back later
+            log.error("webhook.processor.database_unavailable", error=type(exc).__name__)
 
-    async def stop(self) -> None:
-        """Claim nothing more, let the event in hand finish, end the loop."""
+    async def stop(self, *, deadline_seconds: float = STOP_DEADLINE_SECONDS) -> None:
+        """Claim nothing more, let the event in hand finish (within `deadline_seconds`), end the loop."""
         self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        if self._job is not None:
+            await self._job.stop(deadline_seconds=deadline_seconds)
 
     def _now_dt(self) -> datetime:
         return datetime.fromtimestamp(int(self._clock()), UTC)
