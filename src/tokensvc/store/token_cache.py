@@ -30,12 +30,15 @@ from typing import Any
 import asyncpg
 import structlog
 
+from tokensvc.background import PeriodicJob
 from tokensvc.store.reader import RowReader
 from tokensvc.store.tokens import TokenRow
 
 log = structlog.get_logger(__name__)
 
 CHANNEL = "tokensvc_token_changes"
+RECONNECT_FIRST_SECONDS = 0.1
+RECONNECT_MAX_SECONDS = 5.0
 
 
 class CachedReader:
@@ -69,9 +72,8 @@ class CachedReader:
         self._entries: OrderedDict[str, tuple[TokenRow, float]] = OrderedDict()
         self._epoch = 0
         self._live = False
-        self._stopping = asyncio.Event()
         self._interrupt = asyncio.Event()  # ends the current connection's wait: lost, or closing
-        self._task: asyncio.Task[None] | None = None
+        self._listener = PeriodicJob("token-cache", self._listen, interval_seconds=RECONNECT_FIRST_SECONDS, jitter=0)
         self._watchers: dict[str, set[asyncio.Event]] = {}
 
     @property
@@ -150,22 +152,22 @@ class CachedReader:
     # -- the listener -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._listen_forever(), name="tokensvc-token-cache")
+        self._listener.start()
 
-    async def _listen_forever(self) -> None:
-        delay = 0.1
-        while not self._stopping.is_set():
-            try:
-                await self._listen_once()
-                delay = 0.1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("token_cache.listener_down", error=type(exc).__name__, retry_in_seconds=delay)
-            finally:
-                self._reset(live=False)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-            delay = min(delay * 2, 5.0)
+    async def _listen(self) -> None:
+        """The listener job's run: one connection, until it is lost. The job's interval is the wait before the
+        next connection: `RECONNECT_FIRST_SECONDS` after one that worked, doubled (up to `RECONNECT_MAX_SECONDS`)
+        by each failure."""
+        listener = self._listener
+        try:
+            await self._listen_once()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            listener.interval_seconds = min(listener.interval_seconds * 2, RECONNECT_MAX_SECONDS)
+            log.warning(
+                "token_cache.listener_down", error=type(exc).__name__, retry_in_seconds=listener.interval_seconds
+            )
+        else:
+            listener.interval_seconds = RECONNECT_FIRST_SECONDS
 
     async def _listen_once(self) -> None:
         """Listen until the connection is lost (or a ping fails, or `aclose`)."""
@@ -198,10 +200,6 @@ class CachedReader:
                 conn.terminate()  # never two listeners at once: the connection budget counts one (config.py)
 
     async def aclose(self) -> None:
-        self._stopping.set()
-        self._interrupt.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._interrupt.set()  # the connection's wait ends now; the job's stop ends the waits between connections
+        await self._listener.stop()
         await self._inner.aclose()
