@@ -116,6 +116,24 @@ class TestErrors:
         failed = logs.events("background.job_failed")
         assert [(line["job"], line["error"]) for line in failed] == [("flaky", "RuntimeError")]
 
+    async def test_an_unexpected_failure_is_an_error_with_its_traceback_and_a_database_away_a_warning(self) -> None:
+        """A bug (any other exception) is logged at error level with its traceback; the database or a peer away
+        (OSError here) is a warning with no traceback, since it says nothing about the code."""
+        failures: list[BaseException] = [RuntimeError("a bug"), ConnectionRefusedError("database away")]
+
+        async def run() -> None:
+            raise failures.pop(0)
+
+        periodic = PeriodicJob("failing", run, interval_seconds=3600, run_at_stop=True)
+        with captured_logs() as logs:
+            for _ in range(2):
+                await periodic.stop()  # never started: each stop runs the job once
+        bug, away = logs.events("background.job_failed")
+        assert (bug["level"], bug["error"]) == ("error", "RuntimeError")
+        assert "Traceback" in bug["exception"]
+        assert (away["level"], away["error"]) == ("warning", "ConnectionRefusedError")
+        assert "exception" not in away
+
 
 class TestStop:
     async def test_stop_lets_the_run_in_flight_finish_within_the_deadline(self) -> None:

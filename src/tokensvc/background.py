@@ -5,7 +5,8 @@ A job is an async function with no arguments. It runs once at `start` (unless to
 `interval_seconds` (each wait drawn from ±`jitter` of it, so replicas started together drift apart), and at once
 after `wake()` (a wake during a run is kept: the job runs again right after). The interval is read before each wait,
 so a run may change it (a listener lengthens its reconnect delay while connecting fails). A run that raises is
-logged as `background.job_failed` and the schedule goes on; a job whose failures deserve a name of their own
+logged as `background.job_failed` (a warning when the database or a peer was away, an error with its traceback
+otherwise) and the schedule goes on; a job whose failures deserve a name of their own
 catches them in its run. `stop` lets a run in flight finish within its deadline, then cancels it (so does a caller
 that gives up waiting for `stop`: the run never outlives it); with `run_at_stop` it then runs the job once more (a
 buffer's final flush: whatever was noted since the last run is written), a failure logged the same way. That last
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import Awaitable, Callable
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +96,15 @@ class PeriodicJob:
         try:
             await self._run()
         except Exception as exc:  # a failed run (database away, …) must not end the schedule, nor the shutdown
-            log.warning("background.job_failed", job=self.name, error=type(exc).__name__, detail=str(exc)[:200])
+            expected = isinstance(exc, DBAPIError | OSError | TimeoutError)  # the database or a peer away: no bug
+            log.log(
+                logging.WARNING if expected else logging.ERROR,
+                "background.job_failed",
+                job=self.name,
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+                exc_info=not expected,  # an unexpected failure is a bug: its traceback (redacted like every line)
+            )
 
     async def _loop(self) -> None:
         delay = 0.0 if self._run_at_start else self.next_delay()
