@@ -40,9 +40,11 @@ install-runtime: $(BIN)/.installed-runtime
 run: install-runtime
 	$(BIN)/tokensvc serve --sandbox --host $(HOST) --port $(PORT)
 
-## The whole suite: SQLite and Postgres (127.0.0.1:5432, or TOKENSVC_TEST_POSTGRES_URL), several processes
+## The whole suite: SQLite and Postgres (127.0.0.1:5432, or TOKENSVC_TEST_POSTGRES_URL), several processes; spread
+## over one pytest-xdist worker per core (at most TEST_WORKERS: each may run three replicas on the one Postgres)
+TEST_WORKERS ?= 3
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses auto --maxprocesses $(TEST_WORKERS) --dist worksteal
 
 ## The suite under coverage.py, the processes it starts included (pyproject.toml [tool.coverage.run]): line coverage
 coverage: install

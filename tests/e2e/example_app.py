@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import subprocess
@@ -61,7 +62,15 @@ def _run(command: list[str], timeout: float) -> None:
 
 
 def build_example() -> Path:
-    """`npm ci` when node_modules is missing or older than the lock file, `npm run build` when dist is stale."""
+    """`npm ci` when node_modules is missing or older than the lock file, `npm run build` when dist is stale; one
+    build at a time (pytest-xdist workers may each ask for it)."""
+    (ROOT / "build").mkdir(exist_ok=True)
+    with (ROOT / "build" / "example-react.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_example()
+
+
+def _build_example() -> Path:
     installed = EXAMPLE / "node_modules" / ".package-lock.json"  # npm writes it at every install
     if not installed.exists() or installed.stat().st_mtime < (EXAMPLE / "package-lock.json").stat().st_mtime:
         _run(["npm", "ci", "--no-audit", "--no-fund"], INSTALL_TIMEOUT)
