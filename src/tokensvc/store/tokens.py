@@ -11,12 +11,11 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import user_tokens as t
 from tokensvc.status import Status
+from tokensvc.store.dialect import insert_into
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +118,7 @@ async def upsert(
         "reauth_reason": None,
         "updated_at": now,
     }
-    insert = pg_insert(t) if conn.dialect.name == "postgresql" else sqlite_insert(t)
+    insert = insert_into(conn, t)
     stmt = insert.values(
         user_id=user_id,
         created_at=now,
