@@ -52,8 +52,7 @@ async def take(
 ) -> Claim | None:
     """Claim the user's refresh: a new claim, or one whose holder's lease has lapsed (taken over). None when a
     live claim is held by someone else. A taken-over claim remembers how long its lapsed owner may still write."""
-    insert = insert_into(conn, c)
-    stmt = insert.values(
+    stmt = insert_into(conn, c).values(
         user_id=user_id,
         owner=owner,
         version_read=version_read,

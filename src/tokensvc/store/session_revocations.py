@@ -17,9 +17,12 @@ async def not_before_ms(conn: AsyncConnection, subject: str) -> int:
 
 async def revoke(conn: AsyncConnection, subject: str, *, now_ms: int) -> None:
     """End every session of `subject` issued before `now_ms` (never moving the watermark back)."""
-    insert = insert_into(conn, r)
-    stmt = insert.values(subject=subject, not_before_ms=now_ms).on_conflict_do_update(
-        index_elements=[r.c.subject],
-        set_={"not_before_ms": greatest(conn, r.c.not_before_ms, now_ms)},
+    stmt = (
+        insert_into(conn, r)
+        .values(subject=subject, not_before_ms=now_ms)
+        .on_conflict_do_update(
+            index_elements=[r.c.subject],
+            set_={"not_before_ms": greatest(conn, r.c.not_before_ms, now_ms)},
+        )
     )
     await conn.execute(stmt)
