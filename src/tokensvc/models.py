@@ -275,7 +275,16 @@ class StravaEventWindow(SQLModel, table=True):
 strava_event_windows: sa.Table = StravaEventWindow.__table__  # type: ignore[attr-defined]
 
 
-class RefreshCount(SQLModel, table=True):
+class HourlyCount(SQLModel):
+    """The columns of an hourly rollup (store/rollup.py): a count per hour, outcome and slot."""
+
+    hour: int = Field(primary_key=True, sa_type=sa.BigInteger)  # epoch seconds at the start of the hour (UTC)
+    outcome: str = Field(primary_key=True, max_length=32)
+    slot: int = Field(primary_key=True)
+    count: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+class RefreshCount(HourlyCount, table=True):
     """Refresh attempts at Strava per hour and outcome, counted in the transaction of each attempt: what
     `/v1/stats` and the dashboard's chart read (a few dozen rows a day, however many athletes). Successes are only
     counted here; failures also get an audit row (`token_events`). Each attempt adds one to one of a few `slot`
@@ -283,27 +292,17 @@ class RefreshCount(SQLModel, table=True):
 
     __tablename__ = "refresh_counts"
 
-    hour: int = Field(primary_key=True, sa_type=sa.BigInteger)  # epoch seconds at the start of the hour (UTC)
-    outcome: str = Field(primary_key=True, max_length=32)
-    slot: int = Field(primary_key=True)
-    count: int = Field(default=0, sa_type=sa.BigInteger)
-
 
 refresh_counts: sa.Table = RefreshCount.__table__  # type: ignore[attr-defined]
 
 
-class GatewayCount(SQLModel, table=True):
+class GatewayCount(HourlyCount, table=True):
     """Strava API gateway calls per hour and outcome (`ok`, `reauth`, `scope`, `rate_limited`, `strava_error`,
     `client_error`, `unavailable`, `refused`), every replica's: what `/v1/stats` and the dashboard read for the sync
     success rate. Each replica adds its tally in batches (service/gateway_stats.py) to one of a few `slot` rows
     chosen at random, like `refresh_counts`; readers sum them."""
 
     __tablename__ = "gateway_counts"
-
-    hour: int = Field(primary_key=True, sa_type=sa.BigInteger)  # epoch seconds at the start of the hour (UTC)
-    outcome: str = Field(primary_key=True, max_length=32)
-    slot: int = Field(primary_key=True)
-    count: int = Field(default=0, sa_type=sa.BigInteger)
 
 
 gateway_counts: sa.Table = GatewayCount.__table__  # type: ignore[attr-defined]
