@@ -146,12 +146,12 @@ def _build_resources(
     """Every service of a replica, in the order they need each other (nothing runs yet: `start_background`)."""
     budget = _rate_budget(settings, engine, clock)
     strava = _strava_client(settings, budget, clock, strava_transport)
+    parts = _Parts(settings, engine, clock, budget, strava, TokenCipher(settings.all_encryption_keys))
     secret = _session_secret(settings)
     links = _connect_links(settings, strava, secret, clock)
     rows = _row_reader(settings, engine, clock)
-    cipher = TokenCipher(settings.all_encryption_keys)
-    revoker = _revoker(settings, engine, cipher, strava, budget, clock)
-    service = _token_service(settings, engine, budget, rows, cipher, strava, links, revoker, clock)
+    revoker = _revoker(parts)
+    service = _token_service(parts, rows, links, revoker)
     usage = UsageRecorder(engine, clock=clock, buffer_seconds=settings.refresh_buffer_seconds)
     service.usage = usage
     gateway_tally = GatewayTally(engine, clock=clock, flush_interval_seconds=settings.gauge_interval_seconds)
@@ -160,17 +160,17 @@ def _build_resources(
         strava=strava,
         service=service,
         budget=budget,
-        sweeper=_sweeper(settings, engine, service, clock),
+        sweeper=_sweeper(parts, service),
         links=links,
         oauth=OAuthService(links=links, tokens=service, strava=strava, engine=engine, clock=clock),
         sessions=Sessions(secret, ttl_seconds=settings.session_ttl_seconds, clock=clock),
-        webhooks=_strava_webhooks(settings, engine, service, strava, budget, clock),
+        webhooks=_strava_webhooks(parts, service),
         notifier=notification_deliverer(settings, engine, clock=clock),
         housekeeping=Housekeeping(engine, clock=clock, retention_days=settings.audit_retention_days),
         revoker=revoker,
         audit=Audit(engine),
-        stats=_stats(settings, engine, budget, gateway_tally, clock),
-        dashboard=_dashboard(settings, engine, budget, clock),
+        stats=_stats(parts, gateway_tally),
+        dashboard=_dashboard(parts),
         rows=rows,
         clock=clock,
         clock_sync=clock_sync,
@@ -178,6 +178,18 @@ def _build_resources(
         usage=usage,
         gateway_tally=gateway_tally,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What most of a replica's services are built from (`_build_resources`)."""
+
+    settings: Settings
+    engine: AsyncEngine
+    clock: Clock
+    budget: RateBudget
+    strava: StravaClient
+    cipher: TokenCipher
 
 
 def _engines(settings: Settings) -> tuple[AsyncEngine, AsyncEngine]:
@@ -264,48 +276,32 @@ def _row_reader(settings: Settings, engine: AsyncEngine, clock: Clock) -> RowRea
     return cache
 
 
-def _revoker(
-    settings: Settings,
-    engine: AsyncEngine,
-    cipher: TokenCipher,
-    strava: StravaClient,
-    budget: RateBudget,
-    clock: Clock,
-) -> GrantRevoker:
+def _revoker(p: _Parts) -> GrantRevoker:
     return GrantRevoker(
-        engine=engine,
-        cipher=cipher,
-        strava=strava,
-        budget=budget,
-        clock=clock,
-        endpoint=settings.strava_revoke_endpoint,
-        interval_seconds=settings.revoke_poll_interval_seconds,
+        engine=p.engine,
+        cipher=p.cipher,
+        strava=p.strava,
+        budget=p.budget,
+        clock=p.clock,
+        endpoint=p.settings.strava_revoke_endpoint,
+        interval_seconds=p.settings.revoke_poll_interval_seconds,
     )
 
 
-def _token_service(
-    settings: Settings,
-    engine: AsyncEngine,
-    budget: RateBudget,
-    rows: RowReader,
-    cipher: TokenCipher,
-    strava: StravaClient,
-    links: ConnectLinks,
-    revoker: GrantRevoker,
-    clock: Clock,
-) -> TokenService:
+def _token_service(p: _Parts, rows: RowReader, links: ConnectLinks, revoker: GrantRevoker) -> TokenService:
+    settings = p.settings
     journal = Journal(
-        clock=clock,
+        clock=p.clock,
         notify=settings.notify_url is not None,
         connect_url=f"{settings.public_url}/v1/oauth/strava/authorize" if settings.public_url else None,
     )
     return TokenService(
-        engine=engine,
-        budget=budget,
+        engine=p.engine,
+        budget=p.budget,
         rows=rows,
-        cipher=cipher,
-        strava=strava,
-        clock=clock,
+        cipher=p.cipher,
+        strava=p.strava,
+        clock=p.clock,
         buffer_seconds=settings.refresh_buffer_seconds,
         claim_seconds=settings.refresh_claim_seconds,
         write_budget_seconds=settings.refresh_write_budget_seconds,
@@ -316,11 +312,12 @@ def _token_service(
     )
 
 
-def _sweeper(settings: Settings, engine: AsyncEngine, service: TokenService, clock: Clock) -> Sweeper:
+def _sweeper(p: _Parts, service: TokenService) -> Sweeper:
+    settings = p.settings
     return Sweeper(
-        engine=engine,
+        engine=p.engine,
         tokens=service,
-        clock=clock,
+        clock=p.clock,
         concurrency=settings.sweep_concurrency,
         batch_size=settings.sweep_batch_size,
         lease_seconds=settings.sweep_lease_seconds,
@@ -330,37 +327,30 @@ def _sweeper(settings: Settings, engine: AsyncEngine, service: TokenService, clo
     )
 
 
-def _strava_webhooks(
-    settings: Settings,
-    engine: AsyncEngine,
-    service: TokenService,
-    strava: StravaClient,
-    budget: RateBudget,
-    clock: Clock,
-) -> StravaWebhooks:
+def _strava_webhooks(p: _Parts, service: TokenService) -> StravaWebhooks:
+    settings = p.settings
     verify_token = settings.strava_webhook_verify_token
     path_secret = settings.strava_webhook_path_secret
     return StravaWebhooks(
-        engine=engine,
+        engine=p.engine,
         tokens=service,
-        strava=strava,
-        budget=budget,
+        strava=p.strava,
+        budget=p.budget,
         verify_token=verify_token.get_secret_value() if verify_token else None,
-        clock=clock,
+        clock=p.clock,
         path_secret=path_secret.get_secret_value() if path_secret else None,
         forward_per_athlete_hour=settings.webhook_forward_per_athlete_hour,
         poll_interval_seconds=settings.webhook_poll_interval_seconds,
     )
 
 
-def _stats(
-    settings: Settings, engine: AsyncEngine, budget: RateBudget, tally: GatewayTally, clock: Clock
-) -> StatsService:
+def _stats(p: _Parts, tally: GatewayTally) -> StatsService:
+    settings = p.settings
     return StatsService(
-        engine,
-        budget=budget,
+        p.engine,
+        budget=p.budget,
         tally=tally,
-        clock=clock,
+        clock=p.clock,
         buffer_seconds=settings.refresh_buffer_seconds,
         gauge_interval_seconds=settings.gauge_interval_seconds,
         active_days=settings.sweep_active_days,
@@ -368,14 +358,14 @@ def _stats(
     )
 
 
-def _dashboard(settings: Settings, engine: AsyncEngine, budget: RateBudget, clock: Clock) -> DashboardService:
+def _dashboard(p: _Parts) -> DashboardService:
     return DashboardService(
-        engine=engine,
-        budget=budget,
-        clock=clock,
-        buffer_seconds=settings.refresh_buffer_seconds,
-        active_days=settings.sweep_active_days,
-        athlete_capacity=settings.strava_athlete_capacity,
+        engine=p.engine,
+        budget=p.budget,
+        clock=p.clock,
+        buffer_seconds=p.settings.refresh_buffer_seconds,
+        active_days=p.settings.sweep_active_days,
+        athlete_capacity=p.settings.strava_athlete_capacity,
     )
 
 

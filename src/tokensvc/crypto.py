@@ -16,13 +16,27 @@ import secrets
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
+import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+log = structlog.get_logger(__name__)
+
 Field = Literal["access", "refresh"]
 _VERSION = "v1"
+
+
+class Sealed(Protocol):
+    """A row holding a user's two ciphertexts (a token row, a tombstone)."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def access_token_enc(self) -> str | None: ...
+    @property
+    def refresh_token_enc(self) -> str | None: ...
 
 
 class KeyConfigError(ValueError):
@@ -99,6 +113,16 @@ class TokenCipher:
             return aead.decrypt(blob[:12], blob[12:], _aad(user_id, field)).decode()
         except InvalidTag as exc:
             raise DecryptionError("ciphertext failed authentication (tampered, or moved from another row)") from exc
+
+    def open(self, row: Sealed, field: Field) -> str:
+        """The row's `field` in clear text. Raises DecryptionError (logged as `token.decrypt_failed`) when it does
+        not decrypt with the configured keys, or is missing."""
+        ciphertext = row.access_token_enc if field == "access" else row.refresh_token_enc
+        try:
+            return self.decrypt(ciphertext or "", user_id=row.user_id, field=field)
+        except DecryptionError as exc:
+            log.error("token.decrypt_failed", user_id=row.user_id, field=field, error=str(exc))
+            raise
 
 
 def _aad(user_id: str, field: Field) -> bytes:

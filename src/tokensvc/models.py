@@ -34,6 +34,11 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value
 
 
+def _partial_index(name: str, *columns: sa.ColumnElement[object], where: str) -> sa.Index:
+    """An index over only the rows matching `where`, a literal predicate that both dialects take as it is."""
+    return sa.Index(name, *columns, postgresql_where=sa.text(where), sqlite_where=sa.text(where))
+
+
 class UserToken(SQLModel, table=True):
     """A user's Strava connection. `reauth_reason` set means `needs_reauth`; no row means `missing`."""
 
@@ -60,34 +65,23 @@ class UserToken(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=64)
 
 
+user_tokens: sa.Table = UserToken.__table__  # type: ignore[attr-defined]
+
 # "Who is due" is a range scan on expiry over the users that can still be refreshed.
-sa.Index(
-    "ix_user_tokens_due",
-    UserToken.__table__.c.expires_at,  # type: ignore[attr-defined]
-    postgresql_where=sa.text("reauth_reason IS NULL"),
-    sqlite_where=sa.text("reauth_reason IS NULL"),
-)
+_partial_index("ix_user_tokens_due", user_tokens.c.expires_at, where="reauth_reason IS NULL")
 
 # "Whom should the sweeper take next" is a range scan too, over the same users.
-sa.Index(
-    "ix_user_tokens_sweep",
-    UserToken.__table__.c.sweep_at,  # type: ignore[attr-defined]
-    postgresql_where=sa.text("reauth_reason IS NULL"),
-    sqlite_where=sa.text("reauth_reason IS NULL"),
-)
+_partial_index("ix_user_tokens_sweep", user_tokens.c.sweep_at, where="reauth_reason IS NULL")
 
 # "Who must reconnect, most recent first" (the dashboard) and their count read only the flagged users. updated_at
 # changes on every write, but a row enters this index only while flagged, and the writes that touch it were not HOT
 # anyway (they change expires_at or sweep_at, both indexed).
-sa.Index(
+_partial_index(
     "ix_user_tokens_needs_reauth",
-    UserToken.__table__.c.updated_at.desc(),  # type: ignore[attr-defined]
-    UserToken.__table__.c.user_id,  # type: ignore[attr-defined]
-    postgresql_where=sa.text("reauth_reason IS NOT NULL"),
-    sqlite_where=sa.text("reauth_reason IS NOT NULL"),
+    user_tokens.c.updated_at.desc(),
+    user_tokens.c.user_id,
+    where="reauth_reason IS NOT NULL",
 )
-
-user_tokens: sa.Table = UserToken.__table__  # type: ignore[attr-defined]
 
 
 class StravaRateBudget(SQLModel, table=True):
@@ -183,20 +177,15 @@ class TokenEvent(SQLModel, table=True):
     detail: str | None = Field(default=None, max_length=200)
 
 
+token_events: sa.Table = TokenEvent.__table__  # type: ignore[attr-defined]
+
 # A user's history, newest first, is a range scan on (user_id, id).
-sa.Index("ix_token_events_user", TokenEvent.__table__.c.user_id, TokenEvent.__table__.c.id)  # type: ignore[attr-defined]
+sa.Index("ix_token_events_user", token_events.c.user_id, token_events.c.id)
 
 # The dashboard's "recent failures", newest first, however rare failures are among the other rows. A literal
 # predicate (not a bound parameter) in both the index and the query, so every plan, generic ones too, can use it.
 FAILED_REFRESH = "kind = 'refresh' AND outcome <> 'succeeded'"
-sa.Index(
-    "ix_token_events_failures",
-    TokenEvent.__table__.c.id,  # type: ignore[attr-defined]
-    postgresql_where=sa.text(FAILED_REFRESH),
-    sqlite_where=sa.text(FAILED_REFRESH),
-)
-
-token_events: sa.Table = TokenEvent.__table__  # type: ignore[attr-defined]
+_partial_index("ix_token_events_failures", token_events.c.id, where=FAILED_REFRESH)
 
 
 class Notification(SQLModel, table=True):
@@ -217,23 +206,13 @@ class Notification(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=200)
 
 
+notifications: sa.Table = Notification.__table__  # type: ignore[attr-defined]
+
 # "What is due for delivery" scans undelivered rows only.
-sa.Index(
-    "ix_notifications_due",
-    Notification.__table__.c.next_attempt_at,  # type: ignore[attr-defined]
-    postgresql_where=sa.text("delivered_at IS NULL"),
-    sqlite_where=sa.text("delivered_at IS NULL"),
-)
+_partial_index("ix_notifications_due", notifications.c.next_attempt_at, where="delivered_at IS NULL")
 
 # The retention purge takes delivered rows by age.
-sa.Index(
-    "ix_notifications_delivered",
-    Notification.__table__.c.delivered_at,  # type: ignore[attr-defined]
-    postgresql_where=sa.text("delivered_at IS NOT NULL"),
-    sqlite_where=sa.text("delivered_at IS NOT NULL"),
-)
-
-notifications: sa.Table = Notification.__table__  # type: ignore[attr-defined]
+_partial_index("ix_notifications_delivered", notifications.c.delivered_at, where="delivered_at IS NOT NULL")
 
 
 class StravaWebhookEvent(SQLModel, table=True):
@@ -259,23 +238,13 @@ class StravaWebhookEvent(SQLModel, table=True):
     result: str | None = Field(default=None, max_length=200)
 
 
-sa.Index(
-    "ix_strava_webhook_events_pending",
-    StravaWebhookEvent.__table__.c.next_attempt_at,  # type: ignore[attr-defined]
-    postgresql_where=sa.text("state = 'pending'"),
-    sqlite_where=sa.text("state = 'pending'"),
-)
+strava_webhook_events: sa.Table = StravaWebhookEvent.__table__  # type: ignore[attr-defined]
+
+_partial_index("ix_strava_webhook_events_pending", strava_webhook_events.c.next_attempt_at, where="state = 'pending'")
 
 # The retention purge takes processed events by age.
 PROCESSED_EVENT = "state <> 'pending'"
-sa.Index(
-    "ix_strava_webhook_events_processed",
-    StravaWebhookEvent.__table__.c.processed_at,  # type: ignore[attr-defined]
-    postgresql_where=sa.text(PROCESSED_EVENT),
-    sqlite_where=sa.text(PROCESSED_EVENT),
-)
-
-strava_webhook_events: sa.Table = StravaWebhookEvent.__table__  # type: ignore[attr-defined]
+_partial_index("ix_strava_webhook_events_processed", strava_webhook_events.c.processed_at, where=PROCESSED_EVENT)
 
 
 class StravaSubscription(SQLModel, table=True):
@@ -306,7 +275,16 @@ class StravaEventWindow(SQLModel, table=True):
 strava_event_windows: sa.Table = StravaEventWindow.__table__  # type: ignore[attr-defined]
 
 
-class RefreshCount(SQLModel, table=True):
+class HourlyCount(SQLModel):
+    """The columns of an hourly rollup (store/rollup.py): a count per hour, outcome and slot."""
+
+    hour: int = Field(primary_key=True, sa_type=sa.BigInteger)  # epoch seconds at the start of the hour (UTC)
+    outcome: str = Field(primary_key=True, max_length=32)
+    slot: int = Field(primary_key=True)
+    count: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+class RefreshCount(HourlyCount, table=True):
     """Refresh attempts at Strava per hour and outcome, counted in the transaction of each attempt: what
     `/v1/stats` and the dashboard's chart read (a few dozen rows a day, however many athletes). Successes are only
     counted here; failures also get an audit row (`token_events`). Each attempt adds one to one of a few `slot`
@@ -314,27 +292,17 @@ class RefreshCount(SQLModel, table=True):
 
     __tablename__ = "refresh_counts"
 
-    hour: int = Field(primary_key=True, sa_type=sa.BigInteger)  # epoch seconds at the start of the hour (UTC)
-    outcome: str = Field(primary_key=True, max_length=32)
-    slot: int = Field(primary_key=True)
-    count: int = Field(default=0, sa_type=sa.BigInteger)
-
 
 refresh_counts: sa.Table = RefreshCount.__table__  # type: ignore[attr-defined]
 
 
-class GatewayCount(SQLModel, table=True):
+class GatewayCount(HourlyCount, table=True):
     """Strava API gateway calls per hour and outcome (`ok`, `reauth`, `scope`, `rate_limited`, `strava_error`,
     `client_error`, `unavailable`, `refused`), every replica's: what `/v1/stats` and the dashboard read for the sync
     success rate. Each replica adds its tally in batches (service/gateway_stats.py) to one of a few `slot` rows
     chosen at random, like `refresh_counts`; readers sum them."""
 
     __tablename__ = "gateway_counts"
-
-    hour: int = Field(primary_key=True, sa_type=sa.BigInteger)  # epoch seconds at the start of the hour (UTC)
-    outcome: str = Field(primary_key=True, max_length=32)
-    slot: int = Field(primary_key=True)
-    count: int = Field(default=0, sa_type=sa.BigInteger)
 
 
 gateway_counts: sa.Table = GatewayCount.__table__  # type: ignore[attr-defined]

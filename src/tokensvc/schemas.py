@@ -83,6 +83,11 @@ def _absent_when_unused(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+def _member(description: str, *, examples: list[str] | None = None) -> Any:
+    """A problem member that is left out (never null) where it does not apply."""
+    return Field(default=None, json_schema_extra=_absent_when_unused, description=description, examples=examples)
+
+
 def _examples(*examples: dict[str, Any]) -> ConfigDict:
     """A model's JSON schema examples: what Swagger shows and generated clients document instead of `"string"`."""
     return ConfigDict(json_schema_extra={"examples": list(examples)})
@@ -318,36 +323,25 @@ class Problem(BaseModel):
         description="What happened, for a program. An open set: the values of `ProblemCode` are today's, and a "
         "client must accept (and treat by status) a code it does not know."
     )
-    needs_reauth: bool | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_absent_when_unused,
-        description="`tokens_missing`, `reauth_required`: the user must connect with Strava (again)",
+    needs_reauth: bool | SkipJsonSchema[None] = _member(
+        "`tokens_missing`, `reauth_required`: the user must connect with Strava (again)"
     )
     authorize_url: str | None = Field(
         default=None,
         description="With `needs_reauth`: where to send the user to connect; null when none can be made",
     )
-    reauth_reason: str | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_absent_when_unused,
-        description="`reauth_required`: `refresh_token_invalid` or `deauthorized` (more may come)",
+    reauth_reason: str | SkipJsonSchema[None] = _member(
+        "`reauth_required`: `refresh_token_invalid` or `deauthorized` (more may come)",
         examples=["refresh_token_invalid"],
     )
-    errors: list[ValidationIssue] | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_absent_when_unused,
-        description="`validation_error`: each thing wrong with the request",
+    errors: list[ValidationIssue] | SkipJsonSchema[None] = _member(
+        "`validation_error`: each thing wrong with the request"
     )
-    retry_after: int | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_absent_when_unused,
-        description="503 and 429: seconds to wait before trying again, as in `Retry-After`",
+    retry_after: int | SkipJsonSchema[None] = _member(
+        "503 and 429: seconds to wait before trying again, as in `Retry-After`"
     )
-    missing_scope: str | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_absent_when_unused,
-        description="`insufficient_scope`: the Strava scope the user must grant",
-        examples=["activity:read_all"],
+    missing_scope: str | SkipJsonSchema[None] = _member(
+        "`insufficient_scope`: the Strava scope the user must grant", examples=["activity:read_all"]
     )
 
 

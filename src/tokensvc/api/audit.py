@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 
-from tokensvc.api.deps import UserId, require_api_key
+from tokensvc.api.deps import UserId, from_app_state, require_api_key
 from tokensvc.api.problems import problem_responses
 from tokensvc.schemas import EventPage, Stats
 from tokensvc.service.audit import Audit
@@ -18,14 +18,8 @@ router = APIRouter(
 )
 
 
-async def get_audit(request: Request) -> Audit:
-    audit: Audit = request.app.state.audit
-    return audit
-
-
-async def stats_service(request: Request) -> StatsService:
-    stats: StatsService = request.app.state.stats
-    return stats
+get_audit = from_app_state("audit", Audit)
+stats_service = from_app_state("stats", StatsService)
 
 
 @router.get("/users/{user_id}/events", response_model=EventPage, responses=problem_responses(503))

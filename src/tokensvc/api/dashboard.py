@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from tokensvc.api.dashboard_page import render_dashboard, render_login
-from tokensvc.api.deps import ApiKeys
+from tokensvc.api.deps import ApiKeys, from_app_state
 from tokensvc.api.problems import service_problem
 from tokensvc.clock import Clock
 from tokensvc.config import Settings
@@ -75,14 +75,8 @@ def install(app: FastAPI, settings: Settings, *, clock: Clock) -> None:
     app.include_router(router)
 
 
-async def get_auth(request: Request) -> DashboardAuth:
-    auth: DashboardAuth = request.app.state.dashboard_auth
-    return auth
-
-
-async def get_dashboard(request: Request) -> DashboardService:
-    service: DashboardService = request.app.state.dashboard
-    return service
+get_auth = from_app_state("dashboard_auth", DashboardAuth)
+get_dashboard = from_app_state("dashboard", DashboardService)
 
 
 AuthDep = Annotated[DashboardAuth, Depends(get_auth)]

@@ -10,7 +10,8 @@ import hashlib
 import hmac
 import types
 import typing
-from typing import Annotated, Any
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +23,18 @@ from tokensvc.service.oauth import ConnectLinks, OAuthService
 from tokensvc.service.revocation import SessionRevocations, user_subject
 from tokensvc.service.sessions import COOKIE_NAME, Session, Sessions
 from tokensvc.service.tokens import TokenService
+
+T = TypeVar("T")
+
+
+def from_app_state(name: str, kind: type[T]) -> Callable[[Request], Coroutine[Any, Any, T]]:
+    """A dependency handing over what the lifespan put in `app.state.<name>` (a `kind`: the type says so)."""
+
+    async def dependency(request: Request) -> T:
+        value: T = getattr(request.app.state, name)
+        return value
+
+    return dependency
 
 
 async def single_query_values(request: Request) -> None:
@@ -46,24 +59,10 @@ def _is_list(param: Any) -> bool:
     return any(typing.get_origin(option) in (list, set, tuple) for option in options)
 
 
-async def get_token_service(request: Request) -> TokenService:
-    service: TokenService = request.app.state.token_service
-    return service
-
-
-async def get_oauth_service(request: Request) -> OAuthService:
-    service: OAuthService = request.app.state.oauth_service
-    return service
-
-
-async def get_links(request: Request) -> ConnectLinks:
-    links: ConnectLinks = request.app.state.connect_links
-    return links
-
-
-async def get_sessions(request: Request) -> Sessions:
-    sessions: Sessions = request.app.state.sessions
-    return sessions
+get_token_service = from_app_state("token_service", TokenService)
+get_oauth_service = from_app_state("oauth_service", OAuthService)
+get_links = from_app_state("connect_links", ConnectLinks)
+get_sessions = from_app_state("sessions", Sessions)
 
 
 # The OpenAPI's security schemes: each names how a caller proves who it is, and sits on the operations that take it.

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from tokensvc.api.deps import UserId, require_api_key
+from tokensvc.api.deps import UserId, from_app_state, require_api_key
 from tokensvc.api.problems import problem_responses
 from tokensvc.errors import PayloadTooLarge
 from tokensvc.service.gateway import Gateway, GatewayCall, GatewayPriority, Spool, forwarded_headers
@@ -50,10 +50,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def get_gateway(request: Request) -> Gateway:
-    """Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a hop on every gateway call."""
-    gateway: Gateway = request.app.state.gateway
-    return gateway
+get_gateway = from_app_state("gateway", Gateway)
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]

@@ -11,6 +11,7 @@ import json
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokensvc.api.asgi import HttpMiddleware
 from tokensvc.schemas import PROBLEM_TYPE, ProblemCode
 
 log = structlog.get_logger(__name__)
@@ -19,9 +20,9 @@ EXEMPT_PATHS = frozenset({"/healthz", "/readyz"})
 RETRY_AFTER_SECONDS = 1
 
 
-class InFlightLimit:
+class InFlightLimit(HttpMiddleware):
     def __init__(self, app: ASGIApp, *, limit: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit = limit
         self.in_flight = 0
         self._answer = json.dumps(
@@ -34,10 +35,10 @@ class InFlightLimit:
             }
         ).encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
-            await self.app(scope, receive, send)
-            return
+    def applies_to(self, scope: Scope) -> bool:
+        return scope["path"] not in EXEMPT_PATHS
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.in_flight >= self.limit:
             await self._refuse(send)
             return

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 
-from tokensvc.api.deps import require_api_key
+from tokensvc.api.deps import from_app_state, require_api_key
 from tokensvc.api.problems import problem_responses
 from tokensvc.service.sweeper import Sweeper
 
@@ -27,9 +27,7 @@ class SweepResult(BaseModel):
     needs_reauth: int
 
 
-async def get_sweeper(request: Request) -> Sweeper:
-    sweeper: Sweeper = request.app.state.sweeper
-    return sweeper
+get_sweeper = from_app_state("sweeper", Sweeper)
 
 
 @router.post("/refresh-sweep", response_model=SweepResult, responses=problem_responses(503))

@@ -15,7 +15,9 @@ import secrets
 import time
 
 import structlog
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from tokensvc.api.asgi import HttpMiddleware
 
 log = structlog.get_logger(__name__)
 
@@ -26,14 +28,8 @@ _VALID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-class RequestId:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class RequestId(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = request_id_of(scope)
         raw_id = request_id.encode("ascii")
         status = 500  # what the client gets if the app raises before answering

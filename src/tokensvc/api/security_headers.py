@@ -8,7 +8,9 @@ left without a policy: its consent form redirects to whatever app is being tried
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from tokensvc.api.asgi import HttpMiddleware
 
 DEFAULT_POLICY = (
     b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
@@ -23,14 +25,8 @@ STATIC_HEADERS = [
 ]
 
 
-class SecurityHeaders:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class SecurityHeaders(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         with_policy = not scope["path"].startswith(SANDBOX_PREFIX)
 
         async def send_with_headers(message: Message) -> None:

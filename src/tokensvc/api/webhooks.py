@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query
 
+from tokensvc.api.deps import from_app_state
 from tokensvc.api.problems import problem_responses
 from tokensvc.errors import NotFound
 from tokensvc.schemas import HubChallenge, StravaEvent, WebhookAck
@@ -15,9 +16,7 @@ from tokensvc.service.webhooks import StravaWebhooks
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 
-async def get_webhooks(request: Request) -> StravaWebhooks:
-    webhooks: StravaWebhooks = request.app.state.webhooks
-    return webhooks
+get_webhooks = from_app_state("webhooks", StravaWebhooks)
 
 
 WebhooksDep = Annotated[StravaWebhooks, Depends(get_webhooks)]

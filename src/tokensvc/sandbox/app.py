@@ -2,55 +2,31 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
+from typing import Unpack
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
-
 from . import errors
 from .grants import UnknownAthleteError
 from .persist import SaveBeforeAnswer, StateFile
-from .ratelimit import DEFAULT_LIMITS, DEFAULT_READ_LIMITS
 from .routes import api, control, control_world, oauth, subscriptions
-from .state import SandboxState
+from .state import SandboxState, WorldOptions
 
 
-def create_sandbox_app(
-    *,
-    client_id: str = SANDBOX_CLIENT_ID,
-    client_secret: str = SANDBOX_CLIENT_SECRET,
-    clock: Callable[[], float] = time.time,
-    rotate: bool = True,
-    push_transport: httpx.AsyncBaseTransport | None = None,
-    rate_limits: tuple[int, int] = DEFAULT_LIMITS,
-    read_rate_limits: tuple[int, int] = DEFAULT_READ_LIMITS,
-    athlete_capacity: int | None = None,
-    state_file: Path | None = None,
-) -> FastAPI:
-    """Build a sandbox; its world is `app.state.sandbox`. Nothing depends on lifespan, so mounting works.
+def create_sandbox_app(*, state_file: Path | None = None, **world: Unpack[WorldOptions]) -> FastAPI:
+    """Build a sandbox (`world`: SandboxState's options); its world is `app.state.sandbox`. Nothing depends on
+    lifespan, so mounting works.
 
     `push_transport` (tests) carries the webhook requests the sandbox makes to a subscription's callback.
     `state_file`: keep the world there across restarts (see `persist`); None keeps it in memory only.
     """
-    state = SandboxState(
-        client_id=client_id,
-        client_secret=client_secret,
-        clock=clock,
-        rotate=rotate,
-        push_transport=push_transport,
-        rate_limits=rate_limits,
-        read_rate_limits=read_rate_limits,
-        athlete_capacity=athlete_capacity,
-    )
+    state = SandboxState(**world)
     app = FastAPI(title="Strava sandbox", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.sandbox = state
     for module in (oauth, api, subscriptions, control, control_world):

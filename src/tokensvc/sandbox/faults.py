@@ -8,8 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Endpoint = Literal[
-    "authorize",
+Call = Literal[
     "exchange",
     "refresh",
     "token",
@@ -23,28 +22,16 @@ Endpoint = Literal[
     "upload",
     "subscriptions",
 ]
-"""What a request is, for counting and matching; `token` is a /oauth/token call with a missing/unknown grant.
+"""A request past the consent page; `token` is a /oauth/token call with a missing/unknown grant.
 
 `activities` lists the athlete's activities, `activity` reads one, `activity_update` is its PUT, `streams` its streams.
 `upload` is a file upload (`POST /uploads`).
 """
 
-Target = Literal[
-    "refresh",
-    "exchange",
-    "token",
-    "deauthorize",
-    "revoke",
-    "athlete",
-    "activities",
-    "activity",
-    "activity_update",
-    "streams",
-    "upload",
-    "api",
-    "subscriptions",
-    "any",
-]
+Endpoint = Literal["authorize", Call]
+"""What a request is, for counting and matching: a call, or the consent page."""
+
+Target = Literal[Call, "api", "any"]
 """What a fault or hold applies to: `token` covers every /oauth/token call, `api` every rate-counted `/api/v3` resource
 call (athlete, activities, streams, uploads), `any` every call but the consent page."""
 

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NotRequired
+from typing import Any, Final, Literal, NotRequired, get_args
 
 import httpx
 from typing_extensions import TypedDict  # FastAPI (pydantic) rejects typing.TypedDict before Python 3.12
@@ -52,20 +52,8 @@ SCOPES: Final = (
     "activity:write",
 )
 FIRST_UPLOAD_ID: Final = 20_000_000_000
-CALL_KINDS: Final[tuple[Endpoint, ...]] = (
-    "authorize",
-    "exchange",
-    "refresh",
-    "deauthorize",
-    "revoke",
-    "athlete",
-    "activities",
-    "activity",
-    "activity_update",
-    "streams",
-    "upload",
-    "subscriptions",
-)
+# What `calls` counts: every endpoint but `token` (a /oauth/token call with no known grant).
+CALL_KINDS: Final[tuple[Endpoint, ...]] = tuple(kind for kind in get_args(Endpoint) if kind != "token")
 
 
 class SeededAthlete(TypedDict):
@@ -76,12 +64,7 @@ class SeededAthlete(TypedDict):
     scope: str
 
 
-class AthleteSnapshot(TypedDict):
-    athlete_id: int
-    access_token: str
-    refresh_token: str
-    expires_at: int
-    scope: str
+class AthleteSnapshot(SeededAthlete):
     revoked: bool
     refresh_tokens_issued: int
 
@@ -124,6 +107,19 @@ class LedgerEntry:
             "accepted": self.accepted,
             "alive": self.alive,
         }
+
+
+class WorldOptions(TypedDict, total=False):
+    """SandboxState's options, as `create_sandbox_app` takes them."""
+
+    client_id: str
+    client_secret: str
+    clock: Callable[[], float]
+    rotate: bool
+    push_transport: httpx.AsyncBaseTransport | None
+    rate_limits: tuple[int, int]
+    read_rate_limits: tuple[int, int]
+    athlete_capacity: int | None
 
 
 class SandboxState:
@@ -355,14 +351,7 @@ class SandboxState:
         """Connect an athlete without the browser flow; an existing id is reconnected (new pair)."""
         athlete_id = self.new_athlete_id() if athlete_id is None else athlete_id
         now = self.now()
-        athlete = self.grants.connect(athlete_id, scope, now + expires_in, now)
-        return {
-            "athlete_id": athlete.id,
-            "access_token": athlete.access.value,
-            "refresh_token": athlete.refresh.value,
-            "expires_at": athlete.access.expires_at,
-            "scope": athlete.scope,
-        }
+        return _seeded(self.grants.connect(athlete_id, scope, now + expires_in, now))
 
     def set_next_grant(self, expires_in: int | None = None, scope: frozenset[str] | None = None) -> None:
         """Arm one-shot knobs: the next successful code exchange issues an access token living `expires_in`
@@ -383,15 +372,7 @@ class SandboxState:
     def snapshot(self, athlete_id: int) -> AthleteSnapshot:
         """The athlete's newest pair in clear text, plus what tests need to judge it."""
         athlete = self.grants.athlete(athlete_id)
-        return {
-            "athlete_id": athlete.id,
-            "access_token": athlete.access.value,
-            "refresh_token": athlete.refresh.value,
-            "expires_at": athlete.access.expires_at,
-            "scope": athlete.scope,
-            "revoked": athlete.revoked,
-            "refresh_tokens_issued": len(athlete.issued),
-        }
+        return {**_seeded(athlete), "revoked": athlete.revoked, "refresh_tokens_issued": len(athlete.issued)}
 
     def expire(self, athlete_id: int, expires_at: int) -> AthleteSnapshot:
         """Move the current access token's expiry (into the past, or inside the one-hour window)."""
@@ -551,3 +532,14 @@ class SandboxState:
             "friend": None,
             "follower": None,
         }
+
+
+def _seeded(athlete: Athlete) -> SeededAthlete:
+    """The athlete's newest pair in clear text."""
+    return {
+        "athlete_id": athlete.id,
+        "access_token": athlete.access.value,
+        "refresh_token": athlete.refresh.value,
+        "expires_at": athlete.access.expires_at,
+        "scope": athlete.scope,
+    }

@@ -26,19 +26,7 @@ class Audit:
         before_id = decode_cursor(cursor) if cursor else None
         async with self._engine.connect() as conn:
             rows = await store.list_for_user(conn, user_id, limit=limit, before_id=before_id)
-        items = [
-            TokenEventOut(
-                id=r.id,
-                occurred_at=r.occurred_at,
-                kind=r.kind,
-                trigger=r.trigger,
-                outcome=r.outcome,
-                strava_status=r.strava_status,
-                duration_ms=r.duration_ms,
-                detail=r.detail,
-            )
-            for r in rows
-        ]
+        items = [TokenEventOut.model_validate(row, from_attributes=True) for row in rows]
         return EventPage(items=items, next_cursor=encode_cursor(rows[-1].id) if len(rows) == limit else None)
 
 

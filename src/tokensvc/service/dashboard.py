@@ -124,43 +124,34 @@ def bucket_outcome(outcome: str) -> str:
     return "failure"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DashboardService:
     """Assembles the dashboard from a handful of aggregate reads on one connection (no transaction kept open)."""
 
-    def __init__(
-        self,
-        *,
-        engine: AsyncEngine,
-        budget: RateBudget,
-        clock: Clock,
-        buffer_seconds: int,
-        active_days: int = 0,
-        athlete_capacity: int | None = None,
-    ) -> None:
-        self._engine = engine
-        self._athlete_capacity = athlete_capacity
-        self._active_days = active_days
-        self._budget = budget
-        self._clock = clock
-        self._buffer_seconds = buffer_seconds
+    engine: AsyncEngine
+    budget: RateBudget
+    clock: Clock
+    buffer_seconds: int
+    active_days: int = 0
+    athlete_capacity: int | None = None
 
     async def view(self) -> DashboardView:
         """The dashboard as of now. Raises SQLAlchemy errors when the database is unreachable."""
-        now = self._clock()
+        now = self.clock()
         as_of = datetime.fromtimestamp(now, UTC)
         first_hour = as_of.replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS - 1)
         since_hour = int(first_hour.timestamp())
-        async with self._engine.connect() as conn:
-            by_status = await stats.users_by_status(conn, now=int(now), buffer_seconds=self._buffer_seconds)
+        async with self.engine.connect() as conn:
+            by_status = await stats.users_by_status(conn, now=int(now), buffer_seconds=self.buffer_seconds)
             by_hour = await stats.refresh_outcomes_by_hour(conn, since_hour=since_hour)
             reconnect = await stats.needs_reauth_users(conn, limit=RECONNECT_LIMIT)
             failures = await stats.recent_failures(conn, limit=FAILURE_LIMIT)
             pending = await stats.notifications_pending(conn)
             gateway = GatewayTotals.of(await gateway_counts.totals(conn, since_hour=since_hour))
             active = None
-            if self._active_days:
-                active = await usage_store.count_active(conn, active_since=int(now) - self._active_days * 86_400)
-        budget = await self._budget.state()
+            if self.active_days:
+                active = await usage_store.count_active(conn, active_since=int(now) - self.active_days * 86_400)
+        budget = await self.budget.state()
         users = {status.value: by_status[status] for status in _COUNTED}
         hours = _hour_bars(first_hour, by_hour)
         return DashboardView(
@@ -177,7 +168,7 @@ class DashboardService:
             notifications_pending=pending,
             active=active,
             idle=None if active is None else max(0, sum(users.values()) - users["needs_reauth"] - active),
-            athletes=athlete_counts(connected_athletes(by_status), self._athlete_capacity),
+            athletes=athlete_counts(connected_athletes(by_status), self.athlete_capacity),
             gateway=gateway,
         )
 

@@ -118,23 +118,15 @@ def missing_scope_for(field: str | None) -> str:
     return f"{name}_all" if name.endswith("read") else name
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Gateway:
     """Gateway calls for one process; the budget and the refresh claims are shared with every replica."""
 
-    def __init__(
-        self,
-        *,
-        tokens: TokenService,
-        strava: StravaClient,
-        budget: RateBudget,
-        authorize_url: ScopedAuthorizeUrl,
-        tally: GatewayTally,
-    ) -> None:
-        self._tally = tally
-        self._tokens = tokens
-        self._strava = strava
-        self._budget = budget
-        self._authorize_url = authorize_url
+    tokens: TokenService
+    strava: StravaClient
+    budget: RateBudget
+    authorize_url: ScopedAuthorizeUrl
+    tally: GatewayTally
 
     async def call(self, call: GatewayCall) -> ApiAnswer:
         """Strava's answer to `call` (stream it, then it closes itself). Raises NotFound, TokensMissing,
@@ -150,15 +142,15 @@ class Gateway:
             outcome = _outcome_of(answer.status_code)
         finally:
             metrics.GATEWAY_CALLS_TOTAL.labels(outcome=outcome).inc()
-            self._tally.note(outcome)
+            self.tally.note(outcome)
         return answer
 
     async def _call(self, call: GatewayCall) -> ApiAnswer:
-        row, token = await self._tokens.access_row(call.user_id, min_ttl=MIN_TTL, trigger="gateway")
+        row, token = await self.tokens.access_row(call.user_id, min_ttl=MIN_TTL, trigger="gateway")
         answer = await self._send(call, token)
         if answer.rejected == "access_token_invalid":
             log.info("gateway.token_rejected", user_id=call.user_id, version=row.version)
-            row, token = await self._tokens.replace_rejected(call.user_id, version=row.version, min_ttl=MIN_TTL)
+            row, token = await self.tokens.replace_rejected(call.user_id, version=row.version, min_ttl=MIN_TTL)
             answer = await self._send(call, token)
         if answer.rejected == "scope_missing":
             scope = missing_scope_for(answer.missing_field)
@@ -175,7 +167,7 @@ class Gateway:
         read = call.method == "GET"
         priority: Priority = call.priority
         try:
-            await self._budget.acquire(priority, read=read)
+            await self.budget.acquire(priority, read=read)
         except ProviderRateLimited as exc:
             raise _rate_limited(str(exc), exc.retry_after) from exc
         request = ApiRequest(
@@ -187,10 +179,10 @@ class Gateway:
             body_length=call.body.length if call.body is not None else 0,
         )
         try:
-            return await self._strava.api_request(request, access_token=token)
+            return await self.strava.api_request(request, access_token=token)
         except ProviderTransientError as exc:
             if exc.rate_limited:
-                paused = await self._budget.pause(exc.retry_after, kind=self._budget.kind_of_429(read=read))
+                paused = await self.budget.pause(exc.retry_after, kind=self.budget.kind_of_429(read=read))
                 raise _rate_limited("Strava answered 429: the app's rate limit is spent", paused) from exc
             log.warning("gateway.strava_unavailable", user_id=call.user_id, error=str(exc), status=exc.status_code)
             raise ProviderUnavailable(f"Strava did not serve the call: {exc}", retry_after=exc.retry_after) from exc
@@ -199,7 +191,7 @@ class Gateway:
 
     def _scoped_url(self, user_id: str, scopes: Sequence[str]) -> str | None:
         try:
-            return self._authorize_url(user_id, sorted(set(scopes)))
+            return self.authorize_url(user_id, sorted(set(scopes)))
         except ValidationFailed:  # a scope this service does not know of: no link can be made
             return None
 

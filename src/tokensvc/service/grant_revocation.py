@@ -264,9 +264,7 @@ class GrantRevoker:
             raise _RetryLater("misconfigured") from exc
 
     def _decrypt(self, tombstone: Tombstone, field: Field) -> str:
-        ciphertext = tombstone.refresh_token_enc if field == "refresh" else tombstone.access_token_enc
         try:
-            return self._cipher.decrypt(ciphertext or "", user_id=tombstone.user_id, field=field)
+            return self._cipher.open(tombstone, field)
         except DecryptionError as exc:
-            log.error("token.decrypt_failed", user_id=tombstone.user_id, field=field, error=str(exc))
             raise _RetryLater("unreadable") from exc

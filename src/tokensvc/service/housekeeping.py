@@ -24,8 +24,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tokensvc.background import PeriodicJob
 from tokensvc.clock import Clock
 from tokensvc.db import Autocommit
-from tokensvc.store import gateway_counts, journal, oauth_states, outbox, webhook_events
+from tokensvc.models import gateway_counts, refresh_counts
 from tokensvc.store import housekeeping as store
+from tokensvc.store import journal, oauth_states, outbox, rollup, webhook_events
 
 log = structlog.get_logger(__name__)
 
@@ -151,6 +152,4 @@ class Housekeeping:
 
 async def _purge_rollups(conn: AsyncConnection, *, before_hour: int) -> int:
     """The hourly rollups (refresh attempts, gateway calls) of hours before `before_hour`: a few dozen rows a day."""
-    return await journal.purge_counts(conn, before_hour=before_hour) + await gateway_counts.purge(
-        conn, before_hour=before_hour
-    )
+    return sum([await rollup.purge(conn, table, before_hour=before_hour) for table in (refresh_counts, gateway_counts)])

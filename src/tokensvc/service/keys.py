@@ -52,6 +52,12 @@ class RotationReport:
     def ok(self) -> bool:
         return not self.unreadable and not self.still_locked
 
+    def count_batch(self, written: int, on_batch: Callable[[BatchDone], None] | None) -> None:
+        """Add the rows a committed batch re-encrypted, and tell `on_batch` (the CLI's progress line)."""
+        self.reencrypted += written
+        if on_batch is not None:
+            on_batch(BatchDone(reencrypted=written, total=self.reencrypted))
+
 
 class KeyRotator:
     """Moves every row to the cipher's current key. Each batch is its own transaction; nothing else is held."""
@@ -124,10 +130,8 @@ class KeyRotator:
                         written += 1
             if not rows:
                 return
-            report.reencrypted += written
+            report.count_batch(written, on_batch)
             after = rows[-1].user_id
-            if on_batch is not None:
-                on_batch(BatchDone(reencrypted=written, total=report.reencrypted))
             if len(rows) < self._batch_size:  # skipped (locked) rows do not count towards the limit: this was the end
                 return
 
@@ -148,10 +152,8 @@ class KeyRotator:
                         written += 1
             if not batch:
                 return
-            report.reencrypted += written
+            report.count_batch(written, on_batch)
             after = batch[-1].id
-            if on_batch is not None:
-                on_batch(BatchDone(reencrypted=written, total=report.reencrypted))
 
     def _reseal_tombstone(self, old: SealedTombstone, report: RotationReport) -> tuple[str, str | None] | None:
         """Its ciphertexts under the current key (bound to the user id, as in the row they came from), or None

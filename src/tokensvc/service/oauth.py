@@ -265,17 +265,15 @@ class CallbackBrowser:
     session_user: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OAuthService:
     """The callback half of the flow, and the app's confirmation."""
 
-    def __init__(
-        self, *, links: ConnectLinks, tokens: TokenService, strava: StravaClient, engine: AsyncEngine, clock: Clock
-    ) -> None:
-        self._links = links
-        self._tokens = tokens
-        self._strava = strava
-        self._engine = engine
-        self._clock = clock
+    links: ConnectLinks
+    tokens: TokenService
+    strava: StravaClient
+    engine: AsyncEngine
+    clock: Clock
 
     async def callback(
         self,
@@ -293,7 +291,7 @@ class OAuthService:
         browser signed in as another user), ValidationFailed (no code), OAuthCodeRejected, AthleteCapacity,
         AthleteInUse, ProviderUnavailable (and subclasses).
         """
-        claims = self._links.read_state(state)
+        claims = self.links.read_state(state)
         self._check_browser(claims, browser or CallbackBrowser())
         await self._consume(claims)
         if error is not None:
@@ -314,8 +312,8 @@ class OAuthService:
         Raises InvalidState (unknown, used or expired id), ConnectMismatch (another user's flow; the id is spent),
         OAuthCodeRejected, AthleteCapacity, AthleteInUse, ProviderUnavailable (and subclasses).
         """
-        now = int(self._clock())
-        async with self._engine.begin() as conn:
+        now = int(self.clock())
+        async with self.engine.begin() as conn:
             held = await connect_confirmations.take(conn, secret_hash(connect_id, purpose="connect-id"), now=now)
         if held is None:
             raise InvalidState("this connect_id is unknown, used or expired; start connecting again")
@@ -341,20 +339,20 @@ class OAuthService:
             raise ConnectMismatch("this browser is signed in as another user; sign out first, then connect again")
 
     async def _consume(self, claims: StateClaims) -> None:
-        now = datetime.fromtimestamp(int(self._clock()), UTC)
-        async with self._engine.begin() as conn:
+        now = datetime.fromtimestamp(int(self.clock()), UTC)
+        async with self.engine.begin() as conn:
             fresh = await oauth_states.consume(
                 conn, claims.nonce, user_id=claims.user_id, expires_at=claims.expires_at, now=now
             )
-            await oauth_states.purge_expired(conn, now=int(self._clock()))
+            await oauth_states.purge_expired(conn, now=int(self.clock()))
         if not fresh:
             log.warning("oauth.state_replayed", user_id=claims.user_id)
             raise InvalidState("this OAuth state was already used; start connecting again")
 
     async def _hold_for_confirmation(self, user_id: str, code: str, scopes: list[str]) -> str:
         connect_id = "cn_" + secrets.token_urlsafe(32)
-        now = int(self._clock())
-        async with self._engine.begin() as conn:
+        now = int(self.clock())
+        async with self.engine.begin() as conn:
             await connect_confirmations.purge_expired(conn, now=now, limit=100)
             await connect_confirmations.put(
                 conn,
@@ -371,7 +369,7 @@ class OAuthService:
         """Exchange the code and store the grant, counting the outcome (`tokensvc_connect_total`)."""
         try:
             grant = await self._exchange(user_id, code)
-            status = await self._tokens.store_grant(user_id, grant, scopes=scopes, replace=replace)
+            status = await self.tokens.store_grant(user_id, grant, scopes=scopes, replace=replace)
         except AthleteInUse:
             metrics.CONNECTS_TOTAL.labels(outcome="athlete_in_use").inc()
             raise
@@ -381,7 +379,7 @@ class OAuthService:
 
     async def _exchange(self, user_id: str, code: str) -> TokenGrant:
         try:
-            return await self._strava.exchange_code(code)
+            return await self.strava.exchange_code(code)
         except ProviderRejectedError as exc:
             metrics.CONNECTS_TOTAL.labels(outcome="code_rejected").inc()
             log.warning("oauth.code_rejected", user_id=user_id, reason=exc.reason)

@@ -957,11 +957,9 @@ class TokenService:
         return await self._rows.get(user_id)
 
     def _decrypt(self, row: TokenRow, field: Field) -> str:
-        ciphertext = row.access_token_enc if field == "access" else row.refresh_token_enc
         try:
-            return self._cipher.decrypt(ciphertext or "", user_id=row.user_id, field=field)
+            return self._cipher.open(row, field)
         except DecryptionError as exc:
-            log.error("token.decrypt_failed", user_id=row.user_id, field=field, error=str(exc))
             raise TokenUnreadable(
                 "the stored token cannot be decrypted with the configured keys (TOKENSVC_ENCRYPTION_KEYS)"
             ) from exc

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import refresh_claims as c
+from tokensvc.store.dialect import greatest, insert_into
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +52,7 @@ async def take(
 ) -> Claim | None:
     """Claim the user's refresh: a new claim, or one whose holder's lease has lapsed (taken over). None when a
     live claim is held by someone else. A taken-over claim remembers how long its lapsed owner may still write."""
-    insert = pg_insert(c) if conn.dialect.name == "postgresql" else sqlite_insert(c)
-    stmt = insert.values(
+    stmt = insert_into(conn, c).values(
         user_id=user_id,
         owner=owner,
         version_read=version_read,
@@ -71,9 +69,7 @@ async def take(
             "until": stmt.excluded.until,
             "write_until": stmt.excluded.write_until,
             # a released claim has write_until 0: only an owner that lapsed may still be writing
-            "pending_until": sa.func.greatest(c.c.pending_until, c.c.write_until)
-            if conn.dialect.name == "postgresql"
-            else sa.func.max(c.c.pending_until, c.c.write_until),
+            "pending_until": greatest(conn, c.c.pending_until, c.c.write_until),
         },
         where=c.c.until <= now,
     )

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import notifications as n
 from tokensvc.models import refresh_counts as c
 from tokensvc.models import token_events as e
+from tokensvc.store import rollup
+from tokensvc.store.dialect import insert_into
 from tokensvc.store.housekeeping import batch_delete
 
 
@@ -70,26 +70,25 @@ async def enqueue(
     payload: str,
     created_at: datetime,
     deliver_at: int,
-) -> None:
-    """Put a notification in the outbox; a deliverer in any replica sends it once the transaction commits."""
-    await conn.execute(
-        sa.insert(n).values(outbox_row(message_id, event_type, user_id, payload, created_at, deliver_at))
+    once: bool = False,
+) -> bool:
+    """Put a notification in the outbox, not yet attempted; a deliverer in any replica sends it once the transaction
+    commits. With `once` (a forwarded event, whose id derives from the event so that Strava's retries are one row),
+    False, and nothing written, when that id is there already."""
+    stmt = insert_into(conn, n).values(
+        {
+            "id": message_id,
+            "event_type": event_type,
+            "user_id": user_id,
+            "payload": payload,
+            "created_at": created_at,
+            "next_attempt_at": deliver_at,
+            "attempts": 0,
+        }
     )
-
-
-def outbox_row(
-    message_id: str, event_type: str, user_id: str, payload: str, created_at: datetime, deliver_at: int
-) -> dict[str, object]:
-    """The columns of a new outbox row, not yet attempted (every writer of the outbox builds it here)."""
-    return {
-        "id": message_id,
-        "event_type": event_type,
-        "user_id": user_id,
-        "payload": payload,
-        "created_at": created_at,
-        "next_attempt_at": deliver_at,
-        "attempts": 0,
-    }
+    if once:
+        stmt = stmt.on_conflict_do_nothing(index_elements=[n.c.id])
+    return (await conn.execute(stmt.returning(n.c.id))).first() is not None
 
 
 _EVENT_COLUMNS = (
@@ -118,20 +117,10 @@ async def list_for_user(
 
 async def count_attempt(conn: AsyncConnection, *, hour: int, outcome: str, slot: int) -> None:
     """Add one refresh attempt to the hourly rollup (`hour`: epoch seconds at its start)."""
-    insert = pg_insert(c) if conn.dialect.name == "postgresql" else sqlite_insert(c)
-    stmt = insert.values(hour=hour, outcome=outcome, slot=slot, count=1)
-    await conn.execute(
-        stmt.on_conflict_do_update(index_elements=[c.c.hour, c.c.outcome, c.c.slot], set_={"count": c.c.count + 1})
-    )
+    await rollup.add(conn, c, hour=hour, outcome=outcome, slot=slot, count=1)
 
 
 async def purge_events(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
     """Drop up to `limit` audit rows older than the retention (the only way rows leave the trail)."""
     result = await conn.execute(batch_delete(e, e.c.id, e.c.occurred_at < before, limit=limit))
-    return int(result.rowcount or 0)
-
-
-async def purge_counts(conn: AsyncConnection, *, before_hour: int) -> int:
-    """Drop rollup rows of hours before `before_hour` (a few dozen rows a day: no batches needed)."""
-    result = await conn.execute(sa.delete(c).where(c.c.hour < before_hour))
     return int(result.rowcount or 0)

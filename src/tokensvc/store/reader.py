@@ -35,15 +35,8 @@ class RowReader(Protocol):
     async def aclose(self) -> None: ...
 
 
-class EngineReader:
-    """Reads through the SQLAlchemy engine, without a transaction (autocommit saves BEGIN/ROLLBACK)."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = Autocommit(engine)
-
-    async def get(self, user_id: str) -> TokenRow | None:
-        async with self._engine.connect() as conn:
-            return await store.get(conn, user_id)
+class _Uncached:
+    """A reader that keeps nothing and hears of no change (its callers poll)."""
 
     def forget(self, user_id: str) -> None:
         return None  # nothing kept
@@ -54,11 +47,22 @@ class EngineReader:
     def unwatch(self, user_id: str, event: asyncio.Event) -> None:
         return None
 
+
+class EngineReader(_Uncached):
+    """Reads through the SQLAlchemy engine, without a transaction (autocommit saves BEGIN/ROLLBACK)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = Autocommit(engine)
+
+    async def get(self, user_id: str) -> TokenRow | None:
+        async with self._engine.connect() as conn:
+            return await store.get(conn, user_id)
+
     async def aclose(self) -> None:
         return None
 
 
-class AsyncpgReader:
+class AsyncpgReader(_Uncached):
     """Reads on a dedicated asyncpg pool (Postgres only), opened on first use so that the service starts (and
     answers /readyz with 503) while the database is down. Errors are asyncpg's own or OSError."""
 
@@ -88,15 +92,6 @@ class AsyncpgReader:
         async with pool.acquire(timeout=self._acquire_timeout) as conn:
             record = await conn.fetchrow(_BY_USER, user_id)
         return TokenRow(**record) if record is not None else None
-
-    def forget(self, user_id: str) -> None:
-        return None  # nothing kept
-
-    def watch(self, user_id: str) -> asyncio.Event | None:
-        return None  # hears of no change: waiters poll
-
-    def unwatch(self, user_id: str, event: asyncio.Event) -> None:
-        return None
 
     async def aclose(self) -> None:
         if self._pool is not None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import session_revocations as r
+from tokensvc.store.dialect import greatest, insert_into
 
 
 async def not_before_ms(conn: AsyncConnection, subject: str) -> int:
@@ -18,11 +17,12 @@ async def not_before_ms(conn: AsyncConnection, subject: str) -> int:
 
 async def revoke(conn: AsyncConnection, subject: str, *, now_ms: int) -> None:
     """End every session of `subject` issued before `now_ms` (never moving the watermark back)."""
-    insert = pg_insert(r) if conn.dialect.name == "postgresql" else sqlite_insert(r)
-    stmt = insert.values(subject=subject, not_before_ms=now_ms).on_conflict_do_update(
-        index_elements=[r.c.subject],
-        set_={"not_before_ms": sa.func.max(r.c.not_before_ms, now_ms)}
-        if conn.dialect.name == "sqlite"
-        else {"not_before_ms": sa.func.greatest(r.c.not_before_ms, now_ms)},
+    stmt = (
+        insert_into(conn, r)
+        .values(subject=subject, not_before_ms=now_ms)
+        .on_conflict_do_update(
+            index_elements=[r.c.subject],
+            set_={"not_before_ms": greatest(conn, r.c.not_before_ms, now_ms)},
+        )
     )
     await conn.execute(stmt)

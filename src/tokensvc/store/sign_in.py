@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import sign_in_failures as f
+from tokensvc.store.dialect import insert_into
 
 
 async def blocked_until(conn: AsyncConnection, client: str) -> int:
@@ -18,9 +17,10 @@ async def blocked_until(conn: AsyncConnection, client: str) -> int:
 
 async def add_failure(conn: AsyncConnection, client: str, *, now: int) -> int:
     """Count one more failure of `client` (an atomic upsert: replicas never lose one); the new count."""
-    insert = pg_insert(f) if conn.dialect.name == "postgresql" else sqlite_insert(f)
-    upsert = insert.values(client=client, failures=1, blocked_until=0, last_failed_at=now).on_conflict_do_update(
-        index_elements=[f.c.client], set_={"failures": f.c.failures + 1, "last_failed_at": now}
+    upsert = (
+        insert_into(conn, f)
+        .values(client=client, failures=1, blocked_until=0, last_failed_at=now)
+        .on_conflict_do_update(index_elements=[f.c.client], set_={"failures": f.c.failures + 1, "last_failed_at": now})
     )
     stmt = upsert.returning(f.c.failures)
     return int((await conn.execute(stmt)).scalar_one())

@@ -14,6 +14,7 @@ from tokensvc.models import refresh_counts as c
 from tokensvc.models import token_events as e
 from tokensvc.models import user_tokens as t
 from tokensvc.status import Status
+from tokensvc.store import rollup
 
 # Refresh outcomes as /v1/stats reports them: everything that is neither a success nor a rejection is a failure.
 SUCCESS = "succeeded"
@@ -55,9 +56,7 @@ class OutcomeCounts:
 async def refresh_outcomes(conn: AsyncConnection, *, since_hour: int, hours: int = 24) -> OutcomeCounts:
     """Refresh attempts at Strava in the `hours` hourly buckets from `since_hour` (epoch seconds at an hour's
     start), from the hourly rollup, so every replica's attempts count and no audit row is read."""
-    in_window = sa.and_(c.c.hour >= since_hour, c.c.hour < since_hour + hours * 3600)
-    stmt = sa.select(c.c.outcome, sa.func.sum(c.c.count)).where(in_window).group_by(c.c.outcome)
-    totals = {outcome: int(count) for outcome, count in (await conn.execute(stmt)).all()}
+    totals = await rollup.totals(conn, c, since_hour=since_hour, hours=hours)
     success = totals.pop(SUCCESS, 0)
     rejected = totals.pop(REJECTED, 0)
     return OutcomeCounts(success=success, failure=sum(totals.values()), reauth_required=rejected)

@@ -11,12 +11,11 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import user_tokens as t
 from tokensvc.status import Status
+from tokensvc.store.dialect import insert_into
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +94,20 @@ async def lock_for_refresh(conn: AsyncConnection, user_id: str) -> TokenRow | No
     return _row(row) if row is not None else None
 
 
+def _fresh(tokens: NewTokens, now: datetime) -> dict[str, object]:
+    """What every write of a new pair sets: the access token and its expiry, the next sweep, and a clean record."""
+    return {
+        "access_token_enc": tokens.access_token_enc,
+        "key_id": tokens.key_id,
+        "expires_at": tokens.expires_at,
+        "sweep_at": tokens.sweep_at,
+        "failure_count": 0,
+        "last_error": None,
+        "reauth_reason": None,
+        "updated_at": now,
+    }
+
+
 async def upsert(
     conn: AsyncConnection,
     user_id: str,
@@ -108,19 +121,8 @@ async def upsert(
 
     On a replace, an `athlete_id` or `scopes` of None keeps what the row had.
     """
-    values: dict[str, object] = {
-        "access_token_enc": tokens.access_token_enc,
-        "refresh_token_enc": tokens.refresh_token_enc,
-        "key_id": tokens.key_id,
-        "expires_at": tokens.expires_at,
-        "sweep_at": tokens.sweep_at,
-        "failure_count": 0,
-        "last_error": None,
-        "reauth_reason": None,
-        "updated_at": now,
-    }
-    insert = pg_insert(t) if conn.dialect.name == "postgresql" else sqlite_insert(t)
-    stmt = insert.values(
+    values = {**_fresh(tokens, now), "refresh_token_enc": tokens.refresh_token_enc}
+    stmt = insert_into(conn, t).values(
         user_id=user_id,
         created_at=now,
         version=1,
@@ -154,18 +156,7 @@ async def write_refresh(
     since, but still holding that refresh token, is written too and unflagged: the newest pair wins over a
     rejection of the token it replaced. A deauthorization (which discards the tokens) or any newer pair is kept.
     """
-    values: dict[str, object] = {
-        "access_token_enc": tokens.access_token_enc,
-        "key_id": tokens.key_id,
-        "expires_at": tokens.expires_at,
-        "sweep_at": tokens.sweep_at,
-        "failure_count": 0,
-        "last_error": None,
-        "reauth_reason": None,
-        "last_refreshed_at": now,
-        "updated_at": now,
-        "version": t.c.version + 1,
-    }
+    values = {**_fresh(tokens, now), "last_refreshed_at": now, "version": t.c.version + 1}
     if tokens.refresh_token_enc is not None:
         values["refresh_token_enc"] = tokens.refresh_token_enc
     current = t.c.version == expected_version

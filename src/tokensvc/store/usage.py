@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import token_usage as u
 from tokensvc.models import user_tokens as t
+from tokensvc.store.dialect import insert_into
 
 # A row whose sweep_at lies further past `expires_at - buffer` than the sweep's jitter (< 900 s) was moved out
 # for being idle (or leased right now, which pulling in cannot harm: the refresh guard decides).
@@ -25,8 +25,7 @@ async def record(conn: AsyncConnection, uses: Sequence[tuple[str, int]]) -> None
     """Upsert last uses (user id, epoch seconds), never moving one backwards."""
     if not uses:
         return
-    insert = postgresql.insert(u) if conn.dialect.name == "postgresql" else sqlite.insert(u)
-    stmt = insert.values([{"user_id": user_id, "last_used_at": at} for user_id, at in uses])
+    stmt = insert_into(conn, u).values([{"user_id": user_id, "last_used_at": at} for user_id, at in uses])
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[u.c.user_id],

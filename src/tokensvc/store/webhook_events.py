@@ -5,23 +5,19 @@ the caller's connection; the caller owns the transaction."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokensvc.models import PROCESSED_EVENT
-from tokensvc.models import notifications as n
 from tokensvc.models import strava_event_windows as win
 from tokensvc.models import strava_subscription as sub
 from tokensvc.models import strava_webhook_events as w
 from tokensvc.models import user_tokens as t
+from tokensvc.store.dialect import Upsert, insert_into
 from tokensvc.store.housekeeping import batch_delete
-from tokensvc.store.journal import outbox_row
 
 PENDING = "pending"
 
@@ -57,51 +53,31 @@ class StoredWebhookEvent:
     result: str | None
 
 
+def _pending(conn: AsyncConnection, event: NewEvent, *, payload: str, received_at: datetime, due_at: int) -> Upsert:
+    """The INSERT of `event` (its fields are columns) as a pending row, not yet attempted, due at `due_at`."""
+    pending = {
+        "payload": payload,
+        "received_at": received_at,
+        "state": PENDING,
+        "attempts": 0,
+        "next_attempt_at": due_at,
+    }
+    return insert_into(conn, w).values({**asdict(event), **pending})
+
+
 async def insert(conn: AsyncConnection, event: NewEvent, *, received_at: datetime, due_at: int) -> bool:
     """Store an event as pending, due at `due_at`; False (and nothing written) when its dedupe key is known."""
-    insert_ = pg_insert(w) if conn.dialect.name == "postgresql" else sqlite_insert(w)
-    stmt = (
-        insert_.values(
-            dedupe_key=event.dedupe_key,
-            owner_id=event.owner_id,
-            object_type=event.object_type,
-            aspect_type=event.aspect_type,
-            event_time=event.event_time,
-            subscription_id=event.subscription_id,
-            payload=event.payload,
-            received_at=received_at,
-            state=PENDING,
-            attempts=0,
-            next_attempt_at=due_at,
-        )
-        .on_conflict_do_nothing(index_elements=[w.c.dedupe_key])
-        .returning(w.c.id)
-    )
-    return (await conn.execute(stmt)).first() is not None
-
-
-def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
-    return pg_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
+    stmt = _pending(conn, event, payload=event.payload, received_at=received_at, due_at=due_at)
+    new = stmt.on_conflict_do_nothing(index_elements=[w.c.dedupe_key]).returning(w.c.id)
+    return (await conn.execute(new)).first() is not None
 
 
 async def arm_check(conn: AsyncConnection, event: NewEvent, *, received_at: datetime, due_at: int) -> bool:
     """Make sure the athlete has one pending check, due no earlier than `due_at` nor before the re-check time its
     last check left (`next_attempt_at` of a finished row). True when a check was armed now, False when one was
     pending already (the event coalesces into it). One row per athlete, whatever the caller sends."""
-    stmt = _insert(conn, w).values(
-        dedupe_key=event.dedupe_key,
-        owner_id=event.owner_id,
-        object_type=event.object_type,
-        aspect_type=event.aspect_type,
-        event_time=event.event_time,
-        subscription_id=event.subscription_id,
-        payload="",
-        received_at=received_at,
-        state=PENDING,
-        attempts=0,
-        next_attempt_at=due_at,
-    )
-    stmt = stmt.on_conflict_do_update(
+    stmt = _pending(conn, event, payload="", received_at=received_at, due_at=due_at)
+    upsert = stmt.on_conflict_do_update(
         index_elements=[w.c.dedupe_key],
         set_={
             "state": PENDING,
@@ -119,7 +95,7 @@ async def arm_check(conn: AsyncConnection, event: NewEvent, *, received_at: date
         # check ran, so the check runs again rather than the event being lost in a check that started before it.
         where=sa.or_(w.c.state != PENDING, sa.and_(w.c.next_attempt_at > due_at, w.c.received_at < received_at)),
     ).returning(w.c.id)
-    return (await conn.execute(stmt)).first() is not None
+    return (await conn.execute(upsert)).first() is not None
 
 
 async def claim_pending(conn: AsyncConnection, *, now: int, limit: int, lease_until: int) -> list[PendingEvent]:
@@ -224,27 +200,6 @@ async def purge_processed(conn: AsyncConnection, *, before: datetime, limit: int
 # -- forwarded events --------------------------------------------------------------------------------------------
 
 
-async def enqueue_forwarded(
-    conn: AsyncConnection,
-    *,
-    message_id: str,
-    event_type: str,
-    user_id: str,
-    payload: str,
-    created_at: datetime,
-    deliver_at: int,
-) -> bool:
-    """Put a forwarded event in the notification outbox under `message_id` (derived from the event, so Strava's
-    retries are one row); False, and nothing written, when that id is there already."""
-    stmt = (
-        _insert(conn, n)
-        .values(outbox_row(message_id, event_type, user_id, payload, created_at, deliver_at))
-        .on_conflict_do_nothing(index_elements=[n.c.id])
-        .returning(n.c.id)
-    )
-    return (await conn.execute(stmt)).first() is not None
-
-
 async def forwarded_count(conn: AsyncConnection, athlete_id: int, *, window_start: int) -> int:
     """The athlete's forwarded events in the hour starting at `window_start` (a primary key lookup)."""
     stmt = sa.select(win.c.count).where(win.c.athlete_id == athlete_id, win.c.window_start == window_start)
@@ -254,15 +209,15 @@ async def forwarded_count(conn: AsyncConnection, athlete_id: int, *, window_star
 async def count_forwarded(conn: AsyncConnection, athlete_id: int, *, window_start: int) -> int:
     """Add one forwarded event to the athlete's count for the hour starting at `window_start` (an older hour's
     count starts over) and return the new count."""
-    stmt = _insert(conn, win).values(athlete_id=athlete_id, window_start=window_start, count=1)
-    stmt = stmt.on_conflict_do_update(
+    stmt = insert_into(conn, win).values(athlete_id=athlete_id, window_start=window_start, count=1)
+    upsert = stmt.on_conflict_do_update(
         index_elements=[win.c.athlete_id],
         set_={
             "count": sa.case((win.c.window_start == window_start, win.c.count + 1), else_=1),
             "window_start": window_start,
         },
     ).returning(win.c.count)
-    return int((await conn.execute(stmt)).scalar_one())
+    return int((await conn.execute(upsert)).scalar_one())
 
 
 # -- the app's own subscription ----------------------------------------------------------------------------------
@@ -278,7 +233,7 @@ async def learn_subscription(conn: AsyncConnection, subscription_id: int | None,
     if subscription_id is None:
         await conn.execute(sa.delete(sub).where(sub.c.slot == 1))
         return
-    stmt = _insert(conn, sub).values(slot=1, subscription_id=subscription_id, learned_at=now)
+    stmt = insert_into(conn, sub).values(slot=1, subscription_id=subscription_id, learned_at=now)
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[sub.c.slot], set_={"subscription_id": subscription_id, "learned_at": now}

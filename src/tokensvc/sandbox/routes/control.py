@@ -7,6 +7,7 @@ activities, pushes).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -111,19 +112,23 @@ async def release(state: Sandbox) -> dict[str, int]:
     return {"released": state.gate.release()}
 
 
-@router.get("/held", response_model=None)
-async def held(
-    state: Sandbox,
-    count: Annotated[int, Query(ge=0)] = 1,
-    wait_seconds: Annotated[float, Query(alias="timeout", ge=0, le=300)] = 5.0,
-) -> JSONResponse:
-    """Wait (on an event, not by polling) until `count` requests are parked; 408 if that takes too long."""
+WaitSeconds = Annotated[float, Query(alias="timeout", ge=0, le=300)]
+
+
+async def answer_when(done: Awaitable[None], wait_seconds: float, body: Callable[[], dict[str, Any]]) -> JSONResponse:
+    """`body()` once `done` has happened; the same with a 408 if `wait_seconds` pass first."""
     try:
         async with asyncio.timeout(wait_seconds):
-            await state.gate.wait_held(count)
+            await done
     except TimeoutError:
-        return JSONResponse({"held": state.gate.held}, status_code=408)
-    return JSONResponse({"held": state.gate.held})
+        return JSONResponse(body(), status_code=408)
+    return JSONResponse(body())
+
+
+@router.get("/held", response_model=None)
+async def held(state: Sandbox, count: Annotated[int, Query(ge=0)] = 1, wait_seconds: WaitSeconds = 5.0) -> JSONResponse:
+    """Wait (on an event, not by polling) until `count` requests are parked; 408 if that takes too long."""
+    return await answer_when(state.gate.wait_held(count), wait_seconds, lambda: {"held": state.gate.held})
 
 
 @router.get("/rate-limit")

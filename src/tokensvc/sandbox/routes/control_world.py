@@ -3,7 +3,6 @@ being invalidated, activities uploaded, edited and deleted (each pushing its eve
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
@@ -12,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..activities import ControlChanges, NewActivity, check_sport
 from ..state import ACCESS_TOKEN_LIFETIME, DEFAULT_SCOPE, AthleteSnapshot, SeededAthlete
+from .control import WaitSeconds, answer_when
 from .pipeline import Sandbox
 
 router = APIRouter(prefix="/_control", tags=["control"])
@@ -113,14 +113,11 @@ async def push(event: dict[str, Any], state: Sandbox, copies: Copies = 1) -> JSO
 
 @router.get("/deliveries", response_model=None)
 async def deliveries(
-    state: Sandbox,
-    count: Annotated[int, Query(ge=0)] = 0,
-    wait_seconds: Annotated[float, Query(alias="timeout", ge=0, le=300)] = 5.0,
+    state: Sandbox, count: Annotated[int, Query(ge=0)] = 0, wait_seconds: WaitSeconds = 5.0
 ) -> JSONResponse:
     """Every event sent so far; waits (on an event) until `count` have finished, 408 if that takes too long."""
-    try:
-        async with asyncio.timeout(wait_seconds):
-            await state.push.wait_delivered(count)
-    except TimeoutError:
-        return JSONResponse({"deliveries": [d.as_json() for d in state.push.deliveries]}, status_code=408)
-    return JSONResponse({"deliveries": [d.as_json() for d in state.push.deliveries]})
+    return await answer_when(
+        state.push.wait_delivered(count),
+        wait_seconds,
+        lambda: {"deliveries": [d.as_json() for d in state.push.deliveries]},
+    )
