@@ -317,27 +317,31 @@ def find_py_spy() -> str | None:
 
 
 def profile_report(title: str, raw: str, top: int = 20) -> str:
-    """Where the time goes in py-spy's raw output (`frame;frame;... count`, root first), by phase and by frame."""
-    samples, phases, frames = 0, Counter[str](), Counter[str]()
+    """Where the time goes in py-spy's raw output (`frame;frame;... count`, root first): by phase, by the frame on
+    CPU (self) and by every frame on the stack (in: what a step costs with all it calls)."""
+    samples, phases, frames, cumulative = 0, Counter[str](), Counter[str](), Counter[str]()
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
         parsed = [(m["func"], m["file"]) if (m := FRAME_RE.match(part)) else (part, "") for part in stack.split(";")]
-        loop = max((i for i, (_, f) in enumerate(parsed) if "asyncio/" in f and "base_events" in f), default=-1)
+        roots = ("asyncio/runners.py", "asyncio/base_events.py")  # the start-up frames every sample shares
+        loop = max((i for i, (_, f) in enumerate(parsed) if f.endswith(roots)), default=-1)
         stack_frames = [f for f in parsed[loop + 1 :] if f[1].endswith(".py")]
         samples += count
         if not stack_frames:
             phases["event loop / C only (no Python frame above the loop)"] += count
             continue
         frames[f"{stack_frames[-1][0]} ({stack_frames[-1][1]})"] += count
+        cumulative.update(dict.fromkeys({f"{func} ({file})" for func, file in stack_frames}, count))
         found = (
             label for _, path in reversed(stack_frames) for label, needles in PHASES if any(n in path for n in needles)
         )
         phases[next(found, "stdlib with no library frame above (cut-short stacks)")] += count
     rows = [(label, round(100 * n / max(samples, 1), 1)) for label, n in phases.most_common()]
     rows += [(f"  self: {where}", round(100 * n / max(samples, 1), 1)) for where, n in frames.most_common(top)]
+    rows += [(f"  in: {where}", round(100 * n / max(samples, 1), 1)) for where, n in cumulative.most_common(top)]
     return f"-- {title}: {samples} samples holding the GIL (idle excluded)\n" + table(
         ["where the time goes", "%"], rows
     )
