@@ -2,14 +2,10 @@
 
     .venv/bin/python bench/fleet.py        # = --replicas 10 --seconds 120 --users 300 --clients 64
 
-Makes a throwaway cluster (tests/reliability/cluster.py: initdb + pg_ctl in a temporary directory, removed at the
-end) with `max_connections = 100`, starts the sandbox and `--replicas` `tokensvc serve` processes at default
-connection settings (only the sweep interval, the Strava budgets and the webhook verify token are set, see
-tests/e2e/fleet.py), imports `--users` athletes (a fifth due for a refresh), then runs `--clients` concurrent
-callers for `--seconds`: access tokens, token status, forced refreshes, new users imported due (swept by the
-background sweep every 5 s), explicit sweeps, Strava webhook events. It prints the calls, the errors (any non-2xx
-or transport error), the peak of client backends in `pg_stat_activity` and each replica's peak of sockets to
-Postgres, and exits 1 if there was an error or a peak above the budget (80 in all, 8 per replica).
+A throwaway cluster (tests/reliability/cluster.py) with `max_connections = 100`, the sandbox and `--replicas`
+replicas at default connection settings, and `--clients` callers for `--seconds` (the load is tests/e2e/fleet.py,
+which tests/e2e/test_fleet.py runs in CI). Exit 1 on any error or a peak of client backends in
+`pg_stat_activity` above 80, or of one replica's sockets to Postgres above its connection budget.
 """
 
 from __future__ import annotations
@@ -22,8 +18,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.e2e.fleet
-
+from benchlib import BenchError, header, run_main
 from tests.e2e.fleet import FleetReport, run_load, start_fleet
 from tests.reliability.cluster import Cluster, postgres_bin_dir
 
@@ -61,9 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
-        print("BENCH FAILED: no Postgres server binaries (initdb, pg_ctl)", file=sys.stderr)
-        return 1
+        raise BenchError("no Postgres server binaries (initdb, pg_ctl)")
     budget = Settings(_env_file=None, database_url="postgresql+asyncpg://x@127.0.0.1/x").connection_budget
+    settings = f"replicas {args.replicas}, {args.seconds:.0f} s, users {args.users}, clients {args.clients}"
+    header("bench/fleet.py", settings)
     cluster = Cluster(bin_dir, max_connections=MAX_CONNECTIONS)
     out_dir = Path(tempfile.mkdtemp(prefix="tokensvc-fleet-"))
     try:
@@ -86,4 +82,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

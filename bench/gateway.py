@@ -2,29 +2,13 @@
 
     .venv/bin/python bench/gateway.py   # = --calls 72 --connections 16 --seconds 10 --rounds 2 --strava-latency-ms 100
 
-Real processes on loopback (tests/e2e/processes.py): a throwaway Postgres cluster (tests/reliability/cluster.py),
-two sandboxes and `tokensvc serve`. Three phases, in this order:
-
-1. **Latency at defaults** (no setting of tokensvc or the sandboxes changed; the callers send no
-   `Tokensvc-Priority`, so `sync`, which may spend 80 % of the read window). The default read window is 100 GETs per
-   15 minutes on both sides, and the sandbox a gateway calls counts every GET that reaches it, so only what fits is
-   measured: `--calls` sequential `GET /athlete/activities` (30 activities, ~12 KB) through the gateway (sandbox A)
-   and as many straight to sandbox B (its own window, the same athlete and activities), interleaved call by call
-   with the order alternating, so machine noise hits both alike. Each call is timed from send to the last body byte.
-2. **RSS while a 20 MB body streams, at defaults**: the same tokensvc process streams a 300,000-point activity's
-   streams (`GET /activities/{id}/streams`, ~20 MB, chunked) to a fast reader and to a slow one (4 MB/s), and
-   uploads a 20 MB body (`POST /uploads`, multipart) to the sandbox. The server's VmRSS is sampled every 5 ms in a
-   thread and its VmHWM reset first (`/proc/PID/clear_refs`), so the peak growth during each transfer is exact.
-3. **CAPACITY (limits raised: not defaults)**: a second tokensvc (its own database) with
-   `TOKENSVC_STRAVA_RATE_LIMIT` and `TOKENSVC_STRAVA_READ_RATE_LIMIT` at 10,000,000 and sandbox A's limits raised
-   through `POST /_control/rate-limit`; wrk at `--connections` for `--seconds`, `--rounds` rounds of (direct,
-   gateway) against sandbox A, the order alternating. Reported: requests/s and the ratio gateway / direct (goal
-   >= 0.7), with wrk's p50/p99, each process's CPU and CPU per request; then the same rounds again with every list
-   call held `--strava-latency-ms` (100) in the sandbox (a latency fault), since Strava does not answer from memory.
-
-Every answer is checked (status 200, the body's size); wrk's non-2xx and socket errors fail the run. Exit 1 on any
-failed check; the goals themselves are printed, not enforced. Needs wrk (`apt-get install wrk`) and the Postgres
-server binaries. Logs and wrk output go to `--out-dir` (default a temporary directory, printed).
+A throwaway Postgres cluster (tests/reliability/cluster.py), two sandboxes (A behind the gateway, B called
+directly: each has its own read window) and `tokensvc serve`. 1. Latency at defaults: `--calls` sequential
+`GET /athlete/activities` a side, interleaved with the order alternating, timed to the last body byte. 2. RSS at
+defaults: a 20 MB activity's streams to a fast and a 4 MB/s reader and a 20 MB upload, VmRSS sampled every 5 ms
+from a reset VmHWM. 3. CAPACITY (limits raised, not defaults): wrk rounds of (direct, gateway), then again with the
+sandbox holding each call `--strava-latency-ms`. Every answer is checked; exit 1 on a failed check (goals are
+printed, not enforced). Needs wrk and the Postgres server binaries; see bench/README.md.
 """
 
 from __future__ import annotations
@@ -33,7 +17,6 @@ import argparse
 import asyncio
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,13 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.e2e.processes
-
-from tests.e2e.processes import Process, start_sandbox, start_service, wait_ready
+from benchlib import (
+    BenchError,
+    CpuMeter,
+    children_seconds,
+    cpu_seconds,
+    header,
+    load_average,
+    memory_kib,
+    percentile,
+    postgres_seconds,
+    run_main,
+    table,
+    wait_ready,
+)
+from tests.e2e.processes import Process, service_env, start_sandbox, start_service
 from tests.reliability.cluster import Cluster, postgres_bin_dir
 
-from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Settings
+from tokensvc.config import Settings
 from tokensvc.crypto import generate_key
 from tokensvc.service.rate_budget import GATEWAY_SHARES
 
@@ -67,10 +61,6 @@ RAISED = 10_000_000
 WARMUP_CALLS = 3
 THROUGHPUT_GOAL = 0.7
 CHUNK = 64 * 1024
-
-
-class BenchError(Exception):
-    """A failed check: the run's figures cannot be trusted."""
 
 
 @dataclass
@@ -96,28 +86,14 @@ class Stack:
             process.stop()
 
 
-def service_env(database_url: str, sandbox: Process, **extra: str) -> dict[str, str]:
-    """A replica at default settings but what it cannot run without (and the sweep's default interval, which
-    start_service would otherwise turn off)."""
-    return {
-        "TOKENSVC_DATABASE_URL": database_url,
-        "TOKENSVC_STRAVA_BASE_URL": sandbox.url,
-        "TOKENSVC_STRAVA_CLIENT_ID": SANDBOX_CLIENT_ID,
-        "TOKENSVC_STRAVA_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-        "TOKENSVC_API_KEYS": API_KEY,
-        "TOKENSVC_ENCRYPTION_KEYS": generate_key(),
-        "TOKENSVC_SESSION_SECRET": "gwbench-session-secret-" + "s" * 32,
-        "TOKENSVC_SWEEP_INTERVAL_SECONDS": str(Settings.model_fields["sweep_interval_seconds"].default),
-        **extra,
-    }
-
-
 async def start_tokensvc(stack: Stack, name: str, sandbox: Process, **extra: str) -> Process:
+    """A replica at default settings (the sweep's default interval too, which start_service would turn off)."""
     stack.cluster.psql(f"CREATE DATABASE {name}")
-    env = service_env(stack.cluster.url(name), sandbox, **extra)
-    process = start_service(name, stack.out, env)
+    interval = str(Settings.model_fields["sweep_interval_seconds"].default)
+    env = service_env(stack.cluster.url(name), sandbox.url, api_key=API_KEY, key=generate_key(), **extra)
+    process = start_service(name, stack.out, env | {"TOKENSVC_SWEEP_INTERVAL_SECONDS": interval})
     stack.services.append(process)
-    await wait_ready(process, deadline=60)
+    await wait_ready(process, path="/healthz")
     return process
 
 
@@ -186,19 +162,13 @@ async def latency_phase(gateway: Side, direct: Side, calls: int) -> dict[str, li
     return timings
 
 
-def percentile(values: Sequence[float], p: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
-
-
 def latency_report(timings: dict[str, list[float]]) -> list[str]:
     gateway, direct = timings["gateway"], timings["direct"]
-    lines = [f"{'side':<9}{'calls':>6}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'mean ms':>9}"]
-    for name, values in timings.items():
-        ms = [v * 1000 for v in values]
-        lines.append(
-            f"{name:<9}{len(ms):>6}{percentile(ms, 50):>9.2f}{percentile(ms, 90):>9.2f}"
-            f"{percentile(ms, 99):>9.2f}{max(ms):>9.2f}{statistics.fmean(ms):>9.2f}"
-        )
+    rows = [
+        [name, len(ms), *(percentile(ms, p) for p in (50, 90, 99)), max(ms), statistics.fmean(ms)]
+        for name, ms in ((name, [v * 1000 for v in values]) for name, values in timings.items())
+    ]
+    lines = [table(["side", "calls", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean ms"], rows)]
     added = [(g - d) * 1000 for g, d in zip(gateway, direct, strict=True)]
     lines.append(
         f"added by the gateway: p50 {(percentile(gateway, 50) - percentile(direct, 50)) * 1000:.2f} ms, "
@@ -244,15 +214,6 @@ class RssSampler(threading.Thread):
             "end_mib": memory["VmRSS"] / 1024,
             "samples": len(self.samples),
         }
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = int(value.split()[0])
-    return found
 
 
 async def stream_body(client: httpx.AsyncClient, side: Side, path: str, *, bytes_per_second: float | None) -> int:
@@ -338,11 +299,10 @@ async def rss_phase(stack: Stack, gateway: Side, direct: Side, athletes: dict[st
             ),
             ("streams, direct, fast reader", direct, lambda: stream(client, direct, ids["direct"], None)),
         ]
-        if os.environ.get("GWBENCH_UPLOADS") != "0":
-            cases += [
-                ("upload 20 MB, gateway", gateway, lambda: uploaded(client, gateway)),
-                ("upload 20 MB, direct", direct, lambda: uploaded(client, direct)),
-            ]
+        cases += [
+            ("upload 20 MB, gateway", gateway, lambda: uploaded(client, gateway)),
+            ("upload 20 MB, direct", direct, lambda: uploaded(client, direct)),
+        ]
         for name, side, run in cases:
             size, seconds, memory = await transfer(side.process.popen.pid, run)
             who = "tokensvc" if side.process.popen.pid == pid else "sandbox"
@@ -413,62 +373,17 @@ def parse_wrk(side: str, text: str, cpu: dict[str, float]) -> WrkRun:
     )
 
 
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime
+Readers = dict[str, Callable[[], float]]
 
 
-def cluster_ticks(postmaster: int) -> int:
-    """The Postgres cluster's CPU: the postmaster and every backend it forked (pooled, so alive over a run)."""
-    total = cpu_ticks(postmaster)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[1]) == postmaster:
-            total += int(fields[11]) + int(fields[12])
-    return total
-
-
-Ticks = Callable[[], int]
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
-
-
-def run_wrk(side: Side, others: dict[str, Ticks], args: argparse.Namespace, seconds: int, out: Path) -> WrkRun:
+def run_wrk(side: Side, others: Readers, args: argparse.Namespace, seconds: int, out: Path) -> WrkRun:
     """One wrk run against `side`'s `/athlete/activities`, with the CPU (% of one core) of the processes named in
     `others`, of wrk and of the machine over the run."""
-    command = [
-        "wrk",
-        f"-t{args.threads}",
-        f"-c{args.connections}",
-        f"-d{seconds}s",
-        "--timeout",
-        "10s",
-        "--latency",
-        "-H",
-        f"Authorization: {side.headers['Authorization']}",
-        f"{side.base}/athlete/activities",
-    ]
-    ticks = {name: read() for name, read in others.items()}
-    busy, total = machine_ticks()
-    children = os.times()
-    start = time.perf_counter()
+    command = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "10s", "--latency"]
+    command += ["-H", f"Authorization: {side.headers['Authorization']}", f"{side.base}/athlete/activities"]
+    meter = CpuMeter(others | {"wrk": children_seconds})
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    wall = time.perf_counter() - start
-    after = os.times()
-    hz = os.sysconf("SC_CLK_TCK")
-    cpu = {name: (read() - ticks[name]) / hz / wall * 100 for name, read in others.items()}
-    cpu["wrk"] = after.children_user + after.children_system - children.children_user - children.children_system
-    cpu["wrk"] = cpu["wrk"] / wall * 100
-    busy_after, total_after = machine_ticks()
-    cpu["machine"] = (busy_after - busy) / max(1, total_after - total) * 100 * (os.cpu_count() or 1)
+    cpu = meter.stop()
     (out / f"wrk-{side.name}-{int(time.time() * 1000)}.txt").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise BenchError(f"wrk {side.name} exited {done.returncode}: {done.stderr[-500:]}")
@@ -486,10 +401,10 @@ async def capacity_phase(stack: Stack, sandbox: Process, athlete: dict[str, Any]
     await import_tokens(stack.http, service, athlete)
     gateway, direct = gateway_side(service), direct_side(sandbox, athlete)
     postmaster = int((stack.cluster.data / "postmaster.pid").read_text().split()[0])
-    others: dict[str, Ticks] = {
-        "tokensvc": lambda: cpu_ticks(service.popen.pid),
-        "sandbox": lambda: cpu_ticks(sandbox.popen.pid),
-        "postgres": lambda: cluster_ticks(postmaster),
+    others: Readers = {
+        "tokensvc": lambda: cpu_seconds(service.pid),
+        "sandbox": lambda: cpu_seconds(sandbox.pid),
+        "postgres": lambda: postgres_seconds(postmaster),
     }
     for side in (direct, gateway):
         await asyncio.to_thread(run_wrk, side, others, args, args.warmup, stack.out)
@@ -505,7 +420,7 @@ async def capacity_phase(stack: Stack, sandbox: Process, athlete: dict[str, Any]
     return runs
 
 
-async def rounds(sides: tuple[Side, Side], others: dict[str, Ticks], args: argparse.Namespace, out: Path) -> Any:
+async def rounds(sides: tuple[Side, Side], others: Readers, args: argparse.Namespace, out: Path) -> Any:
     """`--rounds` rounds of one wrk run a side, the order alternating."""
     runs: list[WrkRun] = []
     for n in range(args.rounds):
@@ -520,19 +435,14 @@ def cpu_ms(run: WrkRun, process: str) -> float:
 
 
 def capacity_report(runs: list[WrkRun], args: argparse.Namespace, *, ceilings: bool) -> list[str]:
-    processes = ("tokensvc", "sandbox", "postgres", "wrk")
-    lines = [
-        f"{'side':<9}{'req/s':>7}{'p50 ms':>8}{'p99 ms':>8}{'B/resp':>7}  CPU % of a core: "
-        f"{'tokensvc':>8}{'sandbox':>8}{'pg':>5}{'wrk':>5}{'all':>5}  CPU ms/req: tokensvc sandbox pg"
+    head = ["side", "req/s", "p50 ms", "p99 ms", "B/resp", "CPU %: tokensvc", "sandbox", "pg", "wrk", "all"]
+    rows = [
+        [run.side, round(run.requests_per_second), run.p50_ms, run.p99_ms, round(run.bytes_read / max(1, run.requests))]
+        + [round(run.cpu[p]) for p in ("tokensvc", "sandbox", "postgres", "wrk", "machine")]
+        + [cpu_ms(run, p) for p in ("tokensvc", "sandbox", "postgres")]
+        for run in runs
     ]
-    for run in runs:
-        lines.append(
-            f"{run.side:<9}{run.requests_per_second:>7.0f}{run.p50_ms:>8.2f}{run.p99_ms:>8.2f}"
-            f"{run.bytes_read / max(1, run.requests):>7.0f}{'':>18}"
-            + "".join(f"{run.cpu[p]:>{w}.0f}" for p, w in zip(processes, (8, 8, 5, 5), strict=True))
-            + f"{run.cpu['machine']:>5.0f}{'':>14}{cpu_ms(run, 'tokensvc'):>7.2f}{cpu_ms(run, 'sandbox'):>8.2f}"
-            f"{cpu_ms(run, 'postgres'):>5.2f}"
-        )
+    lines = [table([*head, "CPU ms/req: tokensvc", "sandbox", "pg"], rows)]
     rates = {s: [r.requests_per_second for r in runs if r.side == s] for s in ("gateway", "direct")}
     median = {s: statistics.median(v) for s, v in rates.items()}
     best = {s: max(v) for s, v in rates.items()}
@@ -563,32 +473,6 @@ def cpu_ceiling(runs: list[WrkRun]) -> float:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
-def load_average() -> str:
-    """The load average, and how much of the last 10 s some runnable task waited for a CPU (PSI), when known."""
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    try:
-        pressure = Path("/proc/pressure/cpu").read_text().split()[1].removeprefix("avg10=")
-    except (OSError, IndexError):
-        return load
-    return f"{load}, CPU pressure {pressure} %"
-
-
-def machine_lines() -> list[str]:
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        "?",
-    )
-    return [
-        f"commit {revision.stdout.strip() or '?'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"nproc {os.cpu_count()}, {model}, load {load_average()}"
-    ]
-
-
 def reads_that_fit(calls: int) -> None:
     """The latency and RSS phases spend read units of one default window at the default priority: refuse a
     `--calls` that cannot fit (it would measure 429s, not the gateway)."""
@@ -599,16 +483,12 @@ def reads_that_fit(calls: int) -> None:
         raise BenchError(f"--calls {calls}: {needed} gateway GETs do not fit the default sync share ({window})")
 
 
-def emit(report: list[str], *lines: str) -> None:
-    """Print as the run goes (a later failure keeps what was measured) and keep for the summary."""
+def emit(*lines: str) -> None:
     print("\n".join(lines), flush=True)
-    report.extend(lines)
 
 
-async def run(args: argparse.Namespace, stack: Stack) -> list[str]:
+async def run(args: argparse.Namespace, stack: Stack) -> None:
     reads_that_fit(args.calls)
-    report: list[str] = []
-    emit(report, *machine_lines())
     for name in ("sandbox-a", "sandbox-b"):
         (stack.out / name).mkdir(exist_ok=True)
         stack.sandboxes.append(start_sandbox(stack.out / name))
@@ -621,33 +501,31 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[str]:
     await import_tokens(stack.http, service, athletes["gateway"])
     gateway, direct = gateway_side(service), direct_side(sandbox_b, athletes["direct"])
 
-    emit(report, "", f"== 1. latency at defaults: {args.calls} sequential GET /athlete/activities a side, interleaved")
-    emit(report, *latency_report(await latency_phase(gateway, direct, args.calls)))
-    emit(report, "", "== 2. RSS while ~20 MB streams, at defaults (the same tokensvc process)")
-    emit(report, *await rss_phase(stack, gateway, direct, athletes))
+    emit("", f"== 1. latency at defaults: {args.calls} sequential GET /athlete/activities a side, interleaved")
+    emit(*latency_report(await latency_phase(gateway, direct, args.calls)))
+    emit("", "== 2. RSS while ~20 MB streams, at defaults (the same tokensvc process)")
+    emit(*await rss_phase(stack, gateway, direct, athletes))
     stats = (await stack.http.get(f"{sandbox_a.url}/_control/stats")).json()
-    emit(report, f"sandbox A (behind the gateway) saw: {stats['calls']}")
+    emit(f"sandbox A (behind the gateway) saw: {stats['calls']}")
     service.stop()
 
     emit(
-        report,
         "",
         f"== 3. CAPACITY (NOT defaults: TOKENSVC_STRAVA_RATE_LIMIT and _READ_RATE_LIMIT {RAISED:,}, sandbox A's "
         f"limits likewise): wrk -t{args.threads} -c{args.connections}, {args.seconds} s runs, {args.rounds} rounds",
     )
     for label, runs in (await capacity_phase(stack, sandbox_a, athletes["gateway"], args)).items():
         if label:
-            emit(report, f"-- CAPACITY again, {label} (a Strava-like answer time):")
-        emit(report, *capacity_report(runs, args, ceilings=not label))
-    emit(report, f"load at the end {load_average()}")
-    return report
+            emit(f"-- CAPACITY again, {label} (a Strava-like answer time):")
+        emit(*capacity_report(runs, args, ceilings=not label))
+    emit(f"load at the end {load_average()}")
 
 
-async def main_async(args: argparse.Namespace, cluster: Cluster, out: Path) -> list[str]:
+async def main_async(args: argparse.Namespace, cluster: Cluster, out: Path) -> None:
     async with httpx.AsyncClient(timeout=60) as http:
         stack = Stack(out, cluster, http)
         try:
-            return await run(args, stack)
+            await run(args, stack)
         finally:
             stack.stop()
 
@@ -667,24 +545,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
-        print("BENCH FAILED: no Postgres server binaries (initdb, pg_ctl)", file=sys.stderr)
-        return 1
+        raise BenchError("no Postgres server binaries (initdb, pg_ctl)")
+    header("bench/gateway.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None))
     out = args.out_dir or Path(tempfile.mkdtemp(prefix="tokensvc-gwbench-"))
     out.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(bin_dir)
-    # SIGTERM as an exception, so the processes are stopped and the cluster removed (the `finally`s) as on Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         cluster.start()
         asyncio.run(main_async(args, cluster, out))
-    except BenchError as exc:
-        print(f"BENCH FAILED: {exc}\nlogs: {out}", file=sys.stderr)
-        return 1
     finally:
         cluster.destroy()
-    print(f"logs: {out}")
+        print(f"logs: {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

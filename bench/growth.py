@@ -1,26 +1,13 @@
-"""Growth benchmark: a million athletes on one Postgres, and what the operators' reads cost at that size.
+"""A million athletes on one Postgres, and what the operators' reads cost at that size.
 
-Run from the repository root:
+    .venv/bin/python bench/growth.py --pg postgresql://postgres@127.0.0.1:5432   # ≈ 5 min; --users/--events to scale
 
-    .venv/bin/python bench/growth.py [--users 1000000] [--events 3000000] [--pg postgresql://postgres@127.0.0.1:5432]
-
-What it does (see bench/README.md, "bench/growth.py"):
-1. drops and recreates the database `--db-name` and migrates it to head;
-2. loads by COPY (triggers off for the load: no NOTIFY per row): `--users` rows of `user_tokens` (tokens really
-   encrypted with the key the servers get; 1 % expired, 8 % expiring soon, 2 % needs_reauth, the rest valid),
-   `--events` audit rows over 100 days (half of them old-style success rows, as a trail from before 0008 holds; the
-   rest failures, imports and changes of state), the hourly rollup of refresh attempts for those 100 days,
-   `--notifications` outbox rows (1 % undelivered) and `--webhook-events` Strava events (1 % pending); then
-   VACUUM ANALYZE;
-3. runs, in this process, every statement behind `/metrics` (the gauges job's pass), `/v1/stats`, the dashboard,
-   the outbox's and the webhook processor's claims and the sweeper's claim, captures them as sent, and prints
-   `EXPLAIN (ANALYZE, BUFFERS)` of each; it fails (exit 1) if any plan has a Seq Scan over one of the big tables;
-4. times the retention purge (`Housekeeping.run_once`, default batch size) of the ten days of rows past the
-   90-day retention: rows, batches, the slowest batch;
-5. starts `--replicas` `tokensvc serve` processes (defaults but the sweeper, which is off) and times `GET /metrics`,
-   `GET /v1/stats` and `GET /dashboard` (`--requests` each, sequential) on the first, then asks `--warm` access
-   tokens of distinct users of it (filling its token cache) and prints each replica's RSS.
-The servers are stopped and the database dropped in a `finally` (unless `--keep`).
+COPYs `--users` encrypted `user_tokens` rows, `--events` audit rows over 100 days, the hourly rollup,
+`--notifications` outbox rows and `--webhook-events` Strava events (triggers off: no NOTIFY per row); prints
+`EXPLAIN (ANALYZE, BUFFERS)` of every statement behind `/metrics`, `/v1/stats`, the dashboard and the outbox,
+webhook and sweeper claims, and fails (exit 1) on a Seq Scan over a big table; times the retention purge; starts
+`--replicas` `tokensvc serve` (sweeper off) and times `/metrics`, `/v1/stats` and `/dashboard`, `--warm` access
+tokens of distinct users, and each replica's RSS.
 """
 
 from __future__ import annotations
@@ -28,11 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import secrets
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -43,18 +27,8 @@ from typing import Any
 import asyncpg
 import httpx
 import sqlalchemy as sa
-from benchlib import (
-    REPO_DIR,
-    BenchError,
-    cpu_model,
-    drop_database,
-    git_revision,
-    mem_total_gib,
-    recreate_database,
-    terminate_as_exit,
-    wait_ready,
-)
-from tests.e2e.processes import Process, clean_env, free_port
+from benchlib import REPO_DIR, BenchError, header, memory_kib, percentile, run_main, scratch_database, table
+from tests.e2e.processes import Process, service_env, start_replicas
 
 from tokensvc.crypto import TokenCipher, generate_key
 from tokensvc.db import make_engine, migrate
@@ -86,7 +60,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--requests", type=int, default=20, help="timed requests per endpoint")
     parser.add_argument("--warm", type=int, default=5000, help="access tokens asked of the first replica")
-    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument("--out-dir", type=Path, default=REPO_DIR / "bench" / "out")
     return parser.parse_args(argv)
 
@@ -136,22 +109,9 @@ def user_rows(count: int, cipher: TokenCipher, now: int) -> Iterator[tuple[Any, 
         )
 
 
-USER_COLUMNS = (
-    "user_id",
-    "access_token_enc",
-    "refresh_token_enc",
-    "key_id",
-    "expires_at",
-    "athlete_id",
-    "scopes",
-    "reauth_reason",
-    "last_refreshed_at",
-    "created_at",
-    "updated_at",
-    "version",
-    "sweep_at",
-    "failure_count",
-    "last_error",
+USER_COLUMNS = tuple(
+    "user_id access_token_enc refresh_token_enc key_id expires_at athlete_id scopes reauth_reason "
+    "last_refreshed_at created_at updated_at version sweep_at failure_count last_error".split()
 )
 
 FAILURES = ("transient", "rate_limited", "rejected", "answer_lost", "misconfigured")
@@ -212,16 +172,8 @@ def notification_rows(count: int, users: int, now: int) -> Iterator[tuple[Any, .
         )
 
 
-NOTIFICATION_COLUMNS = (
-    "id",
-    "event_type",
-    "user_id",
-    "payload",
-    "created_at",
-    "next_attempt_at",
-    "attempts",
-    "delivered_at",
-    "last_error",
+NOTIFICATION_COLUMNS = tuple(
+    "id event_type user_id payload created_at next_attempt_at attempts delivered_at last_error".split()
 )
 
 
@@ -249,21 +201,9 @@ def webhook_rows(count: int, users: int, now: int) -> Iterator[tuple[Any, ...]]:
         )
 
 
-WEBHOOK_COLUMNS = (
-    "id",
-    "dedupe_key",
-    "owner_id",
-    "object_type",
-    "aspect_type",
-    "event_time",
-    "subscription_id",
-    "payload",
-    "received_at",
-    "state",
-    "attempts",
-    "next_attempt_at",
-    "processed_at",
-    "result",
+WEBHOOK_COLUMNS = tuple(
+    "id dedupe_key owner_id object_type aspect_type event_time subscription_id payload received_at state "
+    "attempts next_attempt_at processed_at result".split()
 )
 
 
@@ -381,55 +321,22 @@ def seq_scans(node: dict[str, Any]) -> set[str]:
 # -- servers -----------------------------------------------------------------------------------------------
 
 
-def start_replica(name: str, database_url: str, key: str, out_dir: Path) -> Process:
-    port = free_port()
-    settings = {
-        "TOKENSVC_DATABASE_URL": database_url,
-        "TOKENSVC_STRAVA_BASE_URL": "http://127.0.0.1:9",  # never called: no user is due for a read here
-        "TOKENSVC_STRAVA_CLIENT_ID": "growth",
-        "TOKENSVC_STRAVA_CLIENT_SECRET": "growth",
-        "TOKENSVC_API_KEYS": API_KEY,
-        "TOKENSVC_ENCRYPTION_KEYS": key,
-        "TOKENSVC_SESSION_SECRET": secrets.token_urlsafe(32),
-        "TOKENSVC_SWEEP_INTERVAL_SECONDS": "0",  # the sweeper would refresh the due tenth of a million users
-        "TOKENSVC_LOG_LEVEL": "WARNING",
-    }
-    log = out_dir / f"{name}.log"
-    with log.open("wb") as sink:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "tokensvc", "serve", "--no-migrate", "--port", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=clean_env(**settings),
-            cwd=out_dir,
-        )
-    return Process(name, popen, f"http://127.0.0.1:{port}", log)
+def rss_mib(replicas: list[Process]) -> list[float]:
+    return [round(memory_kib(r.pid).get("VmRSS", 0) / 1024, 1) for r in replicas]
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-async def time_endpoints(replica: Process, requests: int) -> dict[str, dict[str, float]]:
-    figures: dict[str, dict[str, float]] = {}
+async def time_endpoints(replica: Process, requests: int) -> dict[str, list[float]]:
+    """`requests` sequential GETs of each operator read; the milliseconds each took."""
+    figures: dict[str, list[float]] = {}
     async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         for path in ("/metrics", "/v1/stats", "/dashboard"):
-            durations = []
+            durations = figures.setdefault(path, [])
             for _ in range(requests):
                 started = time.perf_counter()
                 response = await http.get(f"{replica.url}{path}")
                 durations.append((time.perf_counter() - started) * 1000)
                 if response.status_code != 200:
                     raise BenchError(f"{path} answered {response.status_code}: {response.text[:300]}")
-            durations.sort()
-            figures[path] = {
-                "p50_ms": statistics.median(durations),
-                "p99_ms": durations[min(len(durations) - 1, int(len(durations) * 0.99))],
-                "max_ms": durations[-1],
-            }
     return figures
 
 
@@ -453,14 +360,14 @@ async def warm(replica: Process, users: int, count: int) -> int:
 # -- main --------------------------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    admin = f"{args.pg.rstrip('/')}/postgres"
-    version = await recreate_database(admin, args.db_name)
-    dsn = f"{args.pg.rstrip('/')}/{args.db_name}"
+async def run(args: argparse.Namespace) -> None:
+    async with scratch_database(args.pg, args.db_name) as (dsn, version):
+        header("bench/growth.py", f"users {args.users:,}, events {args.events:,}", postgres=version)
+        await grow(args, dsn)
+
+
+async def grow(args: argparse.Namespace, dsn: str) -> None:
     database_url = "postgresql+asyncpg://" + dsn.split("://", 1)[1]
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {mem_total_gib() or 0:.0f} GiB; Postgres {version}")
-    print(f"revision: {git_revision()}")
-    results: dict[str, Any] = {"users": args.users, "events": args.events}
     replicas: list[Process] = []
     try:
         engine = make_engine(database_url)
@@ -469,7 +376,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         key = generate_key()
         now = int(time.time())
         print("load (COPY):", flush=True)
-        results["load_seconds"] = await load(dsn, args, TokenCipher([key]), now)
+        await load(dsn, args, TokenCipher([key]), now)
 
         print("\nplans (EXPLAIN ANALYZE of every statement sent):")
         plans = await capture_plans(database_url, int(time.time()))
@@ -478,7 +385,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"\n-- {what}\n{text}")
             if scans:
                 bad.append(f"{what}: Seq Scan on {', '.join(scans)}")
-        results["seq_scans_on_big_tables"] = bad
 
         print("\nretention purge (Housekeeping.run_once at defaults: batches of 5000):")
         engine = make_engine(database_url)
@@ -489,15 +395,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             purge_seconds = time.monotonic() - started
         finally:
             await engine.dispose()
-        results["purge"] = {
-            "seconds": round(purge_seconds, 2),
-            "batches": report.batches,
-            "slowest_batch_ms": round(report.slowest_batch_ms, 1),
-            "events": report.events_purged,
-            "counts": report.counts_purged,
-            "notifications": report.notifications_purged,
-            "webhook_events": report.webhook_events_purged,
-        }
         mean = purge_seconds * 1000 / max(1, report.batches)
         print(
             f"  {report.events_purged:,} audit rows, {report.notifications_purged:,} notifications, "
@@ -506,45 +403,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{report.slowest_batch_ms:.0f} ms)"
         )
         print(f"\nservers: {args.replicas} x tokensvc serve (defaults; sweeper off)")
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        replicas = [start_replica(f"growth-{i}", database_url, key, args.out_dir) for i in range(args.replicas)]
-        for replica in replicas:
-            await wait_ready(replica)
-        results["rss_mib_started"] = [round(rss_mib(r.pid), 1) for r in replicas]
-        results["endpoints"] = await time_endpoints(replicas[0], args.requests)
-        for path, figure in results["endpoints"].items():
-            print(
-                f"  {path:<11} p50 {figure['p50_ms']:8.1f} ms   p99 {figure['p99_ms']:8.1f} ms"
-                f"   max {figure['max_ms']:8.1f} ms"
-            )
-        results["warm_200s"] = await warm(replicas[0], args.users, args.warm)
-        results["rss_mib_after"] = [round(rss_mib(r.pid), 1) for r in replicas]
-        print(f"  access tokens asked of {replicas[0].name}: {args.warm} ({results['warm_200s']} x 200)")
-        for replica, started, after in zip(replicas, results["rss_mib_started"], results["rss_mib_after"], strict=True):
+        # Strava is never called: no user is due for a read here (the sweeper would refresh the due tenth).
+        env = service_env(database_url, "http://127.0.0.1:9", api_key=API_KEY, key=key, TOKENSVC_LOG_LEVEL="WARNING")
+        replicas = await start_replicas(args.replicas, args.out_dir, env, "--no-migrate")
+        rss_started = rss_mib(replicas)
+        timings = await time_endpoints(replicas[0], args.requests)
+        rows = [[path, percentile(ms, 50), percentile(ms, 99), max(ms)] for path, ms in timings.items()]
+        print(table(["endpoint", "p50 ms", "p99 ms", "max ms"], rows))
+        warmed = await warm(replicas[0], args.users, args.warm)
+        print(f"  access tokens asked of {replicas[0].name}: {args.warm} ({warmed} x 200)")
+        for replica, started, after in zip(replicas, rss_started, rss_mib(replicas), strict=True):
             print(f"  RSS {replica.name}: {started:.0f} MiB after start, {after:.0f} MiB after the reads")
-
-        (args.out_dir / "growth-results.json").write_text(json.dumps(results, indent=2, default=str))
         if bad:
             raise BenchError("Seq Scan over a big table:\n  " + "\n  ".join(bad))
         print("\nno Seq Scan over a big table in any plan")
-        return results
     finally:
         for replica in replicas:
             replica.stop()
-        if not args.keep:
-            await drop_database(admin, args.db_name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with terminate_as_exit():
-        try:
-            asyncio.run(run(args))
-        except BenchError as exc:
-            print(f"\nBENCH FAILED: {exc}", file=sys.stderr)
-            return 1
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(run(args))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

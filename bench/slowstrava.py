@@ -1,26 +1,13 @@
 """Slow Strava (issue 11): refreshes waiting 8 s at Strava must not take readiness, reads, webhooks or writes down.
 
-    .venv/bin/python bench/slowstrava.py        # = --due 50 --latency-ms 8000 --replicas 3 --valid 20
+    .venv/bin/python bench/slowstrava.py  # = --due 50 --valid 20 --latency-ms 8000 --replicas 3
 
-Postgres: a throwaway cluster (tests/reliability/cluster.py, removed at the end; or `--pg URL` for a server you
-give, where only the `--db-name` database is touched), the sandbox, and `--replicas` `tokensvc serve` processes at
-default settings. Set on top of the defaults, and why: the credentials, keys and URLs a replica needs, the webhook
-verify token (webhooks are off without it), `TOKENSVC_SWEEP_INTERVAL_SECONDS=0` (the refreshes measured are the 50
-on-demand ones sent here; a sweep would refresh the due users at a time of its own) and log level WARNING.
-
-1. imports `--due` users whose tokens expire in 10 minutes (due: inside the default 30-minute buffer) and `--valid`
-   users whose tokens live 6 h, then queues `--due` sandbox `latency` faults of `--latency-ms` on refresh calls;
-2. sends `POST /v1/users/{id}/refresh` for every due user at once, spread round-robin over the replicas;
-3. once the sandbox has received all `--due` refresh calls (they now wait there), and until the first refresh
-   answers, measures in parallel loops over the replicas: `GET /readyz`, a valid user's `GET …/access-token`,
-   `GET …/token-status`, and Strava's webhook `POST /v1/webhooks/strava` (an activity event for a valid athlete);
-4. checks that every refresh answered 200 `refreshed`, and that the sandbox saw exactly one refresh call per due
-   athlete (`/_control/stats`), and every probe answered 200.
-Then the SQLite variant with one process: the same due users and slow refreshes, and while they wait, other users'
-writes (`PUT /v1/users/{id}/tokens`, imports of new users) plus the same reads, with their p50/p99.
-
-Targets: readyz < 1 s, access-token < 100 ms, webhook < 500 ms (p99); imports on SQLite are not blocked (p99 well
-under the Strava latency). Exit 1 when a check or a target fails.
+On a throwaway cluster (tests/reliability/cluster.py, or `--pg URL`), then SQLite with one process: the replicas
+at defaults (but the sweep, off: the refreshes measured are the ones sent here, and the webhook verify token),
+`--valid` valid and `--due` due users; an idle baseline of probes; then the due users' on-demand refreshes against
+a `--latency-ms` Strava and, while they all wait, probe loops (`/readyz`, a valid user's access-token, a token-status
+read, Strava's webhook POST; on SQLite also another user's import). Exit 1 unless every probe answered 2xx, every
+refresh 200 with exactly one Strava call per due athlete, and the p99 targets held.
 """
 
 from __future__ import annotations
@@ -29,40 +16,30 @@ import argparse
 import asyncio
 import contextlib
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.reliability.cluster
-
-from benchlib import (
-    BenchError,
-    cpu_model,
-    drop_database,
-    git_revision,
-    recreate_database,
-    terminate_as_exit,
-    wait_ready,
-)
-from tests.e2e.processes import Process, clean_env, free_port, start_sandbox
+from benchlib import BenchError, header, migrate, percentile, run_main, scratch_database, table
+from tests.e2e.processes import Process, service_env, start_replicas, start_sandbox
 from tests.reliability.cluster import Cluster, postgres_bin_dir
 
-from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Settings
+from tokensvc.config import Settings
 from tokensvc.crypto import generate_key
 
 API_KEY = "slow-key-0123456789abcdef"
 VERIFY_TOKEN = "slow-verify-token"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 TARGETS_MS = {"readyz": 1000.0, "access-token": 100.0, "webhook": 500.0}
+IMPORT_TARGET_MS = 1000.0  # SQLite: another user's import is not blocked
+SPARE_ATHLETES = 640  # made beforehand for the import probes
 ALL_HELD_DEADLINE_SECONDS = 30.0
 
 
@@ -80,48 +57,6 @@ class Fleet:
 class Probes:
     latencies: dict[str, list[float]] = field(default_factory=dict)  # ms
     errors: list[str] = field(default_factory=list)
-
-
-def replica_env(database_url: str, sandbox_url: str, key: str, token_concurrency: int | None) -> dict[str, str]:
-    extra = {} if token_concurrency is None else {"TOKENSVC_STRAVA_TOKEN_CONCURRENCY": str(token_concurrency)}
-    return extra | {
-        "TOKENSVC_DATABASE_URL": database_url,
-        "TOKENSVC_STRAVA_BASE_URL": sandbox_url,
-        "TOKENSVC_STRAVA_CLIENT_ID": SANDBOX_CLIENT_ID,
-        "TOKENSVC_STRAVA_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-        "TOKENSVC_API_KEYS": API_KEY,
-        "TOKENSVC_ENCRYPTION_KEYS": key,
-        "TOKENSVC_SESSION_SECRET": "slow-session-secret-" + "s" * 32,
-        "TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN": VERIFY_TOKEN,
-        "TOKENSVC_SWEEP_INTERVAL_SECONDS": "0",
-        "TOKENSVC_LOG_LEVEL": "WARNING",
-    }
-
-
-def start_replica(name: str, out_dir: Path, env: dict[str, str]) -> Process:
-    port = free_port()
-    log = out_dir / f"{name}.log"
-    with log.open("wb") as sink:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "tokensvc", "serve", "--host", "127.0.0.1", "--port", str(port), "--no-migrate"],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=clean_env(**env),
-            cwd=out_dir,
-        )
-    return Process(name, popen, f"http://127.0.0.1:{port}", log)
-
-
-def migrate(env: dict[str, str], out_dir: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tokensvc", "migrate"],
-        env=clean_env(**env),
-        cwd=out_dir,
-        capture_output=True,
-        timeout=120,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"tokensvc migrate failed: {done.stderr.decode()[-2000:]}")
 
 
 async def new_athlete(fleet: Fleet, expires_in: int) -> dict[str, Any]:
@@ -287,24 +222,19 @@ async def measure(
     return baseline, probes, answers
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 def report(title: str, probes: Probes, targets: dict[str, float]) -> list[str]:
     failures: list[str] = []
-    print(f"   {'request':<16} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}  target (p99)")
+    rows = []
     for name, values in probes.latencies.items():
         if not values:
             failures.append(f"{title}: no {name} answer inside the window")
             continue
-        p50, p99 = statistics.median(values), percentile(values, 0.99)
-        target = targets.get(name)
-        verdict = "" if target is None else (f"< {target:.0f} ms ok" if p99 < target else f"< {target:.0f} ms MISSED")
+        p99, target = percentile(values, 99), targets.get(name)
         if target is not None and p99 >= target:
             failures.append(f"{title}: {name} p99 {p99:.1f} ms >= {target:.0f} ms")
-        print(f"   {name:<16} {len(values):5} {p50:9.1f} {p99:9.1f} {max(values):9.1f}  {verdict}")
+        verdict = "" if target is None else f"< {target:.0f} ms {'ok' if p99 < target else 'MISSED'}"
+        rows.append([name, len(values), percentile(values, 50), p99, max(values), verdict])
+    print(table(["request", "n", "p50 ms", "p99 ms", "max ms", "target (p99)"], rows))
     failures.extend(f"{title}: {error}" for error in probes.errors[:20])
     return failures
 
@@ -333,51 +263,47 @@ async def verify_refreshes(fleet: Fleet, answers: list[httpx.Response], title: s
 async def run_fleet(
     database_url: str, out_dir: Path, args: argparse.Namespace, *, replicas: int, title: str
 ) -> list[str]:
-    sandbox = start_sandbox(out_dir, "--client-id", SANDBOX_CLIENT_ID, cwd=out_dir)
-    processes = [sandbox]
+    print(f"== {title}")
+    sandbox = start_sandbox(out_dir, cwd=out_dir)
+    servers: list[Process] = []
     try:
-        env = replica_env(database_url, sandbox.url, generate_key(), args.token_concurrency_override)
-        migrate(env, out_dir)
-        servers = [start_replica(f"replica-{i}", out_dir, env) for i in range(replicas)]
-        processes.extend(servers)
+        extra = {"TOKENSVC_STRAVA_WEBHOOK_VERIFY_TOKEN": VERIFY_TOKEN, "TOKENSVC_LOG_LEVEL": "WARNING"}
+        if args.token_concurrency_override is not None:
+            extra["TOKENSVC_STRAVA_TOKEN_CONCURRENCY"] = str(args.token_concurrency_override)
+        env = service_env(database_url, sandbox.url, api_key=API_KEY, key=generate_key(), **extra)
+        await migrate(env)
+        servers = await start_replicas(replicas, out_dir, env, "--no-migrate")
+        writes = replicas == 1  # SQLite: a held write lock would block other users' imports
         # Every request on a new connection: a kept-alive one idle past uvicorn's 5 s keep-alive is closed by the
         # server and reads as a ReadError when reused (a client-side race, not what this measures).
         limits = httpx.Limits(max_connections=args.due + 64, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-            for server in servers:
-                await wait_ready(server)
             fleet = Fleet(sandbox, servers, http)
             await seed(fleet, args.due, args.valid)
-            if args.writes or replicas == 1:
-                for _ in range(0, args.spare, 32):
+            if writes:
+                for _ in range(0, SPARE_ATHLETES, 32):
                     fleet.spare += await asyncio.gather(*(new_athlete(fleet, 6 * 3600) for _ in range(32)))
             print(f"   seeded {args.valid} valid and {args.due} due users; Strava token latency {args.latency_ms} ms")
-            baseline, probes, answers = await measure(fleet, args, writes=args.writes or replicas == 1)
+            baseline, probes, answers = await measure(fleet, args, writes=writes)
             print(f"   baseline: nothing in flight, {args.baseline_seconds:.0f} s (no targets)")
             failures = report(f"{title} baseline", baseline, {})
             print(f"   while all {args.due} refreshes wait at Strava:")
-            targets = TARGETS_MS | ({"import (write)": args.write_target_ms} if replicas == 1 else {})
-            failures += report(title, probes, targets)
+            failures += report(title, probes, TARGETS_MS | ({"import (write)": IMPORT_TARGET_MS} if writes else {}))
             failures += await verify_refreshes(fleet, answers, title)
-        for server in servers:
-            if not server.alive():
-                failures.append(f"{title}: {server.name} exited: {server.log_tail(500)}")
+        failures += [f"{title}: {s.name} exited: {s.log_tail(500)}" for s in servers if not s.alive()]
         return failures
     finally:
-        for process in reversed(processes):
+        for process in [*servers, sandbox]:
             process.stop()
 
 
-async def postgres_variant(args: argparse.Namespace, out_dir: Path) -> list[str]:
-    title = f"Postgres, {args.replicas} replicas"
-    print(f"== {title}")
+@asynccontextmanager
+async def postgres(args: argparse.Namespace) -> AsyncIterator[str]:
+    """The `--pg` server's scratch database, or a throwaway cluster's."""
     if args.pg:
-        await recreate_database(args.pg, args.db_name)
-        base = args.pg.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0]
-        try:
-            return await run_fleet(f"{base}/{args.db_name}", out_dir, args, replicas=args.replicas, title=title)
-        finally:
-            await drop_database(args.pg, args.db_name)
+        async with scratch_database(args.pg, args.db_name) as (url, _version):
+            yield url.replace("postgresql://", "postgresql+asyncpg://")
+        return
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         raise BenchError("no Postgres server binaries (initdb, pg_ctl); give --pg URL")
@@ -386,69 +312,49 @@ async def postgres_variant(args: argparse.Namespace, out_dir: Path) -> list[str]
         cluster.start()
         database = f"slow_{uuid.uuid4().hex[:8]}"
         cluster.psql(f"CREATE DATABASE {database}")
-        return await run_fleet(cluster.url(database), out_dir, args, replicas=args.replicas, title=title)
+        yield cluster.url(database)
     finally:
         cluster.destroy()
 
 
-async def sqlite_variant(args: argparse.Namespace, out_dir: Path) -> list[str]:
-    title = "SQLite, 1 process"
-    print(f"== {title}")
+async def run(args: argparse.Namespace, out_dir: Path) -> list[str]:
+    async with postgres(args) as url:
+        failures = await run_fleet(
+            url, out_dir, args, replicas=args.replicas, title=f"Postgres, {args.replicas} replicas"
+        )
     path = out_dir / "slowstrava.db"
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{path}{suffix}")
-    return await run_fleet(f"sqlite+aiosqlite:///{path}", out_dir, args, replicas=1, title=title)
-
-
-async def run(args: argparse.Namespace, out_dir: Path) -> list[str]:
-    failures: list[str] = []
-    if not args.skip_postgres:
-        failures += await postgres_variant(args, out_dir)
-    if not args.skip_sqlite:
-        failures += await sqlite_variant(args, out_dir)
-    return failures
+    return failures + await run_fleet(
+        f"sqlite+aiosqlite:///{path}", out_dir, args, replicas=1, title="SQLite, 1 process"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--due", type=int, default=50, help="users due, refreshed at once (default 50)")
-    parser.add_argument("--valid", type=int, default=20, help="users with valid tokens the probes read (default 20)")
-    parser.add_argument("--latency-ms", type=int, default=8000, help="sandbox latency per refresh (default 8000)")
+    parser.add_argument("--due", type=int, default=50, help="users due, refreshed at once")
+    parser.add_argument("--valid", type=int, default=20, help="users with valid tokens the probes read")
+    parser.add_argument("--latency-ms", type=int, default=8000, help="sandbox latency per refresh")
     parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument(
-        "--token-concurrency",
-        type=int,
-        default=None,
-        help="set TOKENSVC_STRAVA_TOKEN_CONCURRENCY (default: the service's, 32)",
-    )
+    parser.add_argument("--token-concurrency", type=int, default=None, help="set TOKENSVC_STRAVA_TOKEN_CONCURRENCY")
     parser.add_argument("--baseline-seconds", type=float, default=5.0, help="probes with nothing in flight first")
-    parser.add_argument("--write-target-ms", type=float, default=1000.0, help="SQLite import p99 target (default 1000)")
-    parser.add_argument("--spare", type=int, default=640, help="athletes made beforehand for import probes")
-    parser.add_argument("--writes", action="store_true", help="probe imports on Postgres too")
-    parser.add_argument("--skip-postgres", action="store_true")
-    parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--pg", default=None, help="a Postgres server URL to use instead of a throwaway cluster")
     parser.add_argument("--db-name", default="tokensvc_slowstrava", help="database made and dropped on --pg")
     args = parser.parse_args(argv)
     args.token_concurrency_override = args.token_concurrency
     if args.token_concurrency is None:
         args.token_concurrency = Settings(_env_file=None).strava_token_concurrency
-    print(f"machine: nproc {os.cpu_count()}, {cpu_model()}; python {sys.version.split()[0]}; tokensvc {git_revision()}")
-    print(f"load average at start {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    settings = f"due {args.due}, valid {args.valid}, Strava latency {args.latency_ms} ms, replicas {args.replicas}"
+    header("bench/slowstrava.py", f"{settings}, token concurrency {args.token_concurrency}")
     out_dir = Path(tempfile.mkdtemp(prefix="tokensvc-slowstrava-"))
-    try:
-        with terminate_as_exit():
-            failures = asyncio.run(run(args, out_dir))
-    except BenchError as exc:
-        print(f"BENCHMARK FAILED: {exc}")
-        return 1
+    failures = asyncio.run(run(args, out_dir))
     print(f"logs: {out_dir}")
     for failure in failures:
         print(f"  FAILED: {failure}")
-    print("OK" if not failures else "BENCHMARK FAILED")
+    print("OK" if not failures else "BENCH FAILED")
     return 0 if not failures else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

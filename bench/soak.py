@@ -1,39 +1,20 @@
 """Soak: three `tokensvc serve` replicas with their sweepers, mixed traffic and injected Strava faults for N minutes,
-then the reliability invariants I1-I6 (/work/shared/RELIABILITY.md) checked against the sandbox's ledger and the DB.
+then the reliability invariants I1-I6 (RELIABILITY.md) checked against the sandbox's ledger and the database.
 
-Run from the repository root (Postgres on 127.0.0.1:5432, user postgres, trust):
+    .venv/bin/python bench/soak.py --minutes 10      # development: --minutes 0.5 --users 30 --concurrency 6
 
-    .venv/bin/python bench/soak.py [--minutes 5] [--users 200] [--concurrency 12] [--token-lifetime 180]
-
-What it does (see bench/README.md, "bench/soak.py: mixed traffic and faults"):
-1. drops and recreates the database `tokensvc_soak`, migrates it, starts the sandbox and makes every access token a
-   refresh mints live `--token-lifetime` seconds (`/_control/access-lifetime`), so users come due every few minutes;
-2. starts 3 replicas on that database (same encryption key and session secret, sweeper every 5 s, refresh buffer
-   60 s, Strava timeout 3 s, `TOKENSVC_DB_POOL_SIZE` 5) and imports `--users` sandbox athletes with staggered expiry;
-3. for `--minutes`, `--concurrency` workers send access-token (sometimes the same user on all replicas at once),
-   refresh (forced or not), browser (`POST /proactive-token-refresh` with a session) and token-status calls to
-   random replicas; a chaos task revokes athletes at the sandbox and sends the genuine deauthorization webhook
-   (sometimes twice), sends forged ones for athletes that were not revoked, and reconnects revoked users; a fault
-   task injects Strava 5xx bursts, latency, lost answers, malformed 200s and 429s; one replica is SIGKILLed and
-   restarted mid-run;
-4. every response is classified (2xx, expected 409, 503 with Retry-After, or an I6 violation) and every access token
-   handed out is checked against min_ttl and its expiry (I4) and against the sandbox (`GET /api/v3/athlete`);
-5. stops traffic, clears the faults and waits (on observable state, with a deadline) until every user either holds
-   Strava's newest refresh token or is flagged; then checks I1 (ledger), I2/I3 (DB against the sandbox), I5 (logs,
-   `pg_dump`, error bodies) and I6, prints a summary and exits 1 when an invariant fails.
-Processes are stopped and the database dropped in a `finally`, whatever happens (SIGTERM and SIGHUP too).
-No token is ever printed: tokens are compared by value in memory and by sha256 against the ledger.
+`--concurrency` workers send access-token, refresh, the browser's refresh and status calls to random replicas;
+meanwhile deauthorization webhooks (genuine, duplicated, forged) and reconnects, a fault on Strava's refresh calls
+every 6 s and one SIGKILL and restart of a replica. Then it settles (on observable state, with a deadline) and
+checks I1-I6 per user: see bench/README.md. Exit 1 when an invariant fails. No token is ever printed: tokens are
+compared by value in memory and by sha256 against the ledger.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import hashlib
-import json
-import os
-import platform
 import random
 import re
 import secrets
@@ -42,34 +23,20 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
 import httpx
-from benchlib import (
-    BenchError,
-    cpu_model,
-    drop_database,
-    git_revision,
-    mem_total_gib,
-    package_version,
-    quoted_identifier,
-    recreate_database,
-    terminate_as_exit,
-    wait_ready,
-)
-from tests.e2e.processes import Process, clean_env, free_port, start_sandbox
+from benchlib import BenchError, header, migrate, run_main, scratch_database, wait_ready
+from tests.e2e.processes import Process, free_port, service_env, start_sandbox, start_service
 
 from tokensvc.crypto import TokenCipher, generate_key
 
 BENCH_DIR = Path(__file__).resolve().parent
 API_KEY = "soak-key-0123456789ab"
-CLIENT_ID = "sandbox-client"
-CLIENT_SECRET = "sandbox-secret"  # the sandbox's built-in credentials (public on purpose)
 VERIFY_TOKEN = "soak-verify"
 USER_PREFIX = "soak-user-"
 SCOPES = "read,activity:read_all"
@@ -88,7 +55,6 @@ RECONNECT_AFTER_SECONDS = 15.0
 RESTART_AFTER_SECONDS = 3.0
 NO_RETRY_AFTER_WINDOW = 25  # a 429 without Retry-After pauses until the quarter hour: only inject it this close
 HEX40 = re.compile(rb"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")
-VERSIONED_PACKAGES = ("tokensvc", "uvicorn", "fastapi", "sqlalchemy", "asyncpg", "httpx", "stamina", "structlog")
 
 
 def sha(text: str) -> str:
@@ -111,15 +77,10 @@ class ReplicaConfig:
     out_dir: Path
 
 
-def start_replica(config: ReplicaConfig, index: int, port: int) -> Process:
+def start_replica(config: ReplicaConfig, index: int, port: int, name: str) -> Process:
+    """Replica `index` on `port`; a restarted one gets a `name` (and a log) of its own, for the I5 scan."""
     settings = {
-        "TOKENSVC_DATABASE_URL": config.database_url,
-        "TOKENSVC_STRAVA_BASE_URL": config.sandbox_url,
-        "TOKENSVC_STRAVA_CLIENT_ID": CLIENT_ID,
-        "TOKENSVC_STRAVA_CLIENT_SECRET": CLIENT_SECRET,
         "TOKENSVC_STRAVA_TIMEOUT_SECONDS": str(STRAVA_TIMEOUT_SECONDS),
-        "TOKENSVC_API_KEYS": API_KEY,
-        "TOKENSVC_ENCRYPTION_KEYS": config.key,
         "TOKENSVC_SESSION_SECRET": config.session_secret,  # one secret: a session minted on one replica works on all
         "TOKENSVC_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "TOKENSVC_REFRESH_BUFFER_SECONDS": str(BUFFER_SECONDS),
@@ -128,30 +89,8 @@ def start_replica(config: ReplicaConfig, index: int, port: int) -> Process:
         "TOKENSVC_DB_POOL_SIZE": str(POOL_SIZE),
         "TOKENSVC_LOG_LEVEL": "INFO",  # the logs are scanned for tokens (I5): let them say as much as they do
     }
-    log = config.out_dir / f"replica-{index}.log"
-    with log.open("ab") as sink:  # append: a restarted replica keeps the killed one's log for the I5 scan
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "tokensvc", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=clean_env(**settings),
-            cwd=config.out_dir,
-        )
-    return Process(f"replica-{index}", popen, f"http://127.0.0.1:{port}", log)
-
-
-def migrate(database_url: str, out_dir: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tokensvc", "migrate"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=clean_env(TOKENSVC_DATABASE_URL=database_url, TOKENSVC_LOG_LEVEL="WARNING"),
-        cwd=out_dir,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"`tokensvc migrate` failed ({done.returncode}): {(done.stdout + done.stderr)[-1500:]}")
+    env = service_env(config.database_url, config.sandbox_url, api_key=API_KEY, key=config.key) | settings
+    return start_service(name, config.out_dir, env, "--no-migrate", port=port)
 
 
 # -- the world as the soak knows it ----------------------------------------------------------------------------
@@ -215,7 +154,6 @@ class Soak:
         self.known_access: set[str] = set()  # sha256 of every access token the soak has seen
         self.verified: set[str] = set()
         self.check_slots = asyncio.Semaphore(4)
-        self.webhooks_available = True
         self.stop = asyncio.Event()
         self.last_stats: dict[str, Any] = {}
         self.lost_users: dict[str, float] = {}  # from the audit trail once traffic stopped: uid -> first lost answer
@@ -439,16 +377,7 @@ class Soak:
             "event_time": int(time.time()),
         }
 
-    async def probe_webhooks(self) -> None:
-        response = await self.http.get(
-            f"{self.replicas[0].url}/v1/webhooks/strava",
-            params={"hub.mode": "subscribe", "hub.challenge": "soak", "hub.verify_token": VERIFY_TOKEN},
-        )
-        self.webhooks_available = response.status_code != 404
-
     async def send_webhook(self, user: User, kind: str) -> None:
-        if not self.webhooks_available:
-            return
         response, _ = await self.call(
             "webhook", None, "POST", "/v1/webhooks/strava", json=self.webhook_event(user.athlete_id)
         )
@@ -546,7 +475,7 @@ class Soak:
         victim.popen.send_signal(signal.SIGKILL)
         await asyncio.to_thread(victim.popen.wait)
         await self.sleep(RESTART_AFTER_SECONDS)
-        replacement = start_replica(self.config, index, port)
+        replacement = start_replica(self.config, index, port, f"{victim.name}-restarted")
         self.replicas[index] = replacement
         stale, self.clients[index] = self.clients[index], self.new_client()
         await stale.aclose()
@@ -562,7 +491,6 @@ class Soak:
             pass
 
     async def run(self, seconds: float) -> None:
-        await self.probe_webhooks()
         tasks = [asyncio.create_task(self.worker()) for _ in range(self.args.concurrency)]
         tasks += [
             asyncio.create_task(self.chaos()),
@@ -639,8 +567,6 @@ async def settle(soak: Soak, database_url: str, key: str) -> float:
             entries = ledger.get(str(user.athlete_id), [])
             if row is None or not entries or row.reauth_reason is not None:
                 continue
-            if user.revoked and not soak.webhooks_available:
-                continue  # nothing tells the service before its next refresh; judged below
             if row.refresh_sha != entries[-1]["sha256"]:
                 pending.append(user)
         elapsed = time.monotonic() - started
@@ -758,36 +684,6 @@ def pg_dump(pg: str, db_name: str) -> bytes:
 # -- output ----------------------------------------------------------------------------------------------------
 
 
-def print_environment(pg_version: str, args: argparse.Namespace) -> dict[str, Any]:
-    load = os.getloadavg()
-    env: dict[str, Any] = {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model(),
-        "mem_total_gib": mem_total_gib(),
-        "kernel": platform.release(),
-        "loadavg_at_start": load,
-        "python": platform.python_version(),
-        "packages": {name: package_version(name) for name in VERSIONED_PACKAGES},
-        "postgres": pg_version,
-        "git": git_revision(),
-    }
-    print("== machine")
-    mem = f", {env['mem_total_gib']:.1f} GiB RAM" if env["mem_total_gib"] else ""
-    print(f"nproc {env['nproc']}, CPU: {env['cpu_model']}{mem}, kernel {env['kernel']}")
-    print(f"load average at start {', '.join(f'{x:.2f}' for x in load)}")
-    print("== versions")
-    print(f"python {env['python']}; postgres {pg_version}; tokensvc git {env['git']}")
-    print("  ".join(f"{k} {v}" for k, v in env["packages"].items()))
-    print("== settings")
-    print(
-        f"{args.minutes} min, {args.users} users, {args.concurrency} workers, {REPLICAS} replicas"
-        f" (sweeper every {SWEEP_INTERVAL_SECONDS} s, buffer {BUFFER_SECONDS} s, Strava timeout"
-        f" {STRAVA_TIMEOUT_SECONDS} s, pool {POOL_SIZE}), sandbox access tokens live {args.token_lifetime} s,"
-        f" min_ttl in {MIN_TTLS}, seed {args.seed}"
-    )
-    return env
-
-
 def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats: dict[str, Any]) -> dict[str, bool]:
     t = soak.tally
     print("\n== requests by endpoint and class")
@@ -815,12 +711,8 @@ def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats:
     down = ", ".join(f"{b - a:.1f} s" for a, b in t.down_windows)
     print(f"  replica SIGKILL + restart  {t.restarts} (down {down or '-'})")
     print("\n== webhooks")
-    if not soak.webhooks_available:
-        print("  webhooks: not available in this build (GET /v1/webhooks/strava is 404); revoked users are found by")
-        print("  their next refresh instead")
-    else:
-        for kind, n in sorted(t.webhooks.items()):
-            print(f"  {kind:26} {n}")
+    for kind, n in sorted(t.webhooks.items()):
+        print(f"  {kind:26} {n}")
     print(f"  revocations {t.revocations}, reconnects (re-import) {t.reconnects}")
     print("\n== access tokens handed out (I4)")
     print(
@@ -855,16 +747,10 @@ def print_summary(soak: Soak, v: Verdict, i5: list[str], settle_s: float, stats:
         f"  FALSE needs_reauth                      {len(v.false_reauth)} users,"
         f" {false_responses} responses   (must be 0)"
     )
-    print(
-        "  (stranded: Strava rotated, but its answer never reached the service: a read timeout, or the replica\n"
-        "   died between Strava's answer and the commit. The newest token was never presented anywhere (ledger),\n"
-        "   the service kept the one before it and, on its next attempt, Strava rejected that one, so the user is\n"
-        "   truthfully needs_reauth. The RELIABILITY matrix allows it. A lost refresh token is anything else:\n"
-        "   the service held an older token with no lost answer or kill to explain it.)"
-    )
+    print("  (stranded: Strava rotated but its answer never reached the service; truthfully needs_reauth, allowed)")
     for line in (v.lost + v.false_reauth + v.stranded_unflagged)[:10]:
         print(f"    {line}")
-    if v.revoked_unflagged and soak.webhooks_available:
+    if v.revoked_unflagged:
         print(f"    revoked, unflagged: {v.revoked_unflagged[:10]}")
     verdicts = {
         "I1 one successor": not v.i1,
@@ -935,10 +821,8 @@ async def soak_main(args: argparse.Namespace, database_url: str, sandbox: Proces
             limits = {"limit_15min": 10**7, "limit_daily": 10**8, "read_limit_15min": 10**7, "read_limit_daily": 10**8}
             await http.post(f"{sandbox.url}/_control/rate-limit", json=limits)
             for i in range(REPLICAS):
-                replicas.append(start_replica(config, i, free_port()))
-            for replica in replicas:
-                ready = await wait_ready(replica)
-                print(f"{replica.name} pid {replica.pid} on {replica.url}, ready in {ready:.1f} s")
+                replicas.append(start_replica(config, i, free_port(), f"replica-{i}"))
+            await wait_ready(*replicas)
         users = await seed_users(args, sandbox.url, replicas[0].url)
         print(f"imported {len(users)} sandbox athletes (expiring in {BUFFER_SECONDS + 30}..{args.token_lifetime} s)")
         soak = Soak(args, replicas, sandbox, config, users)
@@ -969,19 +853,9 @@ async def soak_main(args: argparse.Namespace, database_url: str, sandbox: Proces
         verdict = judge(soak, rows, ledger, lost_users)
         dump = await asyncio.to_thread(pg_dump, args.pg, args.db_name)
         refresh_hashes = {e["sha256"] for es in ledger.values() for e in es}
-        logs = [r.log for r in replicas]
+        logs = await asyncio.to_thread(lambda: sorted(out_dir.glob("replica-*.log")))  # the killed one's too
         i5 = scan_secrets(logs, dump, refresh_hashes, soak.known_access)
         verdicts = print_summary(soak, verdict, i5, settle_s, stats)
-        report = {
-            "requests": {f"{e} | {c}": n for (e, c), n in soak.tally.requests.items()},
-            "faults": dict(soak.tally.faults),
-            "verdicts": verdicts,
-            "lost": verdict.lost,
-            "false_reauth": verdict.false_reauth,
-            "stranded_lost_answer": verdict.stranded_lost_answer,
-            "stranded_kill": verdict.stranded_kill,
-        }
-        (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         return all(verdicts.values())
     finally:
         if soak is not None:
@@ -1006,24 +880,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--db-name", default="tokensvc_soak", help="database to (re)create and drop")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "out" / "soak", help="logs and results")
     args = parser.parse_args(argv)
-    quoted_identifier(args.db_name)
     if args.token_lifetime < BUFFER_SECONDS + 60 or args.token_lifetime > 3600:
         parser.error(f"--token-lifetime must be {BUFFER_SECONDS + 60}..3600")
     return args
 
 
-@contextmanager
-def exclusive_database(name: str) -> Iterator[None]:
-    path = Path(f"/tmp/tokensvc-bench-{name}.lock")
-    with path.open("w") as handle:
+async def run(args: argparse.Namespace, out_dir: Path) -> bool:
+    async with scratch_database(args.pg, args.db_name) as (database_url, pg_version):
+        settings = (
+            f"{args.minutes} min, {args.users} users, {args.concurrency} workers, {REPLICAS} replicas (sweeper every"
+            f" {SWEEP_INTERVAL_SECONDS} s, buffer {BUFFER_SECONDS} s, Strava timeout {STRAVA_TIMEOUT_SECONDS} s, pool"
+            f" {POOL_SIZE}), sandbox access tokens live {args.token_lifetime} s, min_ttl in {MIN_TTLS},"
+            f" seed {args.seed}"
+        )
+        header("bench/soak.py", settings, postgres=pg_version)
+        await migrate({"TOKENSVC_DATABASE_URL": database_url, "TOKENSVC_LOG_LEVEL": "WARNING"})
+        sandbox = start_sandbox(out_dir, cwd=out_dir)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BenchError(f"another run is using database {name} ({path} is locked)") from None
-        try:
-            yield
+            return await soak_main(args, database_url, sandbox, out_dir)
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            sandbox.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1032,34 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("replica-*.log"):
         old.unlink()  # the I5 scan reads these: only this run's
-    admin_url = f"{args.pg.rstrip('/')}/postgres"
-    database_url = f"{args.pg.rstrip('/')}/{args.db_name}"
-    sandbox: Process | None = None
-    created = False
-    with terminate_as_exit():
-        try:
-            with exclusive_database(args.db_name):
-                try:
-                    pg_version = asyncio.run(recreate_database(admin_url, args.db_name))
-                    created = True
-                    print_environment(pg_version, args)
-                    print("== setup")
-                    migrate(database_url, out_dir)
-                    sandbox = start_sandbox(out_dir, "--client-id", CLIENT_ID, cwd=out_dir)
-                    print(f"sandbox pid {sandbox.pid} on {sandbox.url}")
-                    passed = asyncio.run(soak_main(args, database_url, sandbox, out_dir))
-                finally:
-                    if sandbox is not None:
-                        sandbox.stop()
-                    if created:
-                        try:
-                            asyncio.run(drop_database(admin_url, args.db_name))
-                        except (OSError, asyncpg.PostgresError) as exc:
-                            print(f"warning: could not drop database {args.db_name}: {exc}", file=sys.stderr)
-        except BenchError as exc:
-            print(f"\nSOAK FAILED: {exc}", file=sys.stderr)
-            return 1
-    print(f"\nlogs and results.json: {out_dir}")
+    passed = asyncio.run(run(args, out_dir))
+    print(f"\nlogs: {out_dir}")
     if not passed:
         print("SOAK FAILED: an invariant failed (see above)", file=sys.stderr)
         return 1
@@ -1068,4 +918,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,8 +26,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from tests.e2e.processes import Process, clean_env, run_cli, start_sandbox, start_service, wait_ready
-from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
+from tests.e2e.processes import Process, clean_env, run_cli, service_env, start_replicas, start_sandbox
 from tokensvc.crypto import generate_key
 
 API_KEY = "fleet-key-0123456789abcdef"
@@ -63,21 +62,6 @@ class FleetReport:
             f"errors {len(self.errors)}; peak connections (pg_stat_activity) {self.peak_total}; peak per replica "
             f"{self.peak_per_replica} (max {max(self.peak_per_replica, default=0)}); {self.samples} samples"
         )
-
-
-def replica_env(database_url: str, sandbox_url: str, key: str, **extra: str) -> dict[str, str]:
-    """A replica at default connection settings (nothing about pools set) plus LOAD_ENV and `extra`."""
-    return {
-        "TOKENSVC_DATABASE_URL": database_url,
-        "TOKENSVC_STRAVA_BASE_URL": sandbox_url,
-        "TOKENSVC_STRAVA_CLIENT_ID": SANDBOX_CLIENT_ID,
-        "TOKENSVC_STRAVA_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-        "TOKENSVC_API_KEYS": API_KEY,
-        "TOKENSVC_ENCRYPTION_KEYS": key,
-        "TOKENSVC_SESSION_SECRET": "fleet-session-secret-" + "s" * 32,
-        **LOAD_ENV,
-        **extra,
-    }
 
 
 def connections_to(pid: int, port: int) -> int:
@@ -196,19 +180,16 @@ class Load:
 async def start_fleet(database_url: str, count: int, out_dir: Path) -> tuple[Process, list[Process]]:
     """The sandbox and `count` replicas at default connection settings, the database migrated once first."""
     sandbox = start_sandbox(out_dir, *SANDBOX_ARGS)
-    key = generate_key()
-    env = replica_env(database_url, sandbox.url, key)
-    migrated = await run_cli("migrate", env=clean_env(**env))
-    assert migrated.returncode == 0, migrated.stderr
-    replicas = [start_service(f"replica-{i}", out_dir, env, "--no-migrate") for i in range(count)]
-    # start_service sets TOKENSVC_SWEEP_INTERVAL_SECONDS=0 unless given: LOAD_ENV gives it
     try:
-        await wait_ready(*replicas, deadline=120)
+        # Default connection settings (nothing about pools set) plus LOAD_ENV, which sets the sweep interval that
+        # start_service would otherwise turn off.
+        env = service_env(database_url, sandbox.url, api_key=API_KEY, key=generate_key(), **LOAD_ENV)
+        migrated = await run_cli("migrate", env=clean_env(**env))
+        assert migrated.returncode == 0, migrated.stderr
+        return sandbox, await start_replicas(count, out_dir, env, "--no-migrate")
     except BaseException:
-        for process in [*replicas, sandbox]:  # none is left running when one cannot start
-            process.stop()
+        sandbox.stop()
         raise
-    return sandbox, replicas
 
 
 async def run_load(

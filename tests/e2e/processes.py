@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 
 START_DEADLINE = 30.0
 
@@ -106,6 +109,50 @@ def start_service(
     return Process(name, popen, f"http://127.0.0.1:{port}", log, full_env)
 
 
+def service_env(database_url: str, strava_url: str, *, api_key: str, key: str, **extra: str) -> dict[str, str]:
+    """What `tokensvc serve` cannot start without (the sandbox's credentials, keys, a session secret), nothing else
+    set, plus `extra` (TOKENSVC_* settings)."""
+    return {
+        "TOKENSVC_DATABASE_URL": database_url,
+        "TOKENSVC_STRAVA_BASE_URL": strava_url,
+        "TOKENSVC_STRAVA_CLIENT_ID": SANDBOX_CLIENT_ID,
+        "TOKENSVC_STRAVA_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
+        "TOKENSVC_API_KEYS": api_key,
+        "TOKENSVC_ENCRYPTION_KEYS": key,
+        "TOKENSVC_SESSION_SECRET": "e2e-session-secret-" + "s" * 32,
+        **extra,
+    }
+
+
+async def start_replicas(
+    count: int, log_dir: Path, env: dict[str, str], *args: str, python: str = sys.executable, deadline: float = 120
+) -> list[Process]:
+    """`count` `tokensvc serve` (replica-0 …) on one database, ready; none is left running when one cannot start."""
+    replicas = [start_service(f"replica-{n}", log_dir, env, *args, python=python) for n in range(count)]
+    try:
+        await wait_ready(*replicas, deadline=deadline)
+    except BaseException:
+        for replica in replicas:
+            replica.stop()
+        raise
+    return replicas
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: httpx.AsyncClient, *replicas: Process) -> Samples:
+    """The replicas' `/metrics`, every sample summed across them, keyed by (name, labels)."""
+    texts = await asyncio.gather(*(http.get(f"{replica.url}/metrics", timeout=10) for replica in replicas))
+    total: Samples = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.text):
+            for sample in family.samples:
+                key = (sample.name, frozenset(sample.labels.items()))
+                total[key] = total.get(key, 0.0) + sample.value
+    return total
+
+
 async def wait_ready(*processes: Process, deadline: float = START_DEADLINE, path: str = "/healthz") -> None:
     """Until every process answers `path` 200: retries connection errors only, within a deadline."""
     async with httpx.AsyncClient(timeout=2) as http:
@@ -153,10 +200,10 @@ class Completed:
     stderr: str
 
 
-async def run_cli(*args: str, env: dict[str, str], deadline: float = 60) -> Completed:
-    """`python -m tokensvc ARGS` to completion, without blocking the event loop."""
+async def run_cli(*args: str, env: dict[str, str], deadline: float = 60, python: str = sys.executable) -> Completed:
+    """`python -m tokensvc ARGS` to completion, without blocking the event loop (`python`: another tree's)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokensvc", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        python, "-m", "tokensvc", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     async with asyncio.timeout(deadline):
         stdout, stderr = await process.communicate()
