@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -80,8 +81,9 @@ def start_sandbox(log_dir: Path, *extra: str, cwd: Path | None = None) -> Proces
             cwd=cwd,
         )
     assert popen.stdout is not None
-    # Blocking read of one line: the process prints it once it listens (or exits, which ends the read).
-    line = popen.stdout.readline().decode().strip()
+    # One line, printed once it listens (or the read ends when it exits): within the start deadline, not forever.
+    readable, _, _ = select.select([popen.stdout], [], [], START_DEADLINE)
+    line = popen.stdout.readline().decode().strip() if readable else f"nothing within {START_DEADLINE} s"
     if not line.startswith("SANDBOX_READY "):
         popen.kill()
         popen.wait()
