@@ -43,13 +43,15 @@ run: install-runtime
 ## The whole suite: SQLite and Postgres (127.0.0.1:5432, or TOKENSVC_TEST_POSTGRES_URL), several processes; spread
 ## over one pytest-xdist worker per core (at most TEST_WORKERS: each may run three replicas on the one Postgres)
 TEST_WORKERS ?= 3
+XDIST := --numprocesses auto --maxprocesses $(TEST_WORKERS) --dist worksteal
 test: install
-	$(BIN)/pytest --numprocesses auto --maxprocesses $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest $(XDIST)
 
 ## The suite under coverage.py, the processes it starts included (pyproject.toml [tool.coverage.run]): line coverage
+## (`--tb=native`: CPython 3.11.7 raises SystemError formatting pytest's own tracebacks under coverage)
 coverage: install
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage run -m pytest $(XDIST) --tb=native
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report
 
