@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e import processes
 from tests.e2e.processes import Process, start_sandbox
-from tokensvc.config import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 from tokensvc.crypto import generate_key
 
 API_KEY = "e2e-key-0123456789abcdef"
@@ -33,18 +33,11 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 def service_env(database_url: str, sandbox: Process, **extra: str) -> dict[str, str]:
-    """The settings of a `tokensvc serve` replica talking to the sandbox process."""
-    return {
-        "TOKENSVC_DATABASE_URL": database_url,
-        "TOKENSVC_STRAVA_BASE_URL": sandbox.url,
-        "TOKENSVC_STRAVA_CLIENT_ID": SANDBOX_CLIENT_ID,
-        "TOKENSVC_STRAVA_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-        "TOKENSVC_API_KEYS": API_KEY,
-        "TOKENSVC_ENCRYPTION_KEYS": generate_key(),
-        "TOKENSVC_LOG_LEVEL": "INFO",
-        "TOKENSVC_SESSION_SECRET": "e2e-session-secret-" + "s" * 32,
-        **extra,
-    }
+    """The settings of a `tokensvc serve` replica talking to the sandbox process: `processes.service_env` with this
+    suite's API key, a new encryption key and INFO logs."""
+    return processes.service_env(
+        database_url, sandbox.url, api_key=API_KEY, key=generate_key(), **({"TOKENSVC_LOG_LEVEL": "INFO"} | extra)
+    )
 
 
 async def seed_user(http: httpx.AsyncClient, sandbox: Process, replica: Process, user_id: str, expires_in: int) -> Any:

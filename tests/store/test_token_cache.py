@@ -7,6 +7,7 @@ share nothing but Postgres. Waits are bounded condition waits on what the cache 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import FakeClock, asyncpg_dsn, import_body, make_settings, seed_athlete, seed_user
+from tests.logcapture import captured_logs
 from tokensvc.app import Resources, open_resources
 from tokensvc.errors import ReauthRequired, TokensMissing
 from tokensvc.models import user_tokens
@@ -435,3 +437,43 @@ class TestBounds:
         full = await store(user_ids[120_000:])
         assert cache.size == 100_000
         assert full < 5 * empty, (full, empty)
+
+
+class _FailingListener(CachedReader):
+    """A cache whose every connection attempt fails as `failures` says (an exception class each), in order; it
+    notes when each attempt was made."""
+
+    def __init__(self, failures: list[type[Exception]]) -> None:
+        super().__init__(_Rows(), dsn="postgresql://unused", keep=lambda _row: True)
+        self.failures = failures
+        self.attempts: list[float] = []
+        self.all_made = asyncio.Event()
+
+    async def _listen_once(self) -> None:
+        self.attempts.append(time.monotonic())
+        if len(self.attempts) == len(self.failures):
+            self.all_made.set()
+        raise self.failures[min(len(self.attempts), len(self.failures)) - 1]("connection attempt failed")
+
+
+class TestListenerBackoff:
+    async def test_every_failure_in_a_row_doubles_the_wait_expected_or_not(self) -> None:
+        """A lost database (OSError) and an unexpected error both double the wait before the next connection,
+        0.1 s, 0.2, 0.4, 0.8: a listener that keeps failing never spins. The expected failure is logged
+        `token_cache.listener_down`, the unexpected one `background.job_failed` with its traceback."""
+        cache = _FailingListener([OSError, RuntimeError, RuntimeError, OSError, OSError])
+        with captured_logs() as logs:
+            cache.start()
+            try:
+                async with asyncio.timeout(10):
+                    await cache.all_made.wait()
+            finally:
+                await cache.aclose()
+        gaps = [later - earlier for earlier, later in itertools.pairwise(cache.attempts)]
+        assert len(gaps) >= 4
+        for gap, wait in zip(gaps, [0.1, 0.2, 0.4, 0.8], strict=False):
+            assert gap >= wait * 0.9, (gaps, wait)
+        assert [line["retry_in_seconds"] for line in logs.events("token_cache.listener_down")][:2] == [0.1, 0.8]
+        unexpected = logs.events("background.job_failed")
+        assert [line["error"] for line in unexpected] == ["RuntimeError", "RuntimeError"]
+        assert all("Traceback" in line["exception"] for line in unexpected)

@@ -47,7 +47,7 @@ from tokensvc.service import forwarded_events as forwarded
 from tokensvc.service.forwarded_events import forwarded_type
 from tokensvc.service.rate_budget import RateBudget
 from tokensvc.service.tokens import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, TokenService
-from tokensvc.store import journal as outbox
+from tokensvc.store import journal
 from tokensvc.store import tokens as tokens_store
 from tokensvc.store import webhook_events as store
 from tokensvc.store.tokens import TokenRow
@@ -199,7 +199,7 @@ class StravaWebhooks:
                 return "over_cap"
             stored = 0
             for user_id in user_ids:
-                stored += await outbox.enqueue(
+                stored += await journal.enqueue(
                     conn,
                     message_id=forwarded.message_id(event, updates, user_id),
                     event_type=event_type,

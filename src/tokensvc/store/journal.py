@@ -86,9 +86,11 @@ async def enqueue(
             "attempts": 0,
         }
     )
-    if once:
-        stmt = stmt.on_conflict_do_nothing(index_elements=[n.c.id])
-    return (await conn.execute(stmt.returning(n.c.id))).first() is not None
+    if not once:
+        await conn.execute(stmt)
+        return True
+    first = stmt.on_conflict_do_nothing(index_elements=[n.c.id]).returning(n.c.id)
+    return (await conn.execute(first)).first() is not None
 
 
 _EVENT_COLUMNS = (

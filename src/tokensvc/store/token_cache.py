@@ -74,6 +74,7 @@ class CachedReader:
         self._live = False
         self._interrupt = asyncio.Event()  # ends the current connection's wait: lost, or closing
         self._listener = PeriodicJob("token-cache", self._listen, interval_seconds=RECONNECT_FIRST_SECONDS, jitter=0)
+        self._retry_in = RECONNECT_FIRST_SECONDS  # the wait after the next failure
         self._watchers: dict[str, set[asyncio.Event]] = {}
 
     @property
@@ -157,17 +158,19 @@ class CachedReader:
     async def _listen(self) -> None:
         """The listener job's run: one connection, until it is lost. The job's interval is the wait before the
         next connection: `RECONNECT_FIRST_SECONDS` after one that worked, doubled (up to `RECONNECT_MAX_SECONDS`)
-        by each failure."""
+        by each failure in a row, whatever it was (an unexpected one is then logged by the job, with its traceback)."""
         listener = self._listener
         try:
             await self._listen_once()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            listener.interval_seconds = min(listener.interval_seconds * 2, RECONNECT_MAX_SECONDS)
+        except Exception as exc:
+            listener.interval_seconds, self._retry_in = self._retry_in, min(self._retry_in * 2, RECONNECT_MAX_SECONDS)
+            if not isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | TimeoutError):
+                raise
             log.warning(
                 "token_cache.listener_down", error=type(exc).__name__, retry_in_seconds=listener.interval_seconds
             )
         else:
-            listener.interval_seconds = RECONNECT_FIRST_SECONDS
+            listener.interval_seconds = self._retry_in = RECONNECT_FIRST_SECONDS
 
     async def _listen_once(self) -> None:
         """Listen until the connection is lost (or a ping fails, or `aclose`)."""
