@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
-class HttpMiddleware:
+class HttpMiddleware(ABC):
     """Handles the HTTP requests it `applies_to`; everything else (lifespan, other requests) goes straight through."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -20,5 +22,6 @@ class HttpMiddleware:
         else:
             await self.app(scope, receive, send)
 
+    @abstractmethod
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raise NotImplementedError
+        """What the middleware does with a request it applies to (calling `self.app` to pass it on)."""
