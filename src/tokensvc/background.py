@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from sqlalchemy.exc import DBAPIError
@@ -117,3 +118,31 @@ class PeriodicJob:
             self._wake.clear()
             await self._run_logged()
             delay = self.next_delay()
+
+
+class NoJob:
+    """A job its setting switched off (an interval of 0): starting, waking and stopping it do nothing."""
+
+    running = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def start(self) -> None:
+        return None  # nothing is scheduled
+
+    def wake(self) -> None:
+        return None  # nothing runs
+
+    async def stop(self, *, deadline_seconds: float = STOP_DEADLINE_SECONDS) -> None:
+        return None  # nothing was running
+
+
+def every(
+    name: str, run: Callable[[], Awaitable[object]], *, interval_seconds: float, **options: Any
+) -> PeriodicJob | NoJob:
+    """A PeriodicJob of `interval_seconds` (and `options`), or a NoJob when the interval is 0 or less: how a
+    setting such as `TOKENSVC_SWEEP_INTERVAL_SECONDS=0` turns a job off without its owner checking."""
+    if interval_seconds <= 0:
+        return NoJob(name)
+    return PeriodicJob(name, run, interval_seconds=interval_seconds, **options)

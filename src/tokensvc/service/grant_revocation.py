@@ -27,7 +27,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc import metrics
-from tokensvc.background import PeriodicJob
+from tokensvc.background import every
 from tokensvc.backoff import backoff_seconds
 from tokensvc.clock import Clock
 from tokensvc.crypto import DecryptionError, Field, TokenCipher
@@ -94,17 +94,13 @@ class GrantRevoker:
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self._revoke_missing_until = 0.0
-        self.job = (
-            PeriodicJob("revocations", self.run_due, interval_seconds=interval_seconds) if interval_seconds else None
-        )
+        self.job = every("revocations", self.run_due, interval_seconds=interval_seconds)
 
     def start(self) -> None:
-        if self.job is not None:
-            self.job.start()
+        self.job.start()
 
     async def stop(self, *, deadline_seconds: float) -> None:
-        if self.job is not None:
-            await self.job.stop(deadline_seconds=deadline_seconds)
+        await self.job.stop(deadline_seconds=deadline_seconds)
 
     async def attempt(self, tombstone_id: int) -> Result | None:
         """One attempt at a tombstone now (a DELETE's, right after its commit); None when it is not due (another

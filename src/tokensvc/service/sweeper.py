@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tokensvc.background import STOP_DEADLINE_SECONDS, PeriodicJob
+from tokensvc.background import STOP_DEADLINE_SECONDS, every
 from tokensvc.clock import Clock
 from tokensvc.config import sweep_workers
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, TokenServiceError, TokensMissing
@@ -64,9 +64,7 @@ class Sweeper:
         self.active_days = active_days  # 0: sweep everyone
         self.keepalive_days = keepalive_days
         self._stopping = asyncio.Event()
-        self._job = (
-            PeriodicJob("sweeper", self.sweep_once, interval_seconds=interval_seconds) if interval_seconds > 0 else None
-        )
+        self._job = every("sweeper", self.sweep_once, interval_seconds=interval_seconds)
 
     async def count_due(self) -> int:
         async with self._engine.connect() as conn:
@@ -194,8 +192,7 @@ class Sweeper:
 
     def start(self) -> None:
         """Run sweeps every `interval_seconds` (±10% jitter, so replicas drift apart) until `stop`."""
-        if self._job is not None:
-            self._job.start()
+        self._job.start()
 
     def request_stop(self) -> None:
         """From now on claim nothing and start nothing; in-flight refreshes go on to their commit."""
@@ -205,5 +202,4 @@ class Sweeper:
         """Stop claiming, let in-flight refreshes commit within `deadline_seconds` (else they are cancelled), give
         back unstarted claims, end the loop."""
         self.request_stop()
-        if self._job is not None:
-            await self._job.stop(deadline_seconds=deadline_seconds)
+        await self._job.stop(deadline_seconds=deadline_seconds)

@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc import metrics
-from tokensvc.background import STOP_DEADLINE_SECONDS, PeriodicJob
+from tokensvc.background import STOP_DEADLINE_SECONDS, every
 from tokensvc.backoff import backoff_seconds
 from tokensvc.clock import Clock
 from tokensvc.errors import ProviderRateLimited, ReauthRequired, RetryLater, TokensMissing, WebhookForbidden
@@ -111,11 +111,7 @@ class StravaWebhooks:
         self.lease_seconds = lease_seconds
         self.batch_size = batch_size
         self._stopping = asyncio.Event()
-        self._job = (
-            PeriodicJob("webhooks", self._scheduled_pass, interval_seconds=poll_interval_seconds)
-            if poll_interval_seconds > 0
-            else None
-        )
+        self._job = every("webhooks", self._scheduled_pass, interval_seconds=poll_interval_seconds)
 
     # -- receiving ----------------------------------------------------------------------------------------------
 
@@ -404,13 +400,11 @@ class StravaWebhooks:
 
     def wake(self) -> None:
         """Process now (a new event arrived in this replica)."""
-        if self._job is not None:
-            self._job.wake()
+        self._job.wake()
 
     def start(self) -> None:
         """Process pending events on every wake and every `poll_interval_seconds` (±10%) until `stop`."""
-        if self._job is not None:
-            self._job.start()
+        self._job.start()
 
     async def _scheduled_pass(self) -> None:
         try:
@@ -421,8 +415,7 @@ class StravaWebhooks:
     async def stop(self, *, deadline_seconds: float = STOP_DEADLINE_SECONDS) -> None:
         """Claim nothing more, let the event in hand finish (within `deadline_seconds`), end the loop."""
         self._stopping.set()
-        if self._job is not None:
-            await self._job.stop(deadline_seconds=deadline_seconds)
+        await self._job.stop(deadline_seconds=deadline_seconds)
 
     def _now_dt(self) -> datetime:
         return datetime.fromtimestamp(int(self._clock()), UTC)
