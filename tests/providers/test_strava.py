@@ -109,6 +109,13 @@ def deauth_route(strava_api: respx.MockRouter) -> respx.Route:
     return strava_api.post("/oauth/deauthorize")
 
 
+def make_client(clock: FakeClock, **settings: Any) -> StravaClient:
+    """The client the tests use (this file's app, a 2 s timeout, the fake clock) with `settings` on top."""
+    return StravaClient(
+        base_url=BASE, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, timeout=2.0, clock=clock, **settings
+    )
+
+
 @pytest.fixture
 def usages() -> list[RateLimitUsage]:
     """Every rate-limit reading the `strava` client reported (its `on_usage`, which feeds the shared budget)."""
@@ -119,14 +126,7 @@ def usages() -> list[RateLimitUsage]:
 async def strava(
     strava_api: respx.MockRouter, clock: FakeClock, usages: list[RateLimitUsage]
 ) -> AsyncIterator[StravaClient]:
-    client = StravaClient(
-        base_url=BASE,
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        timeout=2.0,
-        clock=clock,
-        on_usage=usages.append,
-    )
+    client = make_client(clock, on_usage=usages.append)
     try:
         yield client
     finally:
@@ -699,14 +699,7 @@ class TestNeverSentRequestsAreRetried:
     ) -> None:
         """`connect_attempts=5` means five connection attempts before giving up."""
         token_route.mock(side_effect=httpx.ConnectError)
-        client = StravaClient(
-            base_url=BASE,
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            timeout=2.0,
-            clock=clock,
-            connect_attempts=5,
-        )
+        client = make_client(clock, connect_attempts=5)
         try:
             with pytest.raises(ProviderTransientError):
                 await client.refresh(REFRESH)
@@ -1010,14 +1003,7 @@ class TestTokenSlots:
             return httpx.Response(200, json=REFRESH_BODY)
 
         token_route.mock(side_effect=answer)
-        client = StravaClient(
-            base_url=BASE,
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            timeout=2.0,
-            clock=clock,
-            token_concurrency=1,
-        )
+        client = make_client(clock, token_concurrency=1)
         try:
             first = asyncio.create_task(client.refresh(REFRESH, deadline_seconds=5.0))
             await held.wait()  # the one slot is taken, its call at Strava
@@ -1044,14 +1030,7 @@ class TestTokenSlots:
             return httpx.Response(200, json=REFRESH_BODY)
 
         token_route.mock(side_effect=answer)
-        client = StravaClient(
-            base_url=BASE,
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            timeout=2.0,
-            clock=clock,
-            token_concurrency=1,
-        )
+        client = make_client(clock, token_concurrency=1)
         try:
             first = asyncio.create_task(client.refresh(REFRESH))
             await sent.wait()  # the one slot is taken, its call at Strava
